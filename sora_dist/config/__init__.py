@@ -1,0 +1,49 @@
+"""One config tree (DESIGN.md): typed dataclasses registered in Hydra's ConfigStore.
+
+YAML under hydra_configs/ only composes and overrides; `validate()` runs before any process
+group or tensor exists so bad input fails fast with a message that names the field and the fix.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sora_dist.config.data import DataConfig
+from sora_dist.config.diffusion import DiffusionConfig
+from sora_dist.config.model import FLAVORS, ModelConfig
+from sora_dist.config.optim import OptimConfig
+from sora_dist.config.parallel import ParallelConfig
+from sora_dist.config.train import LoggingConfig, TrainConfig
+from sora_dist.config.validate import ConfigError, validate
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def register_configs() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="job_schema", node=JobConfig)
+
+
+def to_job_config(cfg) -> JobConfig:
+    """OmegaConf DictConfig (from Hydra) -> typed JobConfig object."""
+    from omegaconf import OmegaConf
+
+    merged = OmegaConf.merge(OmegaConf.structured(JobConfig), cfg)
+    return OmegaConf.to_object(merged)
+
+
+__all__ = [
+    "ConfigError", "DataConfig", "DiffusionConfig", "FLAVORS", "JobConfig", "LoggingConfig",
+    "ModelConfig", "OptimConfig", "ParallelConfig", "TrainConfig", "register_configs",
+    "to_job_config", "validate",
+]

@@ -1,0 +1,26 @@
+"""Training data: pre-encoded webdataset shards, or the in-repo synthetic latent source."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class DataConfig:
+    # "synthetic" (deterministic latents made in memory, for demos/tests) or "shards"
+    # (webdataset tars written by sora-encode).
+    source: str = "synthetic"
+    # Folder (or manifest.json inside it) of shards written by sora-encode; source=shards only.
+    shards: Optional[str] = None
+    # Samples per batch on each DP rank (micro-batch; all TP/CP/PP ranks of a group share it).
+    batch_size: int = 2
+    # Seed for the data order (shuffle of shards and samples); order is a function of it.
+    seed: int = 1234
+    # Shuffle buffer size per rank (samples); 0 = file order.
+    shuffle_buffer: int = 64
+    # Synthetic source: number of distinct samples in one epoch.
+    synthetic_samples: int = 64
+    # Synthetic source: latent buckets as [T, H, W] (latent frames/height/width).
+    synthetic_buckets: list[list[int]] = field(default_factory=lambda: [[3, 8, 8], [2, 6, 10]])
+    # Synthetic source: text tokens per caption (padded length; a mask marks real tokens).
+    text_len: int = 8

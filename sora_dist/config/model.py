@@ -1,0 +1,56 @@
+"""Model config: a flavor name picks the size from FLAVORS; any field set explicitly wins."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+# Sizes follow DiT (S/B/XL) and extend to the video-model range (1B/7B/30B).
+# hidden, depth, heads. Head dim stays 64 (S/B/XL) or 128 (1B and up), like DiT and Open-Sora.
+FLAVORS: dict[str, dict] = {
+    "tiny": dict(hidden_size=64, depth=2, num_heads=4),
+    "S": dict(hidden_size=384, depth=12, num_heads=6),
+    "B": dict(hidden_size=768, depth=12, num_heads=12),
+    "XL": dict(hidden_size=1152, depth=28, num_heads=16),
+    "1B": dict(hidden_size=2048, depth=20, num_heads=16),
+    "7B": dict(hidden_size=3072, depth=48, num_heads=24),
+    "30B": dict(hidden_size=6144, depth=48, num_heads=48),
+}
+
+
+@dataclass
+class ModelConfig:
+    # Size preset from FLAVORS (tiny, S, B, XL, 1B, 7B, 30B). Explicit fields below override it.
+    flavor: str = "tiny"
+    # Transformer width; None takes the flavor's value.
+    hidden_size: Optional[int] = None
+    # Number of DiT blocks; None takes the flavor's value.
+    depth: Optional[int] = None
+    # Attention heads; hidden_size must divide by it. None takes the flavor's value.
+    num_heads: Optional[int] = None
+    # MLP width = mlp_ratio * hidden_size.
+    mlp_ratio: float = 4.0
+    # Latent channels produced by the video VAE (4 for tiny demos, 16 for Wan/CogVideoX VAEs).
+    in_channels: int = 4
+    # Spacetime patch (pt, ph, pw) over latent frames/height/width.
+    patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])
+    # Width of the text encoder's embeddings (T5-XXL: 4096).
+    text_dim: int = 32
+    # RMS-normalise q and k per head before RoPE (stabilises long-context training).
+    qk_norm: bool = True
+    # Attention implementation behind the one seam: "sdpa" (torch) or "te" (transformer-engine, GPU).
+    attention_backend: str = "sdpa"
+    # Dropout inside attention/MLP (0 for diffusion pre-training).
+    dropout: float = 0.0
+
+    def resolved(self) -> dict:
+        """Flavor values merged with explicit overrides."""
+        if self.flavor not in FLAVORS:
+            raise ValueError(
+                f"model.flavor={self.flavor!r} is unknown; pick one of {sorted(FLAVORS)}"
+            )
+        out = dict(FLAVORS[self.flavor])
+        for k in ("hidden_size", "depth", "num_heads"):
+            v = getattr(self, k)
+            if v is not None:
+                out[k] = v
+        return out

@@ -1,0 +1,46 @@
+"""The training run: steps, precision, checkpoints, logging."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass
+class TrainConfig:
+    # Optimizer steps to run (the LR schedule ends here).
+    steps: int = 20
+    # Global seed: init, noise and timesteps are functions of (seed, step, dp rank).
+    seed: int = 0
+    # Run folder: resolved config, checkpoints, logs, wandb. Relative paths are under the CWD.
+    run_dir: str = "runs/default"
+    # "auto" (cuda if available), "cpu" or "cuda".
+    device: str = "auto"
+    # Autocast dtype on GPU: "bf16" or "fp32". CPU always runs fp32.
+    mixed_precision: str = "bf16"
+    # Activation checkpointing: "none", "full" (every block) or "selective" (every other block).
+    activation_checkpointing: str = "none"
+    # torch.compile each block.
+    compile: bool = False
+    # EMA decay of the weights (0 = no EMA).
+    ema_decay: float = 0.999
+    # Save a checkpoint every N steps (0 = only at the end).
+    ckpt_every: int = 10
+    # Keep the newest N complete checkpoints.
+    ckpt_keep: int = 2
+    # Resume from the newest complete checkpoint in run_dir/checkpoints when present.
+    resume: bool = True
+    # Load weights (model only) from this checkpoint dir at start when not resuming.
+    init_from: Optional[str] = None
+    # Stop after this many consecutive non-finite losses (each one is skipped).
+    max_nonfinite_streak: int = 3
+
+
+@dataclass
+class LoggingConfig:
+    # Console/metrics every N steps.
+    log_every: int = 1
+    # wandb: "offline" (default, files in run_dir/wandb), "online" (needs WANDB_API_KEY) or "disabled".
+    wandb_mode: str = "offline"
+    wandb_project: str = "sora_dist"
+    # Also write TensorBoard event files in run_dir/tb.
+    tensorboard: bool = False

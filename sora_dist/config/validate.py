@@ -1,0 +1,123 @@
+"""Config checks that run before any allocation. Each error names the field and the fix."""
+from __future__ import annotations
+
+from typing import Optional
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message says which field and how to fix it."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def validate(cfg, world_size: Optional[int] = None) -> None:
+    """Validate a JobConfig. With world_size, also check the parallel layout against it."""
+    m, p, d, diff, o, t = cfg.model, cfg.parallel, cfg.data, cfg.diffusion, cfg.optim, cfg.train
+    try:
+        dims = m.resolved()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    hidden, heads, depth = dims["hidden_size"], dims["num_heads"], dims["depth"]
+    _check(hidden > 0 and heads > 0 and depth > 0,
+           f"model: hidden_size={hidden}, num_heads={heads}, depth={depth} must all be > 0")
+    _check(hidden % heads == 0,
+           f"model.hidden_size={hidden} is not divisible by model.num_heads={heads}; "
+           f"pick heads that divide it (e.g. {_divisors_near(hidden, heads)})")
+    head_dim = hidden // heads
+    # 3D RoPE splits the rotary half-dims over (t, h, w); it needs an even head dim >= 6.
+    _check(head_dim % 2 == 0 and head_dim >= 6,
+           f"model: head dim hidden_size/num_heads={head_dim} must be even and >= 6 for 3D RoPE")
+    _check(len(m.patch_size) == 3 and all(int(x) >= 1 for x in m.patch_size),
+           f"model.patch_size={list(m.patch_size)} must be three positive ints [pt, ph, pw]")
+    _check(m.in_channels >= 1, f"model.in_channels={m.in_channels} must be >= 1")
+    _check(m.text_dim >= 1, f"model.text_dim={m.text_dim} must be >= 1")
+    _check(m.attention_backend in ("sdpa", "te"),
+           f"model.attention_backend={m.attention_backend!r}: use 'sdpa' or 'te'")
+
+    _check(diff.objective in ("ddpm", "flow"),
+           f"diffusion.objective={diff.objective!r}: use 'ddpm' or 'flow'")
+    _check(diff.beta_schedule in ("linear", "cosine"),
+           f"diffusion.beta_schedule={diff.beta_schedule!r}: use 'linear' or 'cosine'")
+    _check(diff.num_timesteps >= 2, f"diffusion.num_timesteps={diff.num_timesteps} must be >= 2")
+    _check(0.0 <= diff.caption_dropout < 1.0,
+           f"diffusion.caption_dropout={diff.caption_dropout} must be in [0, 1)")
+    ok_samplers = {"ddpm": ("ddpm", "ddim"), "flow": ("euler",)}[diff.objective]
+    _check(diff.sampler in ok_samplers,
+           f"diffusion.sampler={diff.sampler!r} does not fit objective={diff.objective!r}; "
+           f"use one of {list(ok_samplers)}")
+
+    _check(o.lr > 0, f"optim.lr={o.lr} must be > 0")
+    _check(o.decay in ("cosine", "constant"), f"optim.decay={o.decay!r}: use 'cosine' or 'constant'")
+    _check(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
+    _check(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0 (0 = off)")
+
+    _check(t.steps >= 1, f"train.steps={t.steps} must be >= 1")
+    _check(t.device in ("auto", "cpu", "cuda"), f"train.device={t.device!r}: use auto, cpu or cuda")
+    _check(t.mixed_precision in ("bf16", "fp32"),
+           f"train.mixed_precision={t.mixed_precision!r}: use 'bf16' or 'fp32'")
+    _check(t.activation_checkpointing in ("none", "full", "selective"),
+           f"train.activation_checkpointing={t.activation_checkpointing!r}: use none, full or selective")
+    _check(0.0 <= t.ema_decay < 1.0, f"train.ema_decay={t.ema_decay} must be in [0, 1)")
+    _check(t.ckpt_keep >= 1, f"train.ckpt_keep={t.ckpt_keep} must be >= 1")
+
+    _check(d.source in ("synthetic", "shards"), f"data.source={d.source!r}: use 'synthetic' or 'shards'")
+    _check(d.batch_size >= 1, f"data.batch_size={d.batch_size} must be >= 1")
+    if d.source == "shards":
+        _check(bool(d.shards), "data.source=shards needs data.shards=<folder written by sora-encode>")
+    else:
+        _check(len(d.synthetic_buckets) > 0 and all(len(b) == 3 for b in d.synthetic_buckets),
+               f"data.synthetic_buckets={d.synthetic_buckets} must be a list of [T, H, W]")
+        _check(d.text_len >= 1, f"data.text_len={d.text_len} must be >= 1")
+
+    for name in ("tp", "cp", "pp", "dp_replicate", "pp_microbatches", "pp_virtual_stages"):
+        _check(getattr(p, name) >= 1, f"parallel.{name}={getattr(p, name)} must be >= 1")
+    _check(p.dp == -1 or p.dp >= 1, f"parallel.dp={p.dp} must be >= 1 or -1 (fill the world)")
+    _check(p.cp_mode in ("ulysses", "ring", "hybrid"),
+           f"parallel.cp_mode={p.cp_mode!r}: use ulysses, ring or hybrid")
+    _check(p.backend in ("auto", "gloo", "nccl"), f"parallel.backend={p.backend!r}: use auto, gloo or nccl")
+    ulysses = {"ulysses": p.cp, "ring": 1, "hybrid": p.ulysses_degree}[p.cp_mode]
+    if p.cp_mode == "hybrid":
+        _check(p.cp % p.ulysses_degree == 0,
+               f"parallel.cp={p.cp} is not divisible by parallel.ulysses_degree={p.ulysses_degree}")
+    _check(heads % (p.tp * ulysses) == 0,
+           f"model.num_heads={heads} is not divisible by tp*ulysses={p.tp}*{ulysses}; "
+           f"change parallel.tp / parallel.cp (Ulysses degree) or model.num_heads")
+    mlp = int(hidden * m.mlp_ratio)
+    _check(mlp % p.tp == 0, f"MLP width {mlp} (hidden*mlp_ratio) is not divisible by parallel.tp={p.tp}")
+    if p.pp > 1:
+        stages = p.pp * p.pp_virtual_stages
+        _check(depth >= stages, f"model depth={depth} < pp*pp_virtual_stages={stages}: fewer stages")
+        _check(p.pp_microbatches >= p.pp,
+               f"parallel.pp_microbatches={p.pp_microbatches} must be >= parallel.pp={p.pp}")
+        _check(d.batch_size % p.pp_microbatches == 0,
+               f"data.batch_size={d.batch_size} must divide into parallel.pp_microbatches={p.pp_microbatches}")
+    if world_size is not None:
+        check_world(p, world_size)
+
+
+def resolve_dp(p, world_size: int) -> int:
+    """The data-parallel degree: explicit, or what the world leaves after tp*cp*pp."""
+    mp = p.tp * p.cp * p.pp
+    if p.dp == -1:
+        _check(world_size % mp == 0,
+               f"world size {world_size} is not divisible by tp*cp*pp={p.tp}*{p.cp}*{p.pp}={mp}; "
+               f"launch a multiple of {mp} processes or change parallel.tp/cp/pp")
+        return world_size // mp
+    return p.dp
+
+
+def check_world(p, world_size: int) -> None:
+    dp = resolve_dp(p, world_size)
+    _check(p.tp * p.cp * p.pp * dp == world_size,
+           f"tp*cp*pp*dp = {p.tp}*{p.cp}*{p.pp}*{dp} = {p.tp * p.cp * p.pp * dp} != world size "
+           f"{world_size}; set parallel.dp=-1 or launch {p.tp * p.cp * p.pp * dp} processes")
+    _check(dp % p.dp_replicate == 0,
+           f"dp={dp} is not divisible by parallel.dp_replicate={p.dp_replicate}")
+
+
+def _divisors_near(n: int, k: int) -> list[int]:
+    divs = [x for x in range(1, n + 1) if n % x == 0]
+    return sorted(divs, key=lambda x: abs(x - k))[:3]

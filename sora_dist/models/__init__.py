@@ -1,0 +1,3 @@
+from sora_dist.models.dit import Conditioning, DiTArgs, VideoDiT, build_dit
+
+__all__ = ["Conditioning", "DiTArgs", "VideoDiT", "build_dit"]

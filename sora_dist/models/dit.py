@@ -1,0 +1,264 @@
+"""VideoDiT: a diffusion transformer over spacetime patches of video latents.
+
+Single-device code, readable like facebookresearch/DiT. Parallelism is applied from outside
+(parallel/parallelize.py); the model only keeps the seams it needs:
+  * `embed()` -> tokens + conditioning, `blocks` (a ModuleDict, so pipeline stages can drop
+    blocks and FQNs stay stable), `head()` -> output latents;
+  * attention goes through `CoreAttention` modules that context parallelism swaps out;
+  * `Conditioning` carries what every block needs (timestep vector, text, masks, RoPE table).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sora_dist.models.attention import CoreAttention
+from sora_dist.models.embeddings import (
+    PatchEmbed3D, TimestepEmbedder, apply_rope, build_rope_3d, unpatchify,
+)
+
+
+@dataclass
+class DiTArgs:
+    in_channels: int = 4
+    hidden_size: int = 64
+    depth: int = 2
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    text_dim: int = 32
+    qk_norm: bool = True
+    attention_backend: str = "sdpa"
+    dropout: float = 0.0
+
+    @classmethod
+    def from_config(cls, m) -> "DiTArgs":
+        return cls(
+            in_channels=m.in_channels, mlp_ratio=m.mlp_ratio, patch_size=tuple(m.patch_size),
+            text_dim=m.text_dim, qk_norm=m.qk_norm, attention_backend=m.attention_backend,
+            dropout=m.dropout, **m.resolved(),
+        )
+
+
+@dataclass
+class Conditioning:
+    """Per-batch inputs every block needs. Parallel wrappers shard `rope`/`token_mask` by
+    sequence alongside the tokens; `c`, `text` and `text_mask` stay whole."""
+    c_BD: torch.Tensor            # timestep embedding
+    text_BLD: torch.Tensor        # projected caption tokens
+    text_mask_BL: torch.Tensor    # True = real caption token
+    rope_SP2: torch.Tensor        # RoPE cos/sin for this rank's tokens
+    token_mask_BS: Optional[torch.Tensor] = None  # True = real video token (None: all real)
+    grid: tuple[int, int, int] = (1, 1, 1)       # patch grid (T', H', W') before any padding
+    shape_THW: tuple[int, int, int] = (1, 1, 1)  # latent T/H/W before patch padding
+
+    def with_(self, **kw) -> "Conditioning":
+        return replace(self, **kw)
+
+
+def modulate(x_BSD, shift_BD, scale_BD):
+    return x_BSD * (1 + scale_BD[:, None]) + shift_BD[:, None]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over video tokens with 3D RoPE.
+    Separate q/k/v projections so tensor parallel can split each by heads (column-wise)."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, backend: str):
+        super().__init__()
+        self.head_dim = dim // num_heads
+        self.wq = nn.Linear(dim, dim)
+        self.wk = nn.Linear(dim, dim)
+        self.wv = nn.Linear(dim, dim)
+        self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.core_attention = CoreAttention(backend)
+        self.wo = nn.Linear(dim, dim)
+
+    def forward(self, x_BSD, rope_SP2, token_mask_BS=None):
+        B, S, _ = x_BSD.shape
+        # -1 heads: under TP each rank holds num_heads/tp of them.
+        q = self.q_norm(self.wq(x_BSD).view(B, S, -1, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.wk(x_BSD).view(B, S, -1, self.head_dim)).transpose(1, 2)
+        v = self.wv(x_BSD).view(B, S, -1, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, rope_SP2), apply_rope(k, rope_SP2)
+        o = self.core_attention(q, k, v, token_mask_BS)
+        return self.wo(o.transpose(1, 2).reshape(B, S, -1))
+
+
+class CrossAttention(nn.Module):
+    """Video tokens attend to caption tokens (masked). Sequence-local: no CP communication."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, backend: str):
+        super().__init__()
+        self.head_dim = dim // num_heads
+        self.wq = nn.Linear(dim, dim)
+        self.wk = nn.Linear(dim, dim)
+        self.wv = nn.Linear(dim, dim)
+        self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.core_attention = CoreAttention(backend)
+        self.wo = nn.Linear(dim, dim)
+
+    def forward(self, x_BSD, text_BLD, text_mask_BL):
+        B, S, _ = x_BSD.shape
+        L = text_BLD.shape[1]
+        q = self.q_norm(self.wq(x_BSD).view(B, S, -1, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.wk(text_BLD).view(B, L, -1, self.head_dim)).transpose(1, 2)
+        v = self.wv(text_BLD).view(B, L, -1, self.head_dim).transpose(1, 2)
+        o = self.core_attention(q, k, v, text_mask_BL)
+        return self.wo(o.transpose(1, 2).reshape(B, S, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.dropout(self.fc2(F.gelu(self.fc1(x), approximate="tanh")))
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block: modulated self-attn and MLP (gates start at 0, so each block starts
+    as the identity), with un-modulated cross-attention to the caption in between (PixArt)."""
+
+    def __init__(self, a: DiTArgs):
+        super().__init__()
+        D = a.hidden_size
+        self.norm1 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.attn = SelfAttention(D, a.num_heads, a.qk_norm, a.attention_backend)
+        self.norm_cross = nn.LayerNorm(D, eps=1e-6)
+        self.cross_attn = CrossAttention(D, a.num_heads, a.qk_norm, a.attention_backend)
+        self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.mlp = MLP(D, int(D * a.mlp_ratio), a.dropout)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
+
+    def forward(self, x_BSD: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+            self.adaLN_modulation(cond.c_BD).chunk(6, dim=-1)
+        )
+        h = modulate(self.norm1(x_BSD), shift_msa, scale_msa)
+        x_BSD = x_BSD + gate_msa[:, None] * self.attn(h, cond.rope_SP2, cond.token_mask_BS)
+        x_BSD = x_BSD + self.cross_attn(self.norm_cross(x_BSD), cond.text_BLD, cond.text_mask_BL)
+        h = modulate(self.norm2(x_BSD), shift_mlp, scale_mlp)
+        return x_BSD + gate_mlp[:, None] * self.mlp(h)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, a: DiTArgs):
+        super().__init__()
+        D = a.hidden_size
+        self.norm = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(D, a.patch_size[0] * a.patch_size[1] * a.patch_size[2] * a.in_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
+
+    def forward(self, x_BSD, c_BD):
+        shift, scale = self.adaLN_modulation(c_BD).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x_BSD), shift, scale))
+
+
+class VideoDiT(nn.Module):
+    """Predicts epsilon (DDPM) or velocity (flow) for latents x (B, C, T, H, W) at time t,
+    conditioned on caption embeddings (B, L, text_dim) with a mask. T/H/W may differ between
+    batches and need not divide by the patch (they are padded then cropped)."""
+
+    def __init__(self, args: DiTArgs):
+        super().__init__()
+        self.args = args
+        D = args.hidden_size
+        self.x_embedder = PatchEmbed3D(args.in_channels, D, args.patch_size)
+        self.t_embedder = TimestepEmbedder(D)
+        # Caption projection (PixArt's y_embedder) and the learned "empty caption" for CFG.
+        self.y_embedder = nn.Sequential(
+            nn.Linear(args.text_dim, D), nn.GELU(approximate="tanh"), nn.Linear(D, D)
+        )
+        self.null_text = nn.Parameter(torch.zeros(args.text_dim))
+        self.blocks = nn.ModuleDict({str(i): DiTBlock(args) for i in range(args.depth)})
+        self.final_layer = FinalLayer(args)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, zero_init: bool = True) -> None:
+        """DiT init: xavier linears, N(0, .02) embedders; adaLN and output zeroed (adaLN-Zero).
+        zero_init=False keeps every weight random (used by gradient-equivalence tests)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv3d)):
+                nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.LayerNorm, RMSNorm)) and getattr(m, "weight", None) is not None:
+                nn.init.ones_(m.weight)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+        for lin in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
+            nn.init.normal_(lin.weight, std=0.02)
+        nn.init.normal_(self.null_text, std=0.02)
+        if zero_init:
+            for blk in self.blocks.values():
+                nn.init.zeros_(blk.adaLN_modulation[-1].weight)
+                nn.init.zeros_(blk.adaLN_modulation[-1].bias)
+            nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+            nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+            nn.init.zeros_(self.final_layer.linear.weight)
+            nn.init.zeros_(self.final_layer.linear.bias)
+
+    def embed(
+        self, x_BCTHW: torch.Tensor, t_B: torch.Tensor, text_BLD: torch.Tensor,
+        text_mask_BL: torch.Tensor, drop_text_B: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, Conditioning]:
+        """Patchify and build the conditioning. drop_text_B (bool) swaps those captions for the
+        learned null caption: one valid token, so masked attention never sees an empty row."""
+        tokens_BSD, grid = self.x_embedder(x_BCTHW)
+        text_mask_BL = text_mask_BL.bool()
+        if drop_text_B is not None:
+            null_BLD = torch.zeros_like(text_BLD)
+            null_BLD[:, 0] = self.null_text.to(text_BLD.dtype)
+            null_mask = torch.zeros_like(text_mask_BL)
+            null_mask[:, 0] = True
+            d = drop_text_B.bool()
+            text_BLD = torch.where(d[:, None, None], null_BLD, text_BLD)
+            text_mask_BL = torch.where(d[:, None], null_mask, text_mask_BL)
+        cond = Conditioning(
+            c_BD=self.t_embedder(t_B),
+            text_BLD=self.y_embedder(text_BLD),
+            text_mask_BL=text_mask_BL,
+            rope_SP2=build_rope_3d(grid, self.args.hidden_size // self.args.num_heads, tokens_BSD.device),
+            grid=grid,
+            shape_THW=tuple(x_BCTHW.shape[-3:]),
+        )
+        return tokens_BSD, cond
+
+    def head(self, tokens_BSD: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        out = self.final_layer(tokens_BSD, cond.c_BD)
+        return unpatchify(out, cond.grid, self.args.patch_size, self.args.in_channels, cond.shape_THW)
+
+    def forward(self, x_BCTHW, t_B, text_BLD, text_mask_BL, drop_text_B=None):
+        tokens, cond = self.embed(x_BCTHW, t_B, text_BLD, text_mask_BL, drop_text_B)
+        for blk in self.blocks.values():
+            tokens = blk(tokens, cond)
+        return self.head(tokens, cond)
+
+
+def build_dit(model_cfg) -> VideoDiT:
+    return VideoDiT(DiTArgs.from_config(model_cfg))
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
