@@ -1,0 +1,32 @@
+"""Gradient norm and clipping that is correct across every parallel group.
+
+DTensor grads (TP, FSDP2) carry their sharding, so torch's norm reduces over the mesh
+itself; pipeline stages hold disjoint parameters, so their squared norms are summed over PP.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+
+
+@torch.no_grad()
+def clip_grad_norm_(
+    parameters: Iterable[torch.nn.Parameter], max_norm: float, pp_mesh=None,
+) -> torch.Tensor:
+    """Global L2 grad norm over all ranks' parameters; scales grads in place when max_norm > 0.
+    Returns the (pre-clip) total norm as a plain tensor, identical on every rank."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=None)
+    if hasattr(norm, "full_tensor"):  # DTensor: partial over the mesh -> reduced value
+        norm = norm.full_tensor()
+    if pp_mesh is not None and pp_mesh.size() > 1:
+        sq = norm.pow(2)
+        dist.all_reduce(sq, group=pp_mesh.get_group())
+        norm = sq.sqrt()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(grads, max_norm, norm, foreach=None)
+    return norm
