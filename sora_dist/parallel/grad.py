@@ -17,7 +17,8 @@ def clip_grad_norm_(
 ) -> torch.Tensor:
     """Global L2 grad norm over all ranks' parameters; scales grads in place when max_norm > 0.
     Returns the (pre-clip) total norm as a plain tensor, identical on every rank."""
-    grads = [p.grad for p in parameters if p.grad is not None]
+    params = [p for p in parameters if p.grad is not None]
+    grads = [p.grad for p in params]
     if not grads:
         return torch.zeros(())
     norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=None)
@@ -28,5 +29,5 @@ def clip_grad_norm_(
         dist.all_reduce(sq, group=pp_mesh.get_group())
         norm = sq.sqrt()
     if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(grads, max_norm, norm, foreach=None)
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=None)
     return norm
