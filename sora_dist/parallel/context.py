@@ -1,0 +1,343 @@
+"""Context-parallel self-attention: Ulysses (all-to-all), ring (K/V rotation), or both.
+
+The token sequence is sharded contiguously over the CP group for the whole DiT block (cp rank
+r holds tokens [r*S/cp, (r+1)*S/cp)); only self-attention needs the other shards. The module
+built here has CoreAttention's signature, takes this rank's q/k/v (B, H, S/cp, D) and key mask
+(B, S/cp), and returns this rank's slice of full attention over the whole sequence.
+
+* Ulysses (DeepSpeed-Ulysses): all-to-all (sequence-sharded, all heads) -> (head-sharded, whole
+  sequence), plain local attention with the inner CoreAttention (SDPA / TE), all-to-all back.
+  Per-rank traffic stays ~4x the local activations whatever the degree; heads must divide by it.
+* Ring: K/V blocks travel around the ring over P2P while every rank attends its queries to the
+  block it holds; blocks merge by log-sum-exp. Backward sends dK/dV around with K/V (the
+  FlashAttention-2 backward, blockwise). Any head count, but traffic grows with the ring size.
+* Hybrid: Ulysses inside (mesh dim cp_ulysses, intra-node all-to-all), ring outside (cp_ring).
+  The flattened cp rank is ring_rank * ulysses + ulysses_rank, so after the Ulysses all-to-all
+  ring rank r holds the contiguous tokens [r*S/ring, (r+1)*S/ring), as the ring expects.
+
+No process group is global: everything is handed DeviceMeshes (see ParallelDims.build_mesh).
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from contextlib import contextmanager
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from sora_dist.models.attention import CoreAttention
+
+MODES = ("ulysses", "ring", "hybrid")
+
+
+class CommCounter:
+    """Bytes this process sends in CP attention, by kind (benchmarks switch it on). The chunk an
+    all-to-all keeps for itself is not counted: it never leaves the device."""
+
+    def __init__(self):
+        self.enabled = False
+        self.bytes: dict[str, int] = defaultdict(int)
+
+    def add(self, kind: str, nbytes: int) -> None:
+        if self.enabled:
+            self.bytes[kind] += int(nbytes)
+
+    @contextmanager
+    def counting(self):
+        self.bytes.clear()
+        self.enabled = True
+        try:
+            yield self
+        finally:
+            self.enabled = False
+
+    def total(self) -> int:
+        return sum(self.bytes.values())
+
+
+COMM_COUNTER = CommCounter()  # per-process statistics only; holds no group
+
+
+def _nbytes(x: torch.Tensor) -> int:
+    return x.numel() * x.element_size()
+
+
+# all_gather_into_tensor is deprecated in favour of all_gather_single in recent torch.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def _gather_along(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """Concatenate every rank's x along dim, in group-rank order (= sequence order)."""
+    n = dist.get_world_size(group)
+    if n == 1:
+        return x
+    out = x.new_empty((n * x.shape[0], *x.shape[1:]))  # backends concatenate along dim 0
+    _all_gather(out, x.contiguous(), group=group)
+    COMM_COUNTER.add("all_gather", _nbytes(x) * (n - 1))
+    return out.view(n, *x.shape).movedim(0, dim).flatten(dim, dim + 1)
+
+
+def _local_slice(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    n, r = dist.get_world_size(group), dist.get_rank(group)
+    if x.shape[dim] % n:
+        raise ValueError(f"sequence dim {dim} of size {x.shape[dim]} does not split over {n} CP ranks; "
+                         f"pad the token sequence to a multiple of cp*tp first")
+    size = x.shape[dim] // n
+    return x.narrow(dim, r * size, size)
+
+
+class _GatherSequence(torch.autograd.Function):
+    """All-gather along the sequence; backward keeps this rank's slice of the grad, which is
+    right when whatever consumes the gathered tensor is computed identically on every CP rank."""
+
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        return _gather_along(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _local_slice(grad, ctx.dim, ctx.group).contiguous(), None, None
+
+
+def shard_sequence(x: torch.Tensor, dim: int, cp_mesh) -> torch.Tensor:
+    """This CP rank's contiguous chunk of x along dim (tokens, RoPE table, token mask).
+    Differentiable (a view); the length must divide by the CP size."""
+    return _local_slice(x, dim, cp_mesh.get_group())
+
+
+def gather_sequence(x: torch.Tensor, dim: int, cp_mesh) -> torch.Tensor:
+    """Inverse of shard_sequence: the whole sequence on every CP rank (backward slices)."""
+    return _GatherSequence.apply(x, dim, cp_mesh.get_group())
+
+
+# ----------------------------------------------------------------------------------------------
+# Ulysses: sequence <-> heads all-to-all
+# ----------------------------------------------------------------------------------------------
+
+def _all_to_all(x_U: torch.Tensor, group) -> torch.Tensor:
+    """x_U[i] goes to group rank i; out[i] came from group rank i."""
+    x_U = x_U.contiguous()
+    out = torch.empty_like(x_U)  # after .contiguous(): empty_like keeps a view's strides
+    dist.all_to_all_single(out, x_U, group=group)
+    n = x_U.shape[0]
+    COMM_COUNTER.add("all_to_all", _nbytes(x_U) * (n - 1) // n)
+    return out
+
+
+def _seq_to_heads(x_BHSD: torch.Tensor, group) -> torch.Tensor:
+    """(B, H, S/U, D) sequence-sharded -> (B, H/U, S, D) head-sharded."""
+    U = dist.get_world_size(group)
+    B, H, S, D = x_BHSD.shape
+    y = _all_to_all(x_BHSD.reshape(B, U, H // U, S, D).transpose(0, 1), group)
+    # y[i] = sequence shard i of my heads: put shards back in sequence order.
+    return y.permute(1, 2, 0, 3, 4).reshape(B, H // U, U * S, D)
+
+
+def _heads_to_seq(x_BHSD: torch.Tensor, group) -> torch.Tensor:
+    """(B, H/U, S, D) head-sharded -> (B, H, S/U, D) sequence-sharded."""
+    U = dist.get_world_size(group)
+    B, h, S, D = x_BHSD.shape
+    y = _all_to_all(x_BHSD.reshape(B, h, U, S // U, D).permute(2, 0, 1, 3, 4), group)
+    # y[i] = head chunk i of my sequence shard.
+    return y.transpose(0, 1).reshape(B, U * h, S // U, D)
+
+
+class _SeqToHeads(torch.autograd.Function):
+    # The adjoint of an all-to-all is the reverse all-to-all.
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _seq_to_heads(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _heads_to_seq(grad, ctx.group), None
+
+
+class _HeadsToSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _heads_to_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _seq_to_heads(grad, ctx.group), None
+
+
+# ----------------------------------------------------------------------------------------------
+# Ring: blockwise attention with log-sum-exp merge, K/V (and dK/dV) passed around over P2P
+# ----------------------------------------------------------------------------------------------
+
+def _ring_shift(x: torch.Tensor, group):
+    """Start sending x to the next ring rank and receiving the previous rank's; returns
+    (recv buffer, works). x must stay untouched until the works complete."""
+    n, r = dist.get_world_size(group), dist.get_rank(group)
+    recv = torch.empty_like(x)
+    ops = [dist.P2POp(dist.isend, x, group=group, group_peer=(r + 1) % n),
+           dist.P2POp(dist.irecv, recv, group=group, group_peer=(r - 1) % n)]
+    COMM_COUNTER.add("p2p", _nbytes(x))
+    return recv, dist.batch_isend_irecv(ops)
+
+
+def _wait(works) -> None:
+    for w in works:
+        w.wait()
+
+
+def _finite(lse: torch.Tensor) -> torch.Tensor:
+    # A row whose keys are all masked has lse = -inf; subtracting it would give -inf - -inf =
+    # NaN. Its scores are all -inf too, so any finite stand-in yields probabilities of 0.
+    return lse.masked_fill(lse == float("-inf"), 0.0)
+
+
+def _scores(q32, k32, mask_BS, scale):
+    s = torch.matmul(q32, k32.transpose(-1, -2)) * scale
+    if mask_BS is not None:
+        s = s.masked_fill(~mask_BS[:, None, None, :], float("-inf"))
+    return s
+
+
+class _RingAttention(torch.autograd.Function):
+    """Non-causal ring attention. Math in fp32 whatever the input dtype; memory per step is one
+    (S_local x S_local) score block, plus the saved q, k, v, out and lse of this rank."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask_BS, group, scale):
+        R, r = dist.get_world_size(group), dist.get_rank(group)
+        S = k.shape[2]
+        q32 = q.float()
+        out = torch.zeros_like(q32)
+        lse = q32.new_full((*q.shape[:3], 1), float("-inf"))
+        kv = torch.stack([k, v])  # one message per step instead of two
+        for step in range(R):
+            if step + 1 < R:  # next block is in flight while this one is computed
+                kv_next, works = _ring_shift(kv, group)
+            src = (r - step) % R  # which rank's tokens this block holds
+            m = None if mask_BS is None else mask_BS[:, src * S:(src + 1) * S]
+            s = _scores(q32, kv[0].float(), m, scale)
+            lse_b = torch.logsumexp(s, dim=-1, keepdim=True)
+            o_b = torch.matmul(torch.exp(s - _finite(lse_b)), kv[1].float())
+            # out = (e^lse out + e^lse_b o_b) / e^new, safe when both are -inf (all masked).
+            new = _finite(torch.logaddexp(lse, lse_b))
+            out = out * torch.exp(lse - new) + o_b * torch.exp(lse_b - new)
+            lse = torch.logaddexp(lse, lse_b)
+            if step + 1 < R:
+                _wait(works)
+                kv = kv_next
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse, mask_BS)
+        ctx.group, ctx.scale = group, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, mask_BS = ctx.saved_tensors
+        group, scale = ctx.group, ctx.scale
+        R, r = dist.get_world_size(group), dist.get_rank(group)
+        S = k.shape[2]
+        q32, do32 = q.float(), dout.float()
+        # FA2: dS = P * (dP - delta) with delta_i = sum_d dO_id O_id (softmax Jacobian term).
+        delta = (do32 * out.float()).sum(-1, keepdim=True)
+        lse = _finite(lse)
+        dq = torch.zeros_like(q32)
+        kv = torch.stack([k, v])
+        for step in range(R):
+            if step + 1 < R:
+                kv_next, kv_works = _ring_shift(kv, group)
+            src = (r - step) % R
+            m = None if mask_BS is None else mask_BS[:, src * S:(src + 1) * S]
+            k32, v32 = kv[0].float(), kv[1].float()
+            p = torch.exp(_scores(q32, k32, m, scale) - lse)  # final softmax probabilities
+            dp = torch.matmul(do32, v32.transpose(-1, -2))
+            ds = p * (dp - delta)
+            dq += torch.matmul(ds, k32) * scale
+            dkv = torch.stack([torch.matmul(ds.transpose(-1, -2), q32) * scale,
+                               torch.matmul(p.transpose(-1, -2), do32)])
+            # dK/dV of block src travel with it: add what the previous ranks computed for it
+            # (sent during our compute), then pass the sum on. fp32 on the wire, so bf16 grads
+            # are summed once, at the end.
+            if step > 0:
+                _wait(dkv_works)
+                dkv += dkv_in
+            dkv_in, dkv_works = _ring_shift(dkv, group)
+            if step + 1 < R:
+                _wait(kv_works)
+                kv = kv_next
+        # R shifts of the accumulators bring every block's full dK/dV home.
+        _wait(dkv_works)
+        return dq.to(q.dtype), dkv_in[0].to(k.dtype), dkv_in[1].to(v.dtype), None, None, None
+
+
+def ring_attention(q_BHSD, k_BHSD, v_BHSD, kv_mask_BS, ring_group) -> torch.Tensor:
+    """Attention of local queries to the whole ring's keys. kv_mask_BS is the mask of all the
+    ring's keys (B, R * S_local), in ring-rank order, or None."""
+    if dist.get_world_size(ring_group) == 1:
+        raise ValueError("ring_attention needs a ring of at least 2 ranks")
+    return _RingAttention.apply(q_BHSD, k_BHSD, v_BHSD, kv_mask_BS, ring_group,
+                                q_BHSD.shape[-1] ** -0.5)
+
+
+# ----------------------------------------------------------------------------------------------
+# The module model code sees
+# ----------------------------------------------------------------------------------------------
+
+class ContextParallelAttention(nn.Module):
+    """CoreAttention over a sequence sharded on the CP group: Ulysses over `ulysses_group`
+    (inner), then ring over `ring_group` (outer); either may be None. The inner CoreAttention
+    runs the local attention when there is no ring (ring blocks need the log-sum-exp, which
+    SDPA does not return, so they use torch math)."""
+
+    def __init__(self, mode: str, cp_group, ulysses_group=None, ring_group=None,
+                 inner: Optional[nn.Module] = None):
+        super().__init__()
+        self.mode = mode
+        self.inner = inner if inner is not None else CoreAttention("sdpa")
+        # Size-1 groups need no communication; drop them so forward does no empty collectives.
+        big = lambda g: g if g is not None and dist.get_world_size(g) > 1 else None  # noqa: E731
+        self.cp_group, self.ulysses_group, self.ring_group = cp_group, big(ulysses_group), big(ring_group)
+
+    def extra_repr(self) -> str:
+        size = lambda g: 1 if g is None else dist.get_world_size(g)  # noqa: E731
+        return f"mode={self.mode}, ulysses={size(self.ulysses_group)}, ring={size(self.ring_group)}"
+
+    def forward(self, q_BHSD, k_BHSD, v_BHSD, kv_mask_BS=None):
+        ug, rg = self.ulysses_group, self.ring_group
+        # The key mask is tiny (B x S bools): gather it whole once, in cp-rank = sequence order.
+        mask = None if kv_mask_BS is None else _gather_along(kv_mask_BS.bool(), 1, self.cp_group)
+        if ug is not None:
+            U, H = dist.get_world_size(ug), q_BHSD.shape[1]
+            if H % U:
+                raise ValueError(
+                    f"Ulysses context parallel over {U} ranks needs the local head count ({H}) to "
+                    f"divide by {U}; use parallel.cp_mode=ring, a smaller ulysses_degree (hybrid), "
+                    f"or num_heads/tp that divides")
+            B = q_BHSD.shape[0]
+            # One all-to-all for q, k and v together (fewer, larger messages).
+            qkv = _SeqToHeads.apply(torch.cat([q_BHSD, k_BHSD, v_BHSD]), ug)
+            q_BHSD, k_BHSD, v_BHSD = qkv.split(B)
+        # Hybrid: this rank now holds ring shard ring_rank (U cp shards) for H/U heads, and the
+        # ring wants the whole sequence's key mask in ring order, which `mask` already is.
+        if rg is not None:
+            o = ring_attention(q_BHSD, k_BHSD, v_BHSD, mask, rg)
+        else:
+            o = self.inner(q_BHSD, k_BHSD, v_BHSD, mask)
+        return _HeadsToSeq.apply(o, ug) if ug is not None else o
+
+
+def build_cp_attention(meshes, mode: str, inner: Optional[nn.Module] = None) -> ContextParallelAttention:
+    """The CoreAttention replacement for a sequence sharded over meshes["cp"].
+    ulysses / ring use the whole flattened cp group; hybrid runs Ulysses over
+    meshes["cp_ulysses"] and the ring over meshes["cp_ring"]."""
+    if mode not in MODES:
+        raise ValueError(f"unknown context-parallel mode {mode!r}; use one of {MODES}")
+    cp = meshes["cp"].get_group()
+    if mode == "ulysses":
+        return ContextParallelAttention(mode, cp, ulysses_group=cp, inner=inner)
+    if mode == "ring":
+        return ContextParallelAttention(mode, cp, ring_group=cp, inner=inner)
+    return ContextParallelAttention(mode, cp, ulysses_group=meshes["cp_ulysses"].get_group(),
+                                    ring_group=meshes["cp_ring"].get_group(), inner=inner)

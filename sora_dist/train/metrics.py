@@ -1,0 +1,69 @@
+"""Rank-0 metrics: one console line per log step, wandb (offline by default), TensorBoard."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+log = logging.getLogger("sora_dist")
+
+
+def setup_console(rank: int) -> None:
+    """Console logging on rank 0 only; other ranks keep warnings."""
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+
+
+class MetricLogger:
+    def __init__(self, cfg, run_dir: str, rank: int, config_dict: Optional[dict] = None):
+        self.rank = rank
+        self.wandb = None
+        self.tb = None
+        if rank != 0:
+            return
+        if cfg.wandb_mode != "disabled":
+            mode = cfg.wandb_mode
+            if mode == "online" and not os.environ.get("WANDB_API_KEY"):
+                log.warning("logging.wandb_mode=online but WANDB_API_KEY is unset: logging offline")
+                mode = "offline"
+            wandb_dir = os.path.join(run_dir, "wandb")
+            os.makedirs(wandb_dir, exist_ok=True)
+            try:
+                import wandb
+
+                self.wandb = wandb.init(project=cfg.wandb_project, dir=wandb_dir, mode=mode,
+                                        config=config_dict, name=os.path.basename(os.path.abspath(run_dir)),
+                                        settings=wandb.Settings(silent=True, console="off"))
+            except Exception as e:  # logging must never kill a training run
+                log.warning("wandb disabled: %s", e)
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(os.path.join(run_dir, "tb"))
+            except Exception as e:
+                log.warning("tensorboard disabled: %s", e)
+
+    def log(self, step: int, total: int, m: dict) -> None:
+        if self.rank != 0:
+            return
+        parts = [f"step {step:>6d}/{total}", f"loss {m['loss']:.5f}", f"grad_norm {m['grad_norm']:.3f}",
+                 f"lr {m['lr']:.2e}", f"tok/s {m['tokens_per_s']:,.0f}"]
+        if "mem_gib" in m:
+            parts.append(f"mem {m['mem_gib']:.2f}GiB")
+        if m.get("skipped"):
+            parts.append(f"skipped {m['skipped']}")
+        log.info(" | ".join(parts))
+        if self.wandb is not None:
+            self.wandb.log(m, step=step)
+        if self.tb is not None:
+            for k, v in m.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+        if self.tb is not None:
+            self.tb.close()

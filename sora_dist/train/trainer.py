@@ -1,0 +1,208 @@
+"""The training loop: batch -> loss -> backward -> step -> log -> checkpoint (torchtitan-style:
+one class, kept linear). Works for one process and for any (dp, cp, tp, pp) layout."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from sora_dist.config import JobConfig, validate
+from sora_dist.data import build_loader
+from sora_dist.diffusion import build_diffusion
+from sora_dist.models.dit import build_dit, count_params
+from sora_dist.parallel.dims import ParallelDims
+from sora_dist.parallel.grad import clip_grad_norm_
+from sora_dist.parallel.state import autocast, init_distributed, memory_stats
+from sora_dist.train import checkpoint as ckpt
+from sora_dist.train.metrics import MetricLogger, setup_console
+from sora_dist.train.optim import EMA, build_optimizer, set_lr
+
+log = logging.getLogger("sora_dist")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def step_generator(seed: int, step: int, dp_rank: int) -> torch.Generator:
+    """Noise, timesteps and caption dropout of a step: a function of (seed, step, dp rank) only,
+    so a resumed run draws exactly what the uninterrupted one did, on every device."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 65_537 + dp_rank) % (2**63))
+
+
+def apply_activation_checkpointing(model, mode: str) -> None:
+    """Recompute block activations in backward: every block ("full") or every other ("selective")."""
+    if mode == "none":
+        return
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    for i, (name, blk) in enumerate(list(model.blocks.items())):
+        if mode == "full" or i % 2 == 0:
+            model.blocks[name] = checkpoint_wrapper(blk, preserve_rng_state=True)
+
+
+class Trainer:
+    def __init__(self, cfg: JobConfig):
+        self.cfg = cfg
+        env_world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+        validate(cfg, world_size=env_world)  # fail fast: before any process group or tensor
+        t = cfg.train
+        self.env = init_distributed(t.device, cfg.parallel.backend, cfg.parallel.timeout_s)
+        self.rank, self.world, self.device = self.env.rank, self.env.world_size, self.env.device
+        setup_console(self.rank)
+        self.run_dir = t.run_dir
+        os.makedirs(self.run_dir, exist_ok=True)
+        self.ckpt_dir = os.path.join(self.run_dir, "checkpoints")
+
+        self.pdims = ParallelDims.from_config(cfg.parallel, self.world)
+        self.meshes = self.pdims.build_mesh(self.device.type) if self.world > 1 else None
+        coords = self.pdims.coords(self.rank)
+        self.dp_rank, self.dp_size = coords["dp"], self.pdims.dp
+
+        # Same seed on every rank -> identical initial weights before any sharding.
+        torch.manual_seed(t.seed)
+        model = build_dit(cfg.model).to(self.device)
+        self.n_params = count_params(model)
+        if self.world > 1:
+            from sora_dist.parallel.parallelize import parallelize_dit
+
+            model = parallelize_dit(model, self.pdims, self.meshes, cfg)
+        else:
+            apply_activation_checkpointing(model, t.activation_checkpointing)
+            if t.compile:
+                for name, blk in list(model.blocks.items()):
+                    model.blocks[name] = torch.compile(blk)
+        self.model = model
+        self.optimizer = build_optimizer(model, cfg.optim)
+        self.ema = EMA(model, t.ema_decay) if t.ema_decay > 0 else None
+        self.loader = build_loader(cfg.data, cfg.model, self.dp_rank, self.dp_size)
+        self.diffusion = build_diffusion(cfg.diffusion)
+        self.step = 0
+        self.nonfinite_streak = 0
+        self.skipped = 0
+        self._save_config()
+        self._maybe_resume()
+        self.metrics = MetricLogger(cfg.logging, self.run_dir, self.rank, self._config_dict())
+
+    # ---- set-up helpers ----------------------------------------------------------------------
+    def _config_dict(self) -> dict:
+        return asdict(self.cfg)
+
+    def _save_config(self) -> None:
+        if self.rank == 0:
+            from omegaconf import OmegaConf
+
+            ckpt.atomic_write_text(os.path.join(self.run_dir, "config.yaml"),
+                                   OmegaConf.to_yaml(OmegaConf.structured(self.cfg)))
+
+    def _maybe_resume(self) -> None:
+        found = ckpt.latest(self.ckpt_dir) if self.cfg.train.resume else None
+        if found is not None:
+            step, path = found
+            state = ckpt.load(path, self.model, self.optimizer, self.ema)
+            self.step = step
+            if "data" in state:
+                self.loader.load_state_dict(state["data"])
+            if "rng" in state:
+                torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))
+            self.skipped = state.get("skipped", 0)
+            log.info("resumed from %s (step %d)", path, step)
+        elif self.cfg.train.init_from:
+            ckpt.load_model_only(self.cfg.train.init_from, self.model)
+            log.info("initialised weights from %s", self.cfg.train.init_from)
+
+    def save_checkpoint(self) -> str:
+        rank_state = {"data": self.loader.state_dict(), "rng": torch.get_rng_state().tolist(),
+                      "step": self.step, "skipped": self.skipped}
+        path = ckpt.save(self.ckpt_dir, self.step, self.model, self.optimizer, self.ema,
+                         rank_state=rank_state, keep=self.cfg.train.ckpt_keep)
+        log.info("saved checkpoint %s", path)
+        return path
+
+    # ---- one step ----------------------------------------------------------------------------
+    def _all_reduce_mean(self, x: torch.Tensor, mesh_name: str = "dp") -> torch.Tensor:
+        if self.meshes is None or self.pdims.dp == 1:
+            return x
+        x = x.detach().clone()
+        dist.all_reduce(x, group=self.meshes[mesh_name].get_group())
+        return x / self.pdims.dp
+
+    def train_step(self, batch: dict) -> dict:
+        cfg = self.cfg
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = set_lr(self.optimizer, self.step, cfg.optim, cfg.train.steps)
+        gen = step_generator(cfg.train.seed, self.step, self.dp_rank)
+        x0 = batch["latent"].to(self.device, non_blocking=True)
+        text = batch["text"].to(self.device, non_blocking=True)
+        mask = batch["text_mask"].to(self.device, non_blocking=True)
+        with autocast(self.device, cfg.train.mixed_precision):
+            loss = self.diffusion.training_loss(self.model, x0, text, mask, gen)
+        loss.backward()
+        if self.world > 1:
+            from sora_dist.parallel.parallelize import finalize_grads
+
+            finalize_grads(self.model)
+        pp_mesh = self.meshes["pp"] if (self.meshes is not None and self.pdims.pp > 1) else None
+        grad_norm = clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip, pp_mesh)
+        loss_avg = self._all_reduce_mean(loss.detach().float())
+        finite = bool(torch.isfinite(loss_avg)) and bool(torch.isfinite(grad_norm))
+        if finite:
+            self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update(self.model)
+            self.nonfinite_streak = 0
+        else:
+            # Skip the update (grads dropped); all ranks agree since loss/norm are reduced.
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped += 1
+            self.nonfinite_streak += 1
+            log.warning("step %d: non-finite loss/grad norm (%s, %s); update skipped (%d in a row)",
+                        self.step, float(loss_avg), float(grad_norm), self.nonfinite_streak)
+            if self.nonfinite_streak >= cfg.train.max_nonfinite_streak:
+                raise NonFiniteLossError(
+                    f"{self.nonfinite_streak} consecutive non-finite losses at step {self.step}: "
+                    "lower optim.lr, check the data, or raise train.max_nonfinite_streak")
+        p = cfg.model.patch_size
+        T, H, W = x0.shape[-3:]
+        tokens = x0.shape[0] * math.ceil(T / p[0]) * math.ceil(H / p[1]) * math.ceil(W / p[2]) * self.dp_size
+        return {"loss": float(loss_avg), "grad_norm": float(grad_norm), "lr": lr, "tokens": tokens,
+                "skipped": self.skipped}
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def train(self, stop_at: Optional[int] = None) -> list[float]:
+        """Run to train.steps (or stop_at, for tests that simulate an interruption).
+        Returns the per-step losses of this run."""
+        cfg = self.cfg.train
+        end = min(cfg.steps, stop_at) if stop_at is not None else cfg.steps
+        losses = []
+        if self.rank == 0:
+            log.info("model %s: %.2fM params | world %d = dp %d x cp %d x pp %d x tp %d | device %s",
+                     self.cfg.model.flavor, self.n_params / 1e6, self.world, self.pdims.dp,
+                     self.pdims.cp, self.pdims.pp, self.pdims.tp, self.device)
+        t0 = time.perf_counter()
+        while self.step < end:
+            batch = next(self.loader)
+            m = self.train_step(batch)
+            self.step += 1
+            losses.append(m["loss"])
+            if self.step % self.cfg.logging.log_every == 0 or self.step == end:
+                dt = time.perf_counter() - t0
+                m["tokens_per_s"] = m["tokens"] / max(dt, 1e-9)
+                m.update(memory_stats(self.device))
+                self.metrics.log(self.step, cfg.steps, m)
+            if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == cfg.steps:
+                self.save_checkpoint()
+            t0 = time.perf_counter()
+        if self.rank == 0:
+            ckpt.atomic_write_text(os.path.join(self.run_dir, "losses.json"), json.dumps(losses))
+        return losses
+
+    def close(self) -> None:
+        self.metrics.close()
