@@ -21,9 +21,18 @@ def clip_grad_norm_(
     grads = [p.grad for p in params]
     if not grads:
         return torch.zeros(())
-    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=None)
-    if hasattr(norm, "full_tensor"):  # DTensor: partial over the mesh -> reduced value
-        norm = norm.full_tensor()
+    # Group by mesh: under TP+FSDP most grads are 2D DTensors but a few parameters (kept
+    # replicated outside TP) are 1D, and torch.stack cannot mix meshes.
+    groups: dict = {}
+    for g in grads:
+        groups.setdefault(getattr(g, "device_mesh", None), []).append(g)
+    sq = []
+    for group in groups.values():
+        n = torch.nn.utils.get_total_norm(group, norm_type=2.0, foreach=None)
+        if hasattr(n, "full_tensor"):  # DTensor: partial over the mesh -> reduced value
+            n = n.full_tensor()
+        sq.append(n.float().pow(2))
+    norm = torch.stack(sq).sum().sqrt()
     if pp_mesh is not None and pp_mesh.size() > 1:
         sq = norm.pow(2)
         dist.all_reduce(sq, group=pp_mesh.get_group())

@@ -1,0 +1,189 @@
+"""parallelize_dit(): TP/SP -> CP -> activation checkpointing -> compile -> FSDP2 (torchtitan order).
+
+Contract with the trainer: every rank of a DP group feeds the same batch; `model(...)` returns
+the full output (B, C, T, H, W) on every rank; after `loss.backward()` call
+`finalize_grads(model)` (a no-op under FSDP) and then clip/step. Gradients then equal the
+single-process gradient of the loss averaged over all DP ranks' batches.
+
+How gradients come out right:
+  * TP: DTensor's autograd sums partial grads of replicated weights over TP (tensor_parallel.py).
+  * CP: each CP rank back-propagates only its own tokens, so block/embedder grads are partial
+    over CP. FSDP (or finalize_grads) *averages* over DP x CP; to turn that into
+    sum-over-CP / mean-over-DP, the CP gather before the head scales the token gradient by
+    cp in backward. The head itself runs on the gathered sequence on every CP rank; its grads
+    are already complete on each and the average leaves them unchanged.
+  * The sequence is padded to a multiple of cp (x tp under SP); `token_mask` hides the padding
+    from attention keys and the head drops it, so padding changes nothing.
+
+FQNs are unchanged by everything here except activation checkpointing's wrapper prefix,
+which torch.distributed.checkpoint's get_state_dict strips, so checkpoints reshard across layouts.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from sora_dist.parallel.fsdp import allreduce_grads, apply_fsdp, fsdp_mesh, mp_policy, reduce_partial_grads
+from sora_dist.parallel.rng import RNGStatesTracker, TrackedDropout, build_rng_tracker, checkpoint_context_fn
+from sora_dist.parallel.tensor_parallel import apply_tp
+
+
+@dataclass
+class ParallelInfo:
+    """What parallelize_dit did, kept on the model for finalize_grads and for inspection."""
+    tp: int
+    cp: int
+    sequence_parallel: bool
+    fsdp: bool
+    grad_mesh: Any  # mesh grads are averaged over when FSDP is off (dp_cp), else None
+    rng_tracker: RNGStatesTracker
+
+
+def parallelize_dit(model: nn.Module, pdims, meshes, cfg) -> nn.Module:
+    """Apply the layout of `cfg.parallel` to a VideoDiT built identically on every rank (in place;
+    returns the model). `pdims`/`meshes` come from ParallelDims.from_config(...).build_mesh(...)."""
+    p, t = cfg.parallel, cfg.train
+    device_type = meshes.world.device_type
+    tp, cp = pdims.tp, pdims.cp
+    sp = bool(p.sequence_parallel) and tp > 1
+    coords = _coords(meshes, tp, cp)
+    tracker = build_rng_tracker(
+        t.seed, coords["tp"], coords["cp"] * tp + coords["tp"] if sp else coords["cp"], device_type
+    )
+
+    if tp > 1:
+        apply_tp(model, meshes["tp"], sp)
+    if cp > 1:
+        apply_cp_attention(model, meshes, p.cp_mode)
+    install_sequence_seams(model, meshes, tp if sp else 1, cp)
+    if model.args.dropout > 0 and (sp or cp > 1):
+        # Dropout acts on the residual stream, which is token-sharded here: one stream per shard.
+        for blk in model.blocks.values():
+            blk.mlp.dropout = TrackedDropout(model.args.dropout, tracker, "seq")
+    apply_activation_checkpointing(model, t.activation_checkpointing, tracker)
+    if t.compile:
+        for blk in model.blocks.values():
+            blk.compile()  # in place: no "_orig_mod." in FQNs
+
+    use_fsdp = bool(p.fsdp) and pdims.dp * cp > 1
+    if use_fsdp:
+        apply_fsdp(model, fsdp_mesh(meshes, pdims.dp_replicate), mp_policy(device_type, t.mixed_precision))
+    grad_mesh = meshes["dp_cp"] if not use_fsdp and pdims.dp * cp > 1 else None
+    # object.__setattr__: plain attribute, not a submodule/state.
+    object.__setattr__(model, "_sora_parallel", ParallelInfo(tp, cp, sp, use_fsdp, grad_mesh, tracker))
+    return model
+
+
+def finalize_grads(model: nn.Module) -> None:
+    """Call after backward, before clipping. Without FSDP: sums TP-partial grads of replicated
+    weights and averages grads over DP x CP. With FSDP (or a single rank) it does nothing."""
+    info: Optional[ParallelInfo] = getattr(model, "_sora_parallel", None)
+    if info is None or info.fsdp:
+        return
+    params = [p for p in model.parameters() if p.grad is not None]
+    reduce_partial_grads(params)
+    if info.grad_mesh is not None:
+        allreduce_grads(params, info.grad_mesh.get_group())
+
+
+def apply_cp_attention(model: nn.Module, meshes, mode: str) -> None:
+    """Swap each self-attention core for the context-parallel one (cross-attention is
+    sequence-local: queries are local tokens, keys the whole caption)."""
+    from sora_dist.parallel.context import build_cp_attention
+
+    for blk in model.blocks.values():
+        blk.attn.core_attention = build_cp_attention(meshes, mode, blk.attn.core_attention)
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str, tracker: RNGStatesTracker) -> None:
+    """"full": every block; "selective": every other block. Before FSDP, so FSDP wraps the wrapper."""
+    if mode == "none":
+        return
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl, checkpoint_wrapper,
+    )
+
+    for i, name in enumerate(list(model.blocks.keys())):
+        if mode == "full" or (mode == "selective" and i % 2 == 0):
+            model.blocks[name] = checkpoint_wrapper(
+                model.blocks[name], checkpoint_impl=CheckpointImpl.NO_REENTRANT,
+                preserve_rng_state=True, context_fn=checkpoint_context_fn(tracker),
+            )
+
+
+class _GatherTokens(torch.autograd.Function):
+    """All-gather token shards over CP. Backward: this rank's slice of the (identical on every
+    CP rank) output gradient, times `scale` (= cp, see module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, dim: int, group, rank: int, world: int, scale: float):
+        ctx.dim, ctx.rank, ctx.world, ctx.scale = dim, rank, world, scale
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.chunk(ctx.world, ctx.dim)[ctx.rank] * ctx.scale, None, None, None, None, None
+
+
+def install_sequence_seams(model: nn.Module, meshes, sp_degree: int, cp: int) -> None:
+    """Wrap the model's embed()/head() seams: after embed, pad the tokens to a multiple of
+    cp*sp_degree and keep this rank's shard (CP chunk by cp rank, then SP chunk by tp rank);
+    before head, gather them back and drop the padding. RoPE and the token mask are sharded
+    over CP only: attention (after the SP all-gather) sees the whole CP-local sequence."""
+    if sp_degree == 1 and cp == 1:
+        return
+    orig_embed, orig_head = model.embed, model.head
+    tp_mesh = meshes["tp"] if sp_degree > 1 else None
+    cp_mesh = meshes["cp"] if cp > 1 else None
+    cp_rank = cp_mesh.get_local_rank() if cp_mesh is not None else 0
+    multiple = cp * sp_degree
+
+    def embed(*args, **kwargs):
+        tokens, cond = orig_embed(*args, **kwargs)
+        B, S, _ = tokens.shape
+        pad = (-S) % multiple
+        rope, mask = cond.rope_SP2, cond.token_mask_BS
+        if pad:
+            tokens = F.pad(tokens, (0, 0, 0, pad))
+            rope = F.pad(rope, (0, 0, 0, 0, 0, pad))
+            if mask is None:
+                mask = torch.ones(B, S, dtype=torch.bool, device=tokens.device)
+            mask = F.pad(mask, (0, pad), value=False)
+        if cp_mesh is not None:
+            tokens = tokens.chunk(cp, 1)[cp_rank]
+            rope = rope.chunk(cp, 0)[cp_rank]
+            mask = None if mask is None else mask.chunk(cp, 1)[cp_rank].contiguous()
+        if tp_mesh is not None:
+            # Backward all-gathers the token grads, so the embedders' grads stay whole per rank.
+            tokens = DTensor.from_local(tokens, tp_mesh, (Replicate(),), run_check=False)
+            tokens = tokens.redistribute(tp_mesh, (Shard(1),)).to_local()
+        return tokens, cond.with_(rope_SP2=rope, token_mask_BS=mask)
+
+    def head(tokens, cond):
+        if tp_mesh is not None:
+            tokens = DTensor.from_local(tokens, tp_mesh, (Shard(1),), run_check=False)
+            tokens = tokens.redistribute(tp_mesh, (Replicate(),)).to_local()
+        if cp_mesh is not None:
+            tokens = _GatherTokens.apply(tokens, 1, cp_mesh.get_group(), cp_rank, cp, float(cp))
+        tokens = tokens[:, : math.prod(cond.grid)]
+        return orig_head(tokens, cond.with_(token_mask_BS=None))
+
+    # Instance attributes shadow the methods; forward() calls self.embed/self.head.
+    model.embed = embed
+    model.head = head
+
+
+def _coords(meshes, tp: int, cp: int) -> dict[str, int]:
+    return {
+        "tp": meshes["tp"].get_local_rank() if tp > 1 else 0,
+        "cp": meshes["cp"].get_local_rank() if cp > 1 else 0,
+    }

@@ -1,0 +1,113 @@
+"""Tensor parallel (+ Megatron sequence parallel) for VideoDiT with DTensor.
+
+Column-parallel q/k/v and MLP fc1, row-parallel wo and fc2 (split by heads / MLP width).
+Every other parameter becomes a Replicate DTensor on the TP mesh, so all parameters live on
+one mesh (grad-norm and FSDP2 see one layout) and DTensor's autograd reduces the partial
+gradients that replicated weights pick up from sharded activations.
+
+Sequence parallel (SP) keeps the residual stream sharded by tokens (Shard(1)) between the
+parallel linears: the Prepare* styles all-gather it before q/k/v and fc1, the row-parallel
+wo/fc2 reduce-scatter back to token shards. Outside the parallel linears activations are
+plain local tensors; each style below states the layout it assumes at its boundary, because
+that layout decides how the backward pass reduces.
+
+The one parameter used outside any submodule (`null_text`, read directly in `embed()`) stays a
+plain tensor; its gradient is identical on all TP ranks (the caption projection's input
+gradient is all-reduced), so it needs no reduction.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch.nn as nn
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel, parallelize_module,
+)
+from torch.distributed.tensor.parallel.style import ParallelStyle
+
+
+class ReplicateCompute(ParallelStyle):
+    """Parameters replicated over TP; the module runs on replicated (local) inputs.
+
+    `grad_partial`: the module's output is consumed by token-sharded computation (SP), so each
+    rank's output gradient is only its tokens' share. Marking it Partial makes DTensor sum it
+    over TP (weights' grads reduce, and the input's grad is all-reduced back to Replicate).
+    `input_layout=Shard(d)`: the input is sharded on dim d (q/k norms on head-sharded q/k),
+    the module is elementwise along d, so its weight's grad is Partial and gets reduced.
+    """
+
+    def __init__(self, *, grad_partial: bool = False, input_layout=None):
+        super().__init__()
+        self.grad_partial = grad_partial
+        self.input_layout = input_layout or Replicate()
+
+    def _prepare_input(self, mod, inputs, mesh):
+        return tuple(
+            DTensor.from_local(x, mesh, (self.input_layout,), run_check=False)
+            if not isinstance(x, DTensor) and hasattr(x, "shape") else x
+            for x in inputs
+        )
+
+    def _prepare_output(self, mod, out, mesh):
+        grad = (Partial(),) if self.grad_partial else None  # None: same as forward placement
+        return out.to_local(grad_placements=grad)
+
+    def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
+        return distribute_module(module, device_mesh, None, self._prepare_input, self._prepare_output)
+
+
+def check_tp_divisible(num_heads: int, mlp_hidden: int, tp: int) -> None:
+    if num_heads % tp:
+        raise ValueError(f"tensor parallel: num_heads={num_heads} is not divisible by tp={tp}; "
+                         f"change parallel.tp or model.num_heads")
+    if mlp_hidden % tp:
+        raise ValueError(f"tensor parallel: MLP width {mlp_hidden} is not divisible by tp={tp}; "
+                         f"change parallel.tp or model.mlp_ratio")
+
+
+def block_plan(sequence_parallel: bool, qk_norm: bool) -> dict[str, ParallelStyle]:
+    """TP plan of one DiTBlock; the residual stream is Shard(1) (SP) or Replicate between styles."""
+    sp = sequence_parallel
+    seq = Shard(1) if sp else Replicate()
+    head_norm = partial(ReplicateCompute, input_layout=Shard(2))  # (B, S, heads, head_dim)
+    plan: dict[str, ParallelStyle] = {
+        # c_BD is replicated; under SP its shift/scale/gate multiply token shards.
+        "adaLN_modulation": ReplicateCompute(grad_partial=sp),
+        "norm_cross": SequenceParallel(use_local_output=True) if sp else ReplicateCompute(),
+        # args (x, rope, token_mask): gather tokens once; RoPE and mask cover the whole
+        # (CP-local) sequence already because attention runs on all of it.
+        "attn": PrepareModuleInput(input_layouts=(seq, None, None),
+                                   desired_input_layouts=(Replicate(), None, None)),
+        # args (x, text, text_mask): the caption is replicated over TP.
+        "cross_attn": PrepareModuleInput(input_layouts=(seq, Replicate(), None),
+                                         desired_input_layouts=(Replicate(), Replicate(), None)),
+        "mlp": PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),)),
+        "mlp.fc1": ColwiseParallel(),
+        "mlp.fc2": RowwiseParallel(output_layouts=seq),
+    }
+    for a in ("attn", "cross_attn"):
+        plan.update({f"{a}.wq": ColwiseParallel(), f"{a}.wk": ColwiseParallel(),
+                     f"{a}.wv": ColwiseParallel(), f"{a}.wo": RowwiseParallel(output_layouts=seq)})
+        if qk_norm:
+            plan.update({f"{a}.q_norm": head_norm(), f"{a}.k_norm": head_norm()})
+    return plan
+
+
+def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool) -> nn.Module:
+    """Shard a VideoDiT over `tp_mesh` in place. The embed/head seams that move tokens between
+    the full sequence and SP shards are installed by parallelize.py (they also handle CP)."""
+    a = model.args
+    check_tp_divisible(a.num_heads, int(a.hidden_size * a.mlp_ratio), tp_mesh.size())
+    # Root modules run on the full, replicated sequence (the head after the SP gather).
+    parallelize_module(model, tp_mesh, {
+        "x_embedder.proj": ReplicateCompute(),
+        "t_embedder.mlp": ReplicateCompute(),
+        "y_embedder": ReplicateCompute(),
+        "final_layer.adaLN_modulation": ReplicateCompute(),
+        "final_layer.linear": ReplicateCompute(),
+    })
+    plan = block_plan(sequence_parallel, a.qk_norm)
+    for blk in model.blocks.values():
+        parallelize_module(blk, tp_mesh, plan)
+    return model
