@@ -30,6 +30,9 @@ import torch.nn as nn
 from sora_dist.models.attention import CoreAttention
 
 MODES = ("ulysses", "ring", "hybrid")
+# Ring blocks materialise fp32 score tiles of at most this many elements (128 MiB): a few live
+# at once in backward. Bounds memory for long video sequences; fused kernels would remove it.
+DEFAULT_MAX_SCORE_ELEMS = 2**25
 
 
 class CommCounter:
@@ -176,6 +179,8 @@ def _ring_shift(x: torch.Tensor, group):
     """Start sending x to the next ring rank and receiving the previous rank's; returns
     (recv buffer, works). x must stay untouched until the works complete."""
     n, r = dist.get_world_size(group), dist.get_rank(group)
+    if n == 1:
+        return x, []
     recv = torch.empty_like(x)
     ops = [dist.P2POp(dist.isend, x, group=group, group_peer=(r + 1) % n),
            dist.P2POp(dist.irecv, recv, group=group, group_peer=(r - 1) % n)]
@@ -201,12 +206,40 @@ def _scores(q32, k32, mask_BS, scale):
     return s
 
 
+# Blockwise math is plain torch (SDPA returns no log-sum-exp); it walks `rows` query rows at a
+# time so the fp32 score tile stays at most B*H*rows*S_local elements whatever the sequence.
+
+def _block_forward(q32, k32, v32, mask_BS, scale, rows):
+    """Attention of q to one K/V block: (out normalised within the block, its lse). Rows whose
+    keys are all masked in this block get lse = -inf and out = 0."""
+    outs, lses = [], []
+    for qc in q32.split(rows, dim=2):
+        s = _scores(qc, k32, mask_BS, scale)
+        lse = torch.logsumexp(s, dim=-1, keepdim=True)
+        outs.append(torch.matmul(torch.exp(s - _finite(lse)), v32))
+        lses.append(lse)
+    return torch.cat(outs, 2), torch.cat(lses, 2)
+
+
+def _block_backward(q32, k32, v32, do32, delta, lse, mask_BS, scale, rows):
+    """FA2 backward for one K/V block given the final lse: (dq, stacked [dk, dv]) of this block.
+    dS = P * (dP - delta), delta_i = sum_d dO_id O_id (the softmax Jacobian term)."""
+    dqs, dkv = [], k32.new_zeros((2, *k32.shape))
+    for qc, doc, dc, lc in zip(*(t.split(rows, dim=2) for t in (q32, do32, delta, lse))):
+        p = torch.exp(_scores(qc, k32, mask_BS, scale) - lc)  # final softmax probabilities
+        ds = p * (torch.matmul(doc, v32.transpose(-1, -2)) - dc)
+        dqs.append(torch.matmul(ds, k32) * scale)
+        dkv[0] += torch.matmul(ds.transpose(-1, -2), qc) * scale
+        dkv[1] += torch.matmul(p.transpose(-1, -2), doc)
+    return torch.cat(dqs, 2), dkv
+
+
 class _RingAttention(torch.autograd.Function):
-    """Non-causal ring attention. Math in fp32 whatever the input dtype; memory per step is one
-    (S_local x S_local) score block, plus the saved q, k, v, out and lse of this rank."""
+    """Non-causal ring attention, fp32 math whatever the input dtype. Memory: the saved q, k, v,
+    out and lse of this rank, one K/V block in flight, and one bounded score tile."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mask_BS, group, scale):
+    def forward(ctx, q, k, v, mask_BS, group, scale, rows):
         R, r = dist.get_world_size(group), dist.get_rank(group)
         S = k.shape[2]
         q32 = q.float()
@@ -218,29 +251,27 @@ class _RingAttention(torch.autograd.Function):
                 kv_next, works = _ring_shift(kv, group)
             src = (r - step) % R  # which rank's tokens this block holds
             m = None if mask_BS is None else mask_BS[:, src * S:(src + 1) * S]
-            s = _scores(q32, kv[0].float(), m, scale)
-            lse_b = torch.logsumexp(s, dim=-1, keepdim=True)
-            o_b = torch.matmul(torch.exp(s - _finite(lse_b)), kv[1].float())
+            o_b, lse_b = _block_forward(q32, kv[0].float(), kv[1].float(), m, scale, rows)
             # out = (e^lse out + e^lse_b o_b) / e^new, safe when both are -inf (all masked).
-            new = _finite(torch.logaddexp(lse, lse_b))
-            out = out * torch.exp(lse - new) + o_b * torch.exp(lse_b - new)
-            lse = torch.logaddexp(lse, lse_b)
+            new = torch.logaddexp(lse, lse_b)
+            new_safe = _finite(new)
+            out = out * torch.exp(lse - new_safe) + o_b * torch.exp(lse_b - new_safe)
+            lse = new
             if step + 1 < R:
                 _wait(works)
                 kv = kv_next
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse, mask_BS)
-        ctx.group, ctx.scale = group, scale
+        ctx.group, ctx.scale, ctx.rows = group, scale, rows
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, mask_BS = ctx.saved_tensors
-        group, scale = ctx.group, ctx.scale
+        group, scale, rows = ctx.group, ctx.scale, ctx.rows
         R, r = dist.get_world_size(group), dist.get_rank(group)
         S = k.shape[2]
         q32, do32 = q.float(), dout.float()
-        # FA2: dS = P * (dP - delta) with delta_i = sum_d dO_id O_id (softmax Jacobian term).
         delta = (do32 * out.float()).sum(-1, keepdim=True)
         lse = _finite(lse)
         dq = torch.zeros_like(q32)
@@ -250,16 +281,11 @@ class _RingAttention(torch.autograd.Function):
                 kv_next, kv_works = _ring_shift(kv, group)
             src = (r - step) % R
             m = None if mask_BS is None else mask_BS[:, src * S:(src + 1) * S]
-            k32, v32 = kv[0].float(), kv[1].float()
-            p = torch.exp(_scores(q32, k32, m, scale) - lse)  # final softmax probabilities
-            dp = torch.matmul(do32, v32.transpose(-1, -2))
-            ds = p * (dp - delta)
-            dq += torch.matmul(ds, k32) * scale
-            dkv = torch.stack([torch.matmul(ds.transpose(-1, -2), q32) * scale,
-                               torch.matmul(p.transpose(-1, -2), do32)])
+            dq_b, dkv = _block_backward(q32, kv[0].float(), kv[1].float(), do32, delta, lse, m, scale, rows)
+            dq += dq_b
             # dK/dV of block src travel with it: add what the previous ranks computed for it
             # (sent during our compute), then pass the sum on. fp32 on the wire, so bf16 grads
-            # are summed once, at the end.
+            # are rounded once, at the end.
             if step > 0:
                 _wait(dkv_works)
                 dkv += dkv_in
@@ -269,16 +295,17 @@ class _RingAttention(torch.autograd.Function):
                 kv = kv_next
         # R shifts of the accumulators bring every block's full dK/dV home.
         _wait(dkv_works)
-        return dq.to(q.dtype), dkv_in[0].to(k.dtype), dkv_in[1].to(v.dtype), None, None, None
+        return dq.to(q.dtype), dkv_in[0].to(k.dtype), dkv_in[1].to(v.dtype), None, None, None, None
 
 
-def ring_attention(q_BHSD, k_BHSD, v_BHSD, kv_mask_BS, ring_group) -> torch.Tensor:
+def ring_attention(q_BHSD, k_BHSD, v_BHSD, kv_mask_BS, ring_group,
+                   max_score_elems: int = DEFAULT_MAX_SCORE_ELEMS) -> torch.Tensor:
     """Attention of local queries to the whole ring's keys. kv_mask_BS is the mask of all the
-    ring's keys (B, R * S_local), in ring-rank order, or None."""
-    if dist.get_world_size(ring_group) == 1:
-        raise ValueError("ring_attention needs a ring of at least 2 ranks")
-    return _RingAttention.apply(q_BHSD, k_BHSD, v_BHSD, kv_mask_BS, ring_group,
-                                q_BHSD.shape[-1] ** -0.5)
+    ring's keys (B, R * S_local), in ring-rank order, or None. max_score_elems bounds the fp32
+    score tile (query rows are processed in chunks)."""
+    B, H, _, D = q_BHSD.shape
+    rows = max(1, max_score_elems // (B * H * k_BHSD.shape[2]))
+    return _RingAttention.apply(q_BHSD, k_BHSD, v_BHSD, kv_mask_BS, ring_group, D ** -0.5, rows)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,9 +319,9 @@ class ContextParallelAttention(nn.Module):
     SDPA does not return, so they use torch math)."""
 
     def __init__(self, mode: str, cp_group, ulysses_group=None, ring_group=None,
-                 inner: Optional[nn.Module] = None):
+                 inner: Optional[nn.Module] = None, max_score_elems: int = DEFAULT_MAX_SCORE_ELEMS):
         super().__init__()
-        self.mode = mode
+        self.mode, self.max_score_elems = mode, max_score_elems
         self.inner = inner if inner is not None else CoreAttention("sdpa")
         # Size-1 groups need no communication; drop them so forward does no empty collectives.
         big = lambda g: g if g is not None and dist.get_world_size(g) > 1 else None  # noqa: E731
@@ -322,22 +349,21 @@ class ContextParallelAttention(nn.Module):
         # Hybrid: this rank now holds ring shard ring_rank (U cp shards) for H/U heads, and the
         # ring wants the whole sequence's key mask in ring order, which `mask` already is.
         if rg is not None:
-            o = ring_attention(q_BHSD, k_BHSD, v_BHSD, mask, rg)
+            o = ring_attention(q_BHSD, k_BHSD, v_BHSD, mask, rg, self.max_score_elems)
         else:
             o = self.inner(q_BHSD, k_BHSD, v_BHSD, mask)
         return _HeadsToSeq.apply(o, ug) if ug is not None else o
 
 
-def build_cp_attention(meshes, mode: str, inner: Optional[nn.Module] = None) -> ContextParallelAttention:
-    """The CoreAttention replacement for a sequence sharded over meshes["cp"].
-    ulysses / ring use the whole flattened cp group; hybrid runs Ulysses over
-    meshes["cp_ulysses"] and the ring over meshes["cp_ring"]."""
+def build_cp_attention(meshes, mode: str, inner: Optional[nn.Module] = None, *,
+                       max_score_elems: int = DEFAULT_MAX_SCORE_ELEMS) -> ContextParallelAttention:
+    """The CoreAttention replacement for a sequence sharded over meshes["cp"] (`inner`, default
+    SDPA, does the local attention of Ulysses). ulysses / ring use the whole flattened cp group;
+    hybrid runs Ulysses over meshes["cp_ulysses"] and the ring over meshes["cp_ring"]."""
     if mode not in MODES:
         raise ValueError(f"unknown context-parallel mode {mode!r}; use one of {MODES}")
     cp = meshes["cp"].get_group()
-    if mode == "ulysses":
-        return ContextParallelAttention(mode, cp, ulysses_group=cp, inner=inner)
-    if mode == "ring":
-        return ContextParallelAttention(mode, cp, ring_group=cp, inner=inner)
-    return ContextParallelAttention(mode, cp, ulysses_group=meshes["cp_ulysses"].get_group(),
-                                    ring_group=meshes["cp_ring"].get_group(), inner=inner)
+    groups = {"ulysses": dict(ulysses_group=cp), "ring": dict(ring_group=cp),
+              "hybrid": dict(ulysses_group=meshes["cp_ulysses"].get_group(),
+                             ring_group=meshes["cp_ring"].get_group())}[mode]
+    return ContextParallelAttention(mode, cp, inner=inner, max_score_elems=max_score_elems, **groups)

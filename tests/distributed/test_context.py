@@ -25,7 +25,7 @@ def _padding_mask(B: int, S: int, cp: int) -> torch.Tensor:
     return mask
 
 
-def _compare(rank, world, mode, ring, ulysses, heads, masked, dtype=torch.float32):
+def _compare(rank, world, mode, ring, ulysses, heads, masked, dtype=torch.float32, **build_kw):
     meshes = ParallelDims(1, 1, 1, ring, ulysses, 1, world).build_mesh("cpu")
     cp = meshes["cp"]
     torch.manual_seed(0)  # same full tensors on every rank
@@ -38,7 +38,7 @@ def _compare(rank, world, mode, ring, ulysses, heads, masked, dtype=torch.float3
     (out_ref * dout).sum().backward()
 
     loc = [shard_sequence(t, 2, cp).clone().requires_grad_() for t in (q, k, v)]
-    attn = build_cp_attention(meshes, mode)
+    attn = build_cp_attention(meshes, mode, **build_kw)
     out = attn(*loc, None if mask is None else shard_sequence(mask, 1, cp))
     (out * shard_sequence(dout, 2, cp)).sum().backward()
 
@@ -49,19 +49,21 @@ def _compare(rank, world, mode, ring, ulysses, heads, masked, dtype=torch.float3
     return res
 
 
-def _compare_both(rank, world, mode, ring, ulysses, heads):
-    return {masked: _compare(rank, world, mode, ring, ulysses, heads, masked)
+def _compare_both(rank, world, mode, ring, ulysses, heads, build_kw):
+    return {masked: _compare(rank, world, mode, ring, ulysses, heads, masked, **build_kw)
             for masked in (False, True)}
 
 
-@pytest.mark.parametrize("mode,ring,ulysses,heads", [
-    ("ulysses", 1, 2, 4),
-    ("ring", 2, 1, 3),    # ring needs no head divisibility
-    ("ring", 4, 1, 2),
-    ("hybrid", 2, 2, 2),
+@pytest.mark.parametrize("mode,ring,ulysses,heads,build_kw", [
+    ("ulysses", 1, 2, 4, {}),
+    # ring needs no head divisibility; a tiny score budget (3 rows x B x H x 4 local keys)
+    # makes it walk 3 of the 4 local query rows at a time: uneven chunks
+    ("ring", 2, 1, 3, {"max_score_elems": 3 * 2 * 3 * 4}),
+    ("ring", 4, 1, 2, {}),
+    ("hybrid", 2, 2, 2, {}),
 ])
-def test_cp_matches_single_process(mode, ring, ulysses, heads):
-    results = run_distributed(_compare_both, ring * ulysses, mode, ring, ulysses, heads)
+def test_cp_matches_single_process(mode, ring, ulysses, heads, build_kw):
+    results = run_distributed(_compare_both, ring * ulysses, mode, ring, ulysses, heads, build_kw)
     for masked, res in results.items():
         assert res.pop("finite"), (masked, "NaN/inf in outputs or grads")
         for name, err in res.items():
