@@ -162,11 +162,18 @@ def choose_bucket(info: VideoInfo, buckets: Sequence[Bucket], target_fps: float)
     ar = math.log(info.height / info.width)
     res = sorted({(b.height, b.width) for b in buckets},
                  key=lambda hw: (abs(math.log(hw[0] / hw[1]) - ar), -hw[0] * hw[1]))[0]
-    # Images only fit 1-frame buckets; videos take the longest count <= available frames.
-    fits = [b for b in buckets if (b.height, b.width) == res and b.frames <= avail
-            and (b.frames == 1 if info.is_image else True)]
+    # Images only fit 1-frame buckets; videos take the longest count <= available frames, but
+    # never the 1-frame bucket: a 3-frame clip silently becoming a still would hide bad data.
+    same_res = [b for b in buckets if (b.height, b.width) == res]
+    if info.is_image:
+        fits = [b for b in same_res if b.frames == 1]
+        if not fits:
+            raise BadInput("too_short", info.path, "image input but the bucket table has no 1-frame "
+                           "bucket; add 1 to the frame counts or drop images")
+        return fits[0], fps
+    fits = [b for b in same_res if 1 < b.frames <= avail]
     if not fits:
-        need = min(b.frames for b in buckets if (b.height, b.width) == res)
+        need = min([b.frames for b in same_res if b.frames > 1], default=2)
         raise BadInput("too_short", info.path,
                        f"{avail} frames at {fps:g} fps but the smallest bucket needs {need}; "
                        "add a shorter frame count to the bucket table or drop the clip")

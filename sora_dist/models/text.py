@@ -39,7 +39,9 @@ class TextEncoder:
     def load(cls, local_dir: str, max_length: int = 120, device: torch.device | str = "cpu",
              dtype: torch.dtype = torch.float32) -> "TextEncoder":
         from transformers import AutoTokenizer, T5EncoderModel
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # one bar per rank per load is noise in job logs
         if not os.path.isfile(os.path.join(local_dir, "config.json")):
             raise FileNotFoundError(
                 f"text encoder folder {local_dir!r} has no config.json; point text_encoder_path at a "

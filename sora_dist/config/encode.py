@@ -1,0 +1,100 @@
+"""Config of the `sora-encode` pre-encoding job (videos -> VAE/text latents -> webdataset shards)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from sora_dist.config.validate import ConfigError
+
+
+@dataclass
+class EncodeConfig:
+    # Input: a folder of videos/images (caption = sibling <stem>.txt), or a manifest file
+    # (.jsonl with {"path", "caption"} per line, or .csv with path,caption columns; relative
+    # paths are resolved against the manifest's folder).
+    input: str = "???"
+    # Output folder for shards, done-lists, rejects.jsonl and manifest.json.
+    output: str = "???"
+    # diffusers VAE folder (save_pretrained layout; AutoencoderKLWan or AutoencoderKLCogVideoX).
+    vae_path: str = "???"
+    # transformers T5 encoder + tokenizer folder (save_pretrained layout).
+    text_encoder_path: str = "???"
+    # Bucket resolutions [H, W] in pixels; a clip goes to the one with the nearest aspect ratio.
+    # H and W must divide by the VAE's spatial compression (8 for Wan).
+    resolutions: list[list[int]] = field(default_factory=lambda: [[256, 256], [240, 432], [432, 240]])
+    # Bucket frame counts; each must be 1 + k * temporal compression (Wan: 1, 5, 9, 17, 33, ...).
+    # A clip takes the longest count its duration allows; 1 is the bucket for images.
+    frames: list[int] = field(default_factory=lambda: [1, 17, 33])
+    # Frames are sampled at this rate; slower sources are taken frame by frame at their own rate.
+    target_fps: float = 16.0
+    # Reject inputs whose longer side exceeds this many pixels (guards memory before decoding).
+    max_side: int = 4096
+    # Samples per shard file (the last shard of each rank may be shorter).
+    samples_per_shard: int = 64
+    # Caption tokens kept (T5 max length); longer captions are truncated.
+    text_max_length: int = 120
+    # Encode only the first N inputs of the sorted list (0 = all); for quick trials.
+    limit: int = 0
+    # "auto" (cuda if visible), "cpu" or "cuda".
+    device: str = "auto"
+    # Model compute precision: "fp32" or "bf16" (bf16 only on cuda).
+    dtype: str = "fp32"
+    # Intra-op threads per rank (0 = CPU cores / ranks on this node).
+    num_threads: int = 0
+    # Rank 0 waits this long for the other ranks' completion markers before writing the manifest.
+    wait_timeout_s: float = 3600.0
+    # Show a tqdm progress bar (videos/s) per rank.
+    progress: bool = True
+    # Rank/world override for tests and manual splitting; None = from torchrun/Slurm env.
+    rank: Optional[int] = None
+    world_size: Optional[int] = None
+
+
+def validate_encode(cfg: EncodeConfig) -> None:
+    """Cheap checks before any model is loaded or video decoded."""
+    for name in ("input", "output", "vae_path", "text_encoder_path"):
+        v = getattr(cfg, name)
+        if not v or v == "???":
+            raise ConfigError(f"encode.{name} is required (e.g. sora-encode {name}=/path)")
+    if not os.path.exists(cfg.input):
+        raise ConfigError(f"encode.input={cfg.input!r} does not exist; give a folder or a .jsonl/.csv manifest")
+    if os.path.isfile(cfg.input) and not cfg.input.endswith((".jsonl", ".csv")):
+        raise ConfigError(f"encode.input={cfg.input!r} is a file but not .jsonl or .csv")
+    for name in ("vae_path", "text_encoder_path"):
+        if not os.path.isfile(os.path.join(getattr(cfg, name), "config.json")):
+            raise ConfigError(f"encode.{name}={getattr(cfg, name)!r} has no config.json; "
+                              "point it at a save_pretrained() folder")
+    if not cfg.resolutions or any(len(r) != 2 or min(r) < 1 for r in cfg.resolutions):
+        raise ConfigError(f"encode.resolutions={cfg.resolutions} must be a non-empty list of [H, W]")
+    if not cfg.frames or min(cfg.frames) < 1:
+        raise ConfigError(f"encode.frames={cfg.frames} must be a non-empty list of counts >= 1")
+    if cfg.target_fps <= 0:
+        raise ConfigError(f"encode.target_fps={cfg.target_fps} must be > 0")
+    if cfg.samples_per_shard < 1:
+        raise ConfigError(f"encode.samples_per_shard={cfg.samples_per_shard} must be >= 1")
+    if cfg.max_side < 1:
+        raise ConfigError(f"encode.max_side={cfg.max_side} must be >= 1")
+    if cfg.text_max_length < 2:
+        raise ConfigError(f"encode.text_max_length={cfg.text_max_length} must be >= 2")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"encode.device={cfg.device!r}: use auto, cpu or cuda")
+    if cfg.dtype not in ("fp32", "bf16"):
+        raise ConfigError(f"encode.dtype={cfg.dtype!r}: use fp32 or bf16")
+
+
+def validate_against_vae(cfg: EncodeConfig, temporal: int, spatial: int) -> None:
+    """Bucket table vs the loaded VAE's compression (still before any video is decoded)."""
+    bad_t = [t for t in cfg.frames if (t - 1) % temporal]
+    if bad_t:
+        raise ConfigError(f"encode.frames has {bad_t}; this VAE encodes 1 + {temporal}*k frames "
+                          f"(e.g. {[1 + temporal * k for k in range(4)]})")
+    bad_r = [r for r in cfg.resolutions if r[0] % spatial or r[1] % spatial]
+    if bad_r:
+        raise ConfigError(f"encode.resolutions has {bad_r}; H and W must divide by the VAE's spatial factor {spatial}")
+
+
+def register_encode_config() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="encode_schema", node=EncodeConfig)

@@ -1,0 +1,261 @@
+"""Webdataset shard writer, per-rank done-lists, and the merged manifest.
+
+Layout of an output folder (every DP rank of sora-encode writes only its own files):
+
+  shard-r{rank:03d}-{idx:06d}.tar   samples <key>.latent.npy / .text.npy / .mask.npy / .json
+  done-r{rank:03d}.jsonl            one line per *closed* shard (its inputs, counts per bucket)
+  rejects-r{rank:03d}.jsonl         one line per rejected input (kind + reason)
+  rank-r{rank:03d}.complete.json    written when the rank has finished its assignment
+  manifest.json, rejects.jsonl      merged by rank 0 once every rank is complete
+
+Crash safety: a shard is written under a temp name and renamed only when full, so a shard on
+disk is always complete. Its inputs are recorded in the done-list after the rename; if the
+process dies between the two, `DoneList` recovers the inputs from the shard's own .json
+members, so an input is never encoded twice and never lost. Inputs in a temp shard at the kill
+are simply redone on the rerun.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+import time
+from collections import Counter
+from typing import Iterable, Optional
+
+import numpy as np
+
+SHARD_RE = re.compile(r"^shard-r(\d{3})-(\d{6})\.tar$")
+
+
+def sample_key(source: str) -> str:
+    """Stable key from the input's identity (webdataset keys must not contain dots)."""
+    return hashlib.sha1(source.encode()).hexdigest()[:20]
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _npy_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(a), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _append_line(path: str, obj: dict) -> None:
+    # One write() of one full line, then fsync: a kill leaves at most one partial last line,
+    # which readers skip.
+    with open(path, "a") as f:
+        f.write(json.dumps(obj) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    out = []
+    if not os.path.exists(path):
+        return out
+    with open(path) as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # torn last line from a killed writer
+    return out
+
+
+def read_shard_meta(path: str) -> list[dict]:
+    """The .json members of a finished shard (small; tensors are not read)."""
+    metas = []
+    with tarfile.open(path) as tf:
+        for m in tf:
+            if m.name.endswith(".json"):
+                metas.append(json.loads(tf.extractfile(m).read()))
+    return metas
+
+
+class DoneList:
+    """Which inputs are finished (encoded into a closed shard, or rejected), over all ranks.
+
+    Reading every rank's list lets a rerun with a different world size still skip work.
+    """
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+        self.shards: dict[str, dict] = {}    # shard name -> {"inputs", "buckets", "samples"}
+        self.rejects: dict[str, dict] = {}   # source -> reject record
+        for p in sorted(glob.glob(os.path.join(out_dir, "done-r*.jsonl"))):
+            for rec in _read_jsonl(p):
+                self.shards[rec["shard"]] = rec
+        for p in sorted(glob.glob(os.path.join(out_dir, "rejects-r*.jsonl"))):
+            for rec in _read_jsonl(p):
+                self.rejects[rec["source"]] = rec
+        # Shards renamed into place whose done-list line never got written (killed between).
+        for path in list_shards(out_dir):
+            name = os.path.basename(path)
+            if name not in self.shards:
+                rank = int(SHARD_RE.match(name).group(1))
+                rec = shard_record(name, read_shard_meta(path))
+                _append_line(os.path.join(out_dir, f"done-r{rank:03d}.jsonl"), rec)
+                self.shards[name] = rec
+        self.encoded = {s for rec in self.shards.values() for s in rec["inputs"]}
+
+    def is_done(self, source: str) -> bool:
+        return source in self.encoded or source in self.rejects
+
+
+def shard_record(name: str, metas: list[dict]) -> dict:
+    return {"shard": name, "samples": len(metas), "inputs": [m["source"] for m in metas],
+            "buckets": dict(Counter(m["latent_bucket"] for m in metas))}
+
+
+def list_shards(out_dir: str, rank: Optional[int] = None) -> list[str]:
+    out = []
+    for p in sorted(glob.glob(os.path.join(out_dir, "shard-r*.tar"))):
+        m = SHARD_RE.match(os.path.basename(p))
+        if m and (rank is None or int(m.group(1)) == rank):
+            out.append(p)
+    return out
+
+
+class ShardWriter:
+    """Fixed samples per shard; temp name while open, renamed on close; rank-scoped names."""
+
+    def __init__(self, out_dir: str, rank: int, samples_per_shard: int):
+        if samples_per_shard < 1:
+            raise ValueError(f"samples_per_shard={samples_per_shard} must be >= 1")
+        self.out_dir, self.rank, self.per_shard = out_dir, rank, samples_per_shard
+        os.makedirs(out_dir, exist_ok=True)
+        # Temp shards of this rank left by a killed run hold nothing recorded: drop them.
+        for p in glob.glob(os.path.join(out_dir, f".shard-r{rank:03d}-*.tar.tmp")):
+            os.remove(p)
+        existing = [int(SHARD_RE.match(os.path.basename(p)).group(2)) for p in list_shards(out_dir, rank)]
+        self.next_idx = max(existing) + 1 if existing else 0
+        self.done_path = os.path.join(out_dir, f"done-r{rank:03d}.jsonl")
+        self.rejects_path = os.path.join(out_dir, f"rejects-r{rank:03d}.jsonl")
+        self._tar = self._tmp = self._name = None
+        self._metas: list[dict] = []
+        self.shards_written: list[str] = []
+
+    def _open(self) -> None:
+        import webdataset as wds
+
+        self._name = f"shard-r{self.rank:03d}-{self.next_idx:06d}.tar"
+        self._tmp = os.path.join(self.out_dir, f".{self._name}.tmp")
+        self._file = open(self._tmp, "wb")
+        self._tar = wds.TarWriter(self._file)
+        self._metas = []
+
+    def write(self, latent: np.ndarray, text: np.ndarray, mask: np.ndarray, meta: dict) -> None:
+        """latent float32 (C,T,H,W); text float32 (L,D); mask bool (L,); meta needs 'source'."""
+        if self._tar is None:
+            self._open()
+        meta = dict(meta, latent_bucket="x".join(str(s) for s in latent.shape[1:]),
+                    latent_shape=list(latent.shape), text_len=int(text.shape[0]))
+        self._tar.write({
+            "__key__": sample_key(meta["source"]),
+            "latent.npy": _npy_bytes(latent.astype(np.float32)),
+            "text.npy": _npy_bytes(text.astype(np.float32)),
+            "mask.npy": _npy_bytes(mask.astype(bool)),
+            "json": json.dumps(meta).encode(),
+        })
+        self._metas.append(meta)
+        if len(self._metas) >= self.per_shard:
+            self.close_shard()
+
+    def reject(self, source: str, kind: str, detail: str) -> None:
+        _append_line(self.rejects_path, {"source": source, "kind": kind, "detail": detail, "rank": self.rank})
+
+    def close_shard(self) -> Optional[str]:
+        if self._tar is None:
+            return None
+        self._tar.close()  # closes the tar stream and the file
+        if not self._file.closed:
+            self._file.close()
+        with open(self._tmp, "rb") as f:
+            os.fsync(f.fileno())
+        final = os.path.join(self.out_dir, self._name)
+        os.replace(self._tmp, final)
+        _append_line(self.done_path, shard_record(self._name, self._metas))
+        self.shards_written.append(final)
+        self.next_idx += 1
+        self._tar = None
+        return final
+
+    def close(self) -> None:
+        """Flush the last, possibly short, shard."""
+        self.close_shard()
+
+
+def mark_rank_complete(out_dir: str, rank: int, assignment_digest: str, stats: dict) -> None:
+    atomic_write_text(os.path.join(out_dir, f"rank-r{rank:03d}.complete.json"),
+                      json.dumps({"rank": rank, "assignment": assignment_digest, **stats}))
+
+
+def assignment_digest(sources: Iterable[str]) -> str:
+    h = hashlib.sha1()
+    for s in sources:
+        h.update(s.encode() + b"\0")
+    return h.hexdigest()
+
+
+def wait_for_ranks(out_dir: str, digests: dict[int, str], timeout_s: float, poll_s: float = 0.5) -> None:
+    """Rank 0 waits (no process group needed) until every rank's completion marker matches
+    the assignment rank 0 computes for it; a stale marker from another input set never does."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        missing = []
+        for r, d in digests.items():
+            p = os.path.join(out_dir, f"rank-r{r:03d}.complete.json")
+            try:
+                with open(p) as f:
+                    ok = json.load(f).get("assignment") == d
+            except (OSError, json.JSONDecodeError):
+                ok = False
+            if not ok:
+                missing.append(r)
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"ranks {missing} did not finish within {timeout_s:g}s; rerun sora-encode "
+                               "(finished inputs are kept) or raise encode.wait_timeout_s")
+        time.sleep(poll_s)
+
+
+def write_manifest(out_dir: str, extra: dict) -> dict:
+    """Merge every rank's done-list and rejects into manifest.json and rejects.jsonl (atomic)."""
+    done = DoneList(out_dir)
+    shards = [{"name": n, "samples": rec["samples"], "buckets": rec["buckets"]}
+              for n, rec in sorted(done.shards.items()) if os.path.exists(os.path.join(out_dir, n))]
+    buckets: Counter = Counter()
+    for s in shards:
+        buckets.update(s["buckets"])
+    manifest = {"format": "sora_dist.shards/1", "shards": shards,
+                "num_samples": sum(s["samples"] for s in shards),
+                "buckets": dict(sorted(buckets.items())),
+                "num_rejected": len(done.rejects), **extra}
+    atomic_write_text(os.path.join(out_dir, "manifest.json"), json.dumps(manifest, indent=1))
+    atomic_write_text(os.path.join(out_dir, "rejects.jsonl"),
+                      "".join(json.dumps(r) + "\n" for _, r in sorted(done.rejects.items())))
+    return manifest
+
+
+def load_manifest(path: str) -> tuple[str, dict]:
+    """Folder or manifest.json path -> (folder, manifest)."""
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    mpath = os.path.join(folder, "manifest.json")
+    if not os.path.isfile(mpath):
+        raise FileNotFoundError(f"data.shards={path!r}: no manifest.json there; run sora-encode to completion "
+                                "(rank 0 writes it when every rank has finished)")
+    with open(mpath) as f:
+        return folder, json.load(f)

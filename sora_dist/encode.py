@@ -1,0 +1,154 @@
+"""`sora-encode`: pre-encode videos + captions into webdataset shards of latents.
+
+Data parallel without a process group: every rank lists the same inputs, takes a round-robin
+slice, skips what any earlier run finished (done-lists), and writes only its own shards. Rank 0
+then waits for every rank's completion marker and writes manifest.json. Kill it at any point
+and rerun the same command: finished shards are kept, the rest is redone.
+
+  sora-encode input=/data/clips output=/data/shards vae_path=/models/wan_vae \
+      text_encoder_path=/models/t5 'resolutions=[[256,256]]' 'frames=[1,17]'
+  torchrun --nproc_per_node 8 -m sora_dist.encode ...   # or srun, one task per GPU
+"""
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import time
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from sora_dist.config.encode import EncodeConfig, register_encode_config, validate_against_vae, validate_encode
+from sora_dist.config.validate import ConfigError
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hydra_configs")
+log = logging.getLogger("sora_dist.encode")
+
+register_encode_config()
+
+
+def _setup_torch(cfg: EncodeConfig, world: int):
+    import torch
+
+    from sora_dist.parallel.state import read_launch_env, resolve_device_type
+
+    _, _, local_rank = read_launch_env()
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    # Ranks on one node share its cores; oversubscribing threads makes every rank slower.
+    threads = cfg.num_threads or max(1, (os.cpu_count() or 1) // max(1, local_world))
+    torch.set_num_threads(threads)
+    dev_type = resolve_device_type(cfg.device)
+    if dev_type == "cuda":
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    if cfg.dtype == "bf16" and dev_type != "cuda":
+        raise ConfigError("encode.dtype=bf16 needs a CUDA device; use dtype=fp32 on CPU")
+    return device, torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+
+
+def run_encode(cfg: EncodeConfig) -> dict:
+    """Encode this rank's share; on rank 0 also merge the manifest. Returns this rank's stats."""
+    from sora_dist.data import shards as sh
+    from sora_dist.data.inputs import list_inputs
+    from sora_dist.parallel.state import read_launch_env
+
+    validate_encode(cfg)
+    env_rank, env_world, _ = read_launch_env()
+    rank = env_rank if cfg.rank is None else cfg.rank
+    world = env_world if cfg.world_size is None else cfg.world_size
+    if not 0 <= rank < world:
+        raise ConfigError(f"rank {rank} is outside world size {world}")
+    try:
+        items = list_inputs(cfg.input)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.limit > 0:
+        items = items[: cfg.limit]
+    mine = items[rank::world]
+    os.makedirs(cfg.output, exist_ok=True)
+    done = sh.DoneList(cfg.output)
+    todo = [it for it in mine if not done.is_done(it.source)]
+
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+
+    from sora_dist.data.video_io import BadInput, load_clip, parse_buckets
+    from sora_dist.models.text import TextEncoder
+    from sora_dist.models.vae import VideoVAE
+
+    device, dtype = _setup_torch(cfg, world)
+    vae = VideoVAE.load(cfg.vae_path, device=device, dtype=dtype)
+    validate_against_vae(cfg, vae.temporal_compression, vae.spatial_compression)
+    te = TextEncoder.load(cfg.text_encoder_path, cfg.text_max_length, device=device, dtype=dtype)
+    buckets = parse_buckets(cfg.resolutions, cfg.frames)
+    if rank == 0:
+        sh.atomic_write_text(os.path.join(cfg.output, "encode_config.yaml"),
+                             OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+
+    writer = sh.ShardWriter(cfg.output, rank, cfg.samples_per_shard)
+    rejected: collections.Counter = collections.Counter()
+    n_ok, t0 = 0, time.perf_counter()
+    bar = tqdm(total=len(todo), unit="video", position=rank, disable=not cfg.progress,
+               desc=f"encode r{rank}", dynamic_ncols=True)
+    for it in todo:
+        try:
+            # Caption first: it costs nothing, a decode does.
+            if not it.caption:
+                raise BadInput("no_caption", it.source, "caption missing or empty; add <stem>.txt or a "
+                               "'caption' field in the manifest")
+            frames, bucket, fps, info = load_clip(it.source, buckets, cfg.target_fps, cfg.max_side)
+        except BadInput as e:
+            writer.reject(it.source, e.kind, e.detail)
+            rejected[e.kind] += 1
+            bar.update(1)
+            continue
+        latent = vae.encode(frames)[0].cpu().numpy()
+        emb, mask = te.encode([it.caption])
+        n = int(mask[0].sum())  # store real tokens only; the loader pads per batch
+        writer.write(latent, emb[0, :n].numpy(), mask[0, :n].numpy(), {
+            "source": it.source, "caption": it.caption, "fps": fps, "bucket": bucket.name,
+            "src_size": [info.height, info.width], "src_fps": info.fps, "src_frames": info.num_frames,
+        })
+        n_ok += 1
+        bar.update(1)
+    writer.close()
+    bar.close()
+    dt = time.perf_counter() - t0
+    stats = {"assigned": len(mine), "skipped_done": len(mine) - len(todo), "encoded": n_ok,
+             "rejected": dict(rejected), "seconds": dt, "videos_per_s": len(todo) / dt if dt > 0 else 0.0}
+    sh.mark_rank_complete(cfg.output, rank, sh.assignment_digest(i.source for i in mine), stats)
+    if rank == 0:
+        digests = {r: sh.assignment_digest(i.source for i in items[r::world]) for r in range(world)}
+        sh.wait_for_ranks(cfg.output, digests, cfg.wait_timeout_s)
+        manifest = sh.write_manifest(cfg.output, {
+            "latent_channels": vae.latent_channels, "text_dim": te.dim,
+            "vae": {"class": vae.kind, "temporal_compression": vae.temporal_compression,
+                    "spatial_compression": vae.spatial_compression, "path": os.path.abspath(cfg.vae_path)},
+            "text_encoder": os.path.abspath(cfg.text_encoder_path), "text_max_length": cfg.text_max_length,
+            "target_fps": cfg.target_fps, "world_size": world, "num_inputs": len(items),
+        })
+        kinds = collections.Counter(r["kind"] for r in sh.DoneList(cfg.output).rejects.values())
+        print(f"sora-encode: {manifest['num_samples']} samples in {len(manifest['shards'])} shards, "
+              f"{manifest['num_rejected']} rejected {dict(kinds)} (see rejects.jsonl); "
+              f"buckets {manifest['buckets']}; shards in {os.path.abspath(cfg.output)}", flush=True)
+        stats["manifest"] = manifest
+    return stats
+
+
+@hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="encode")
+def main(dcfg: DictConfig) -> None:
+    try:
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EncodeConfig), dcfg))
+        stats = run_encode(cfg)
+    except ConfigError as e:
+        raise SystemExit(f"config error: {e}") from None
+    log.info("rank stats: %s", json.dumps({k: v for k, v in stats.items() if k != "manifest"}))
+
+
+if __name__ == "__main__":
+    main()
