@@ -6,14 +6,16 @@ from typing import Optional
 
 # Sizes follow DiT (S/B/XL) and extend to the video-model range (1B/7B/30B).
 # hidden, depth, heads. Head dim stays 64 (S/B/XL) or 128 (1B and up), like DiT and Open-Sora.
+# A block holds ~22*D^2 params (self-attn 4, cross-attn 4, MLP 8, adaLN 6), so the big
+# flavors' depths are chosen to land on their names.
 FLAVORS: dict[str, dict] = {
     "tiny": dict(hidden_size=64, depth=2, num_heads=4),
     "S": dict(hidden_size=384, depth=12, num_heads=6),
     "B": dict(hidden_size=768, depth=12, num_heads=12),
     "XL": dict(hidden_size=1152, depth=28, num_heads=16),
-    "1B": dict(hidden_size=2048, depth=20, num_heads=16),
-    "7B": dict(hidden_size=3072, depth=48, num_heads=24),
-    "30B": dict(hidden_size=6144, depth=48, num_heads=48),
+    "1B": dict(hidden_size=1536, depth=20, num_heads=12),
+    "7B": dict(hidden_size=3072, depth=34, num_heads=24),
+    "30B": dict(hidden_size=6144, depth=36, num_heads=48),
 }
 
 

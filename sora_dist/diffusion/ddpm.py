@@ -25,7 +25,8 @@ def make_betas(schedule: str, T: int) -> torch.Tensor:
 
 def _gather(a: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """a[t] broadcast to x's rank, in x's dtype/device."""
-    return a.to(x.device)[t].float().view(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return a.to(x.device, dt)[t].view(-1, *([1] * (x.ndim - 1)))
 
 
 class GaussianDiffusion(Objective):

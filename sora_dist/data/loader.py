@@ -1,0 +1,182 @@
+"""Streaming reader of sora-encode shards: DP split, bucket batching, exact resume.
+
+Order. Epoch e permutes the shard list with (seed, e); DP rank r takes every dp_size-th shard
+of that permutation, so within an epoch the ranks' shards are disjoint and together complete.
+A rank's shards are read in consecutive *blocks* of at least `shuffle_buffer` samples; each
+block is permuted with (seed, epoch, rank, block). That is a shuffle buffer whose contents are
+a pure function of the position, which is what makes resume exact (webdataset's own shuffle
+buffer has no state we could save).
+
+Batching. Samples go into one accumulator per bucket (latent T x H x W); a batch is emitted the
+moment an accumulator reaches batch_size, so batches never mix buckets and no sample is dropped
+(leftovers carry into the next epoch). Captions in a batch are padded to the longest one.
+
+Resume. state_dict() = stream position (epoch, block, offset into the block) + the identities
+(shard, key) of samples waiting in accumulators. load_state_dict() re-reads only those few
+samples, then the stream continues at the next unseen sample.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+from typing import Optional
+
+import numpy as np
+import torch
+
+from sora_dist.data.shards import load_manifest
+
+
+def _npy(b: bytes) -> np.ndarray:
+    # Shards may come from anywhere: never unpickle (object arrays are refused).
+    return np.load(io.BytesIO(b), allow_pickle=False)
+
+
+def _decode(raw: dict, shard: str) -> dict:
+    meta = json.loads(raw["json"])
+    latent = _npy(raw["latent.npy"])
+    return {"key": raw["__key__"], "shard": shard, "latent": torch.from_numpy(latent),
+            "text": torch.from_numpy(_npy(raw["text.npy"])),
+            "mask": torch.from_numpy(_npy(raw["mask.npy"])).bool(),
+            "bucket": "x".join(str(s) for s in latent.shape[1:]), "caption": meta.get("caption", "")}
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack one bucket's samples; pad text/mask to the longest caption in the batch."""
+    L = max(s["text"].shape[0] for s in samples)
+    D = samples[0]["text"].shape[1]
+    text = torch.zeros(len(samples), L, D, dtype=torch.float32)
+    mask = torch.zeros(len(samples), L, dtype=torch.bool)
+    for i, s in enumerate(samples):
+        n = s["text"].shape[0]
+        text[i, :n] = s["text"].float() * s["mask"][:, None]  # zero past the mask, always
+        mask[i, :n] = s["mask"]
+    return {"latent": torch.stack([s["latent"].float() for s in samples]), "text": text,
+            "text_mask": mask, "bucket": samples[0]["bucket"],
+            "keys": [s["key"] for s in samples], "captions": [s["caption"] for s in samples]}
+
+
+class ShardLoader:
+    """Infinite iterator of bucketed batches for one DP rank (interface: sora_dist/data/__init__.py)."""
+
+    def __init__(self, data_cfg, dp_rank: int = 0, dp_size: int = 1):
+        if not data_cfg.shards:
+            raise ValueError("data.source=shards needs data.shards=<folder written by sora-encode>")
+        self.folder, manifest = load_manifest(data_cfg.shards)
+        self.shards = [(s["name"], int(s["samples"])) for s in manifest["shards"] if int(s["samples"]) > 0]
+        if len(self.shards) < dp_size:
+            raise ValueError(f"{len(self.shards)} shards in {self.folder} cannot feed dp_size={dp_size} ranks "
+                             "(shards are split across DP ranks); re-encode with smaller "
+                             "encode.samples_per_shard or use fewer DP ranks")
+        missing = [n for n, _ in self.shards if not os.path.isfile(os.path.join(self.folder, n))]
+        if missing:
+            raise FileNotFoundError(f"manifest in {self.folder} lists {len(missing)} missing shards "
+                                    f"(first: {missing[0]}); rerun sora-encode to restore them")
+        self.latent_channels = int(manifest["latent_channels"])
+        self.text_dim = int(manifest["text_dim"])
+        self.buckets = dict(manifest.get("buckets", {}))
+        self.batch_size, self.seed = int(data_cfg.batch_size), int(data_cfg.seed)
+        self.shuffle_buffer = int(data_cfg.shuffle_buffer)
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        # position of the next unseen sample, and accumulators of read-but-unbatched samples
+        self.epoch, self.block, self.offset = 0, 0, 0
+        self.pending: dict[str, list[dict]] = {}
+        self.batches_done = 0
+        self._block_key: Optional[tuple[int, int]] = None
+        self._block_samples: list[tuple[str, dict]] = []
+
+    # ---- order ------------------------------------------------------------------------------
+    def rank_shards(self, epoch: int) -> list[tuple[str, int]]:
+        perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
+        return [self.shards[i] for i in perm[self.dp_rank::self.dp_size]]
+
+    def blocks(self, epoch: int) -> list[list[str]]:
+        out, cur, n = [], [], 0
+        for name, count in self.rank_shards(epoch):
+            cur.append(name)
+            n += count
+            if n >= max(1, self.shuffle_buffer):
+                out.append(cur)
+                cur, n = [], 0
+        if cur:
+            out.append(cur)
+        return out
+
+    def _read(self, names: list[str]) -> list[tuple[str, dict]]:
+        import webdataset as wds
+
+        urls = [os.path.join(self.folder, n) for n in names]
+        # Plain tar expansion: no node/worker splitting here, the DP split is ours.
+        pipe = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples())
+        return [(os.path.basename(raw["__url__"]), raw) for raw in pipe]
+
+    def _load_block(self) -> None:
+        blocks = self.blocks(self.epoch)
+        samples = self._read(blocks[self.block])
+        if self.shuffle_buffer > 0:
+            rng = np.random.default_rng([self.seed, self.epoch, self.dp_rank, self.block])
+            samples = [samples[i] for i in rng.permutation(len(samples))]
+        self._block_key, self._block_samples, self._n_blocks = (self.epoch, self.block), samples, len(blocks)
+
+    def _next_sample(self) -> dict:
+        while True:
+            if self._block_key != (self.epoch, self.block):
+                self._load_block()
+            if self.offset < len(self._block_samples):
+                shard, raw = self._block_samples[self.offset]
+                self.offset += 1
+                return _decode(raw, shard)
+            self.block, self.offset = self.block + 1, 0
+            if self.block >= self._n_blocks:
+                self.epoch, self.block = self.epoch + 1, 0
+
+    # ---- iteration --------------------------------------------------------------------------
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        while True:
+            s = self._next_sample()
+            acc = self.pending.setdefault(s["bucket"], [])
+            acc.append(s)
+            if len(acc) >= self.batch_size:
+                # More than batch_size can wait only after a resume with a smaller batch size.
+                batch, rest = acc[: self.batch_size], acc[self.batch_size:]
+                if rest:
+                    self.pending[s["bucket"]] = rest
+                else:
+                    del self.pending[s["bucket"]]
+                self.batches_done += 1
+                return collate(batch)
+
+    # ---- resume -----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "block": self.block, "offset": self.offset,
+                "pending": {b: [[s["shard"], s["key"]] for s in acc] for b, acc in self.pending.items()},
+                "batches_done": self.batches_done, "dp_rank": self.dp_rank, "dp_size": self.dp_size,
+                "seed": self.seed, "shuffle_buffer": self.shuffle_buffer, "batch_size": self.batch_size,
+                "shards": [n for n, _ in self.shards]}
+
+    def load_state_dict(self, sd: dict) -> None:
+        for name in ("dp_size", "seed", "shuffle_buffer"):
+            if sd[name] != getattr(self, name):
+                raise ValueError(f"data state was saved with {name}={sd[name]}, now {getattr(self, name)}; "
+                                 "the data order cannot be continued exactly - keep it unchanged to resume")
+        if sd["shards"] != [n for n, _ in self.shards]:
+            raise ValueError(f"the shard set in {self.folder} changed since the checkpoint; "
+                             "resume against the same sora-encode output")
+        self.epoch, self.block, self.offset = int(sd["epoch"]), int(sd["block"]), int(sd["offset"])
+        self.batches_done = int(sd["batches_done"])
+        self._block_key = None
+        # Re-read just the waiting samples, in their original accumulator order.
+        wanted = {(sh, k) for acc in sd["pending"].values() for sh, k in acc}
+        found = {}
+        if wanted:
+            for shard, raw in self._read(sorted({sh for sh, _ in wanted})):
+                if (shard, raw["__key__"]) in wanted:
+                    found[(shard, raw["__key__"])] = _decode(raw, shard)
+        if len(found) != len(wanted):
+            raise ValueError(f"{len(wanted) - len(found)} pending samples from the checkpoint are not in "
+                             f"the shards of {self.folder}; the shards changed since the checkpoint")
+        self.pending = {b: [found[(sh, k)] for sh, k in acc] for b, acc in sd["pending"].items()}

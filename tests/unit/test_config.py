@@ -1,0 +1,64 @@
+import pytest
+from hydra import compose, initialize_config_dir
+
+from sora_dist.config import FLAVORS, ConfigError, JobConfig, register_configs, to_job_config, validate
+from sora_dist.train.cli import CONFIG_DIR
+
+
+def cfg_with(**sections):
+    cfg = JobConfig()
+    for sec, kv in sections.items():
+        for k, v in kv.items():
+            setattr(getattr(cfg, sec), k, v)
+    return cfg
+
+
+def test_default_is_valid():
+    validate(JobConfig(), world_size=1)
+
+
+@pytest.mark.parametrize("flavor", sorted(FLAVORS))
+def test_every_flavor_validates(flavor):
+    validate(cfg_with(model={"flavor": flavor}))
+
+
+@pytest.mark.parametrize("sections, needle", [
+    ({"model": {"flavor": "huge"}}, "model.flavor='huge' is unknown"),
+    ({"model": {"hidden_size": 66}}, "not divisible by model.num_heads=4"),
+    ({"model": {"patch_size": [1, 2]}}, "model.patch_size"),
+    ({"parallel": {"tp": 3}}, "num_heads=4 is not divisible by tp*ulysses=3*1"),
+    ({"parallel": {"cp": 8}}, "tp*ulysses=1*8"),
+    ({"diffusion": {"objective": "flow", "sampler": "ddim"}}, "does not fit objective='flow'"),
+    ({"data": {"source": "shards"}}, "data.shards=<folder"),
+    ({"train": {"activation_checkpointing": "some"}}, "train.activation_checkpointing"),
+    ({"optim": {"lr": -1.0}}, "optim.lr=-1.0 must be > 0"),
+])
+def test_bad_values_name_the_field(sections, needle):
+    with pytest.raises(ConfigError, match=None) as e:
+        validate(cfg_with(**sections))
+    assert needle in str(e.value)
+
+
+def test_world_size_mismatch_message():
+    with pytest.raises(ConfigError) as e:
+        validate(cfg_with(parallel={"tp": 2, "cp": 2, "dp": 2}), world_size=4)
+    assert "!= world size 4" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        validate(cfg_with(parallel={"tp": 2}), world_size=3)
+    assert "not divisible by tp*cp*pp" in str(e.value)
+
+
+def test_hydra_compose_with_overrides():
+    register_configs()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        d = compose("train", overrides=["model.flavor=S", "parallel.tp=2", "train.steps=7"])
+    cfg = to_job_config(d)
+    assert cfg.model.resolved()["hidden_size"] == 384 and cfg.parallel.tp == 2 and cfg.train.steps == 7
+    validate(cfg)
+
+
+def test_hydra_rejects_unknown_field():
+    register_configs()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        with pytest.raises(Exception, match="no_such_field"):
+            compose("train", overrides=["model.no_such_field=1"])
