@@ -97,6 +97,7 @@ def test_resume_continues_at_next_unseen_sample(shards, stop):
     for _ in range(stop):
         next(ld)
     sd = json.loads(json.dumps(ld.state_dict()))  # must survive a plain JSON round trip
+    assert any(sd["pending"].values())  # the restore of waiting samples is exercised
     resumed = ShardLoader(cfg, 1, 2)
     resumed.load_state_dict(sd)
     assert [_ids(next(resumed)) for _ in range(8)] == full[stop:]
