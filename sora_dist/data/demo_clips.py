@@ -47,8 +47,8 @@ def render_clip(height: int, width: int, frames: int, seed: int) -> tuple[torch.
 
 
 def make_demo_clips(out_dir: str, n: int = 12, seed: int = 0, sizes=None, fps_choices=(8, 12, 24),
-                    frame_choices=(9, 17, 24, 33)) -> str:
-    """Write n mp4 clips of varied size/fps/length plus manifest.jsonl (path, caption)."""
+                    frame_choices=(17, 24, 33, 48), images: int = 0) -> str:
+    """Write n mp4 clips of varied size/fps/length (+ `images` png stills) and manifest.jsonl."""
     sizes = sizes or [(64, 64), (48, 96), (96, 48), (72, 128), (64, 80)]
     rng = random.Random(seed)
     os.makedirs(out_dir, exist_ok=True)
@@ -59,6 +59,16 @@ def make_demo_clips(out_dir: str, n: int = 12, seed: int = 0, sizes=None, fps_ch
         frames, caption = render_clip(h, w, T, seed * 100_003 + i)
         path = write_mp4(frames, os.path.join(out_dir, f"clip_{i:04d}.mp4"), fps)
         rows.append({"path": os.path.basename(path), "caption": caption})
+    for i in range(images):
+        from PIL import Image  # stills exercise the image -> 1-frame bucket path
+
+        h, w = rng.choice(sizes)
+        frames, caption = render_clip(h, w, 1, seed * 100_003 + n + i)
+        name = f"still_{i:04d}.png"
+        tmp = os.path.join(out_dir, f".{name}.tmp.png")
+        Image.fromarray(frames[0].permute(1, 2, 0).numpy()).save(tmp)
+        os.replace(tmp, os.path.join(out_dir, name))
+        rows.append({"path": name, "caption": caption})
     manifest = os.path.join(out_dir, "manifest.jsonl")
     tmp = manifest + f".tmp-{os.getpid()}"
     with open(tmp, "w") as f:

@@ -289,12 +289,16 @@ class _RingAttention(torch.autograd.Function):
             if step > 0:
                 _wait(dkv_works)
                 dkv += dkv_in
-            dkv_in, dkv_works = _ring_shift(dkv, group)
+            # Keep the sent buffer referenced until its send completes (on CUDA the caching
+            # allocator could otherwise hand its memory out while NCCL still reads it).
+            dkv_sent = dkv
+            dkv_in, dkv_works = _ring_shift(dkv_sent, group)
             if step + 1 < R:
                 _wait(kv_works)
                 kv = kv_next
         # R shifts of the accumulators bring every block's full dK/dV home.
         _wait(dkv_works)
+        del dkv_sent
         return dq.to(q.dtype), dkv_in[0].to(k.dtype), dkv_in[1].to(v.dtype), None, None, None, None
 
 
@@ -333,15 +337,15 @@ class ContextParallelAttention(nn.Module):
 
     def forward(self, q_BHSD, k_BHSD, v_BHSD, kv_mask_BS=None):
         ug, rg = self.ulysses_group, self.ring_group
+        if ug is not None and q_BHSD.shape[1] % dist.get_world_size(ug):
+            U, H = dist.get_world_size(ug), q_BHSD.shape[1]
+            raise ValueError(
+                f"Ulysses context parallel over {U} ranks needs the local head count ({H}) to "
+                f"divide by {U}; use parallel.cp_mode=ring, a smaller ulysses_degree (hybrid), "
+                f"or num_heads/tp that divides")
         # The key mask is tiny (B x S bools): gather it whole once, in cp-rank = sequence order.
         mask = None if kv_mask_BS is None else _gather_along(kv_mask_BS.bool(), 1, self.cp_group)
         if ug is not None:
-            U, H = dist.get_world_size(ug), q_BHSD.shape[1]
-            if H % U:
-                raise ValueError(
-                    f"Ulysses context parallel over {U} ranks needs the local head count ({H}) to "
-                    f"divide by {U}; use parallel.cp_mode=ring, a smaller ulysses_degree (hybrid), "
-                    f"or num_heads/tp that divides")
             B = q_BHSD.shape[0]
             # One all-to-all for q, k and v together (fewer, larger messages).
             qkv = _SeqToHeads.apply(torch.cat([q_BHSD, k_BHSD, v_BHSD]), ug)

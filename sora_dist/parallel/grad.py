@@ -24,11 +24,11 @@ def clip_grad_norm_(
     # Group by mesh: under TP+FSDP most grads are 2D DTensors but a few parameters (kept
     # replicated outside TP) are 1D, and torch.stack cannot mix meshes.
     groups: dict = {}
-    for g in grads:
-        groups.setdefault(getattr(g, "device_mesh", None), []).append(g)
+    for p in params:
+        groups.setdefault(getattr(p.grad, "device_mesh", None), []).append(p)
     sq = []
     for group in groups.values():
-        n = torch.nn.utils.get_total_norm(group, norm_type=2.0, foreach=None)
+        n = torch.nn.utils.get_total_norm([p.grad for p in group], norm_type=2.0, foreach=None)
         if hasattr(n, "full_tensor"):  # DTensor: partial over the mesh -> reduced value
             n = n.full_tensor()
         sq.append(n.float().pow(2))
@@ -38,5 +38,6 @@ def clip_grad_norm_(
         dist.all_reduce(sq, group=pp_mesh.get_group())
         norm = sq.sqrt()
     if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=None)
+        for group in groups.values():  # foreach kernels cannot mix meshes either
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, norm, foreach=None)
     return norm

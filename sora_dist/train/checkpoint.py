@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not Exception
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
     set_optimizer_state_dict,
@@ -113,7 +114,7 @@ def load(path: str, model, optimizer=None, ema=None, strict: bool = True) -> dic
     sd = _states(model, optimizer, ema)
     try:
         dcp.load(sd, checkpoint_id=path)
-    except Exception as e:  # corrupt or truncated shard files
+    except (Exception, CheckpointException) as e:  # corrupt or truncated shard files
         raise CheckpointError(f"failed to read checkpoint {path}: {type(e).__name__}: {e}. "
                               "The files are damaged or from another model; delete this step "
                               "folder to resume from the previous checkpoint") from e
