@@ -105,3 +105,16 @@ def test_bad_bucket_table():
         parse_buckets([[32]], [1])
     with pytest.raises(ValueError, match="frame count"):
         parse_buckets([[32, 32]], [0])
+
+
+def test_demo_clips_manifest_decodes(tmp_path):
+    import json
+
+    from sora_dist.data.demo_clips import make_demo_clips
+
+    man = make_demo_clips(str(tmp_path / "c"), n=3, images=1, frame_choices=(9,))
+    rows = [json.loads(line) for line in open(man)]
+    assert len(rows) == 4 and all(r["caption"].startswith("a ") for r in rows)
+    infos = [probe(str(tmp_path / "c" / r["path"])) for r in rows]
+    assert [i.is_image for i in infos] == [False, False, False, True]
+    assert all(i.num_frames == 9 for i in infos[:3])
