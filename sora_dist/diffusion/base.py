@@ -34,17 +34,23 @@ class Objective:
 
     caption_dropout: float = 0.0
 
-    def training_loss(
-        self, model, x0: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
-        generator: torch.Generator,
-    ) -> torch.Tensor:
-        """Mean-squared error between the model output and the objective's target."""
+    def training_inputs(self, x0: torch.Tensor, generator: torch.Generator):
+        """Draw (t, noise, caption drop) from the generator and corrupt x0.
+        Returns (x_t, model_time, drop_text, target): what the model sees and must predict."""
         B = x0.shape[0]
         t = self.sample_t(B, generator).to(x0.device)
         noise = randn_like_cpu(x0, generator)
         drop = (torch.rand(B, generator=generator) < self.caption_dropout).to(x0.device)
         x_t, target = self.corrupt(x0, t, noise)
-        out = model(x_t, self.model_time(t), text, text_mask, drop)
+        return x_t, self.model_time(t), drop, target
+
+    def training_loss(
+        self, model, x0: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        """Mean-squared error between the model output and the objective's target."""
+        x_t, t, drop, target = self.training_inputs(x0, generator)
+        out = model(x_t, t, text, text_mask, drop)
         return F.mse_loss(out.float(), target.float())
 
     def model_time(self, t: torch.Tensor) -> torch.Tensor:

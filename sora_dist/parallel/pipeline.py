@@ -1,0 +1,173 @@
+"""Pipeline parallelism for VideoDiT with torch.distributed.pipelining.
+
+The DiT is cut into `pp * virtual` stages of consecutive blocks; the first stage also owns the
+patch/timestep/caption embedders, the last the final layer (the loss runs there). Between
+stages travel, per sample: the token stream, the timestep vector c and the projected caption
+(both with gradients, so the embedders on stage 0 get every stage's gradient contribution and
+the text path runs once) and the caption mask as integers. Every PP rank of a DP group holds
+the same batch, so each stage knows the latent shape without receiving it; RoPE tables have no
+parameters and are rebuilt from the patch grid on each stage.
+
+Parameters keep their full-model FQNs ("blocks.7.attn.wq.weight"): a rank's `model` is the
+VideoDiT with the blocks and embedders of other ranks' stages deleted, so checkpoints and
+optimizer state are keyed like the unsplit model and load across PP degrees.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sora_dist.models.dit import Conditioning, VideoDiT
+from sora_dist.models.embeddings import build_rope_3d
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv")
+
+
+def stage_ids_for_rank(pp_rank: int, pp: int, virtual: int, schedule: str) -> list[int]:
+    """Which global stages a PP rank runs: looped (r, r+pp, ...) or V-shape for ZBV."""
+    if schedule == "zbv":
+        return [pp_rank, 2 * pp - 1 - pp_rank]
+    return [pp_rank + v * pp for v in range(virtual)]
+
+
+def split_blocks(depth: int, n_stages: int) -> list[list[int]]:
+    """Contiguous, balanced block ranges; the first/last stages also carry embed/head, so any
+    remainder blocks go to the middle stages."""
+    base, extra = divmod(depth, n_stages)
+    sizes = [base] * n_stages
+    order = sorted(range(n_stages), key=lambda s: (s in (0, n_stages - 1), s))
+    for s in order[:extra]:
+        sizes[s] += 1
+    out, start = [], 0
+    for n in sizes:
+        out.append(list(range(start, start + n)))
+        start += n
+    return out
+
+
+class DiTStage(nn.Module):
+    """Runs one stage. Stage 0 takes (x_t, t, text, text_mask, drop); other stages take the
+    previous stage's outputs (tokens, c, text_emb, text_mask); the last returns latents.
+    `set_shape()` tells every stage the batch's latent (T, H, W) before a schedule runs."""
+
+    def __init__(self, model: VideoDiT, block_ids: list[int], is_first: bool, is_last: bool):
+        super().__init__()
+        self.args, self.is_first, self.is_last = model.args, is_first, is_last
+        self.blocks = nn.ModuleDict({str(i): model.blocks[str(i)] for i in block_ids})
+        if is_first:
+            self.x_embedder, self.t_embedder, self.y_embedder = model.x_embedder, model.t_embedder, model.y_embedder
+            self.null_text = model.null_text
+        if is_last:
+            self.final_layer = model.final_layer
+        self.shape_THW = self.grid = None
+
+    def set_shape(self, shape_THW: tuple[int, int, int]) -> None:
+        self.shape_THW = tuple(shape_THW)
+        self.grid = tuple(-(-n // p) for n, p in zip(shape_THW, self.args.patch_size))
+
+    def _cond_from_wire(self, c, text_emb, text_mask) -> Conditioning:
+        rope = build_rope_3d(self.grid, self.args.hidden_size // self.args.num_heads, c.device)
+        return Conditioning(c_BD=c, text_BLD=text_emb, text_mask_BL=text_mask.bool(), rope_SP2=rope,
+                            grid=self.grid, shape_THW=self.shape_THW)
+
+    def forward(self, *inputs):
+        if self.is_first:
+            x_t, t, text, text_mask, drop = inputs
+            tokens, cond = VideoDiT.embed(self, x_t, t, text, text_mask.bool(), drop.bool())
+        else:
+            tokens, c, text_emb, text_mask = inputs
+            cond = self._cond_from_wire(c, text_emb, text_mask)
+        for blk in self.blocks.values():
+            tokens = blk(tokens, cond)
+        if self.is_last:
+            return VideoDiT.head(self, tokens, cond)
+        # The integer mask travels without gradients; c and text_emb carry theirs back.
+        # P2P needs dense buffers (the patch embedding's token view is strided).
+        return tuple(x.contiguous() for x in (tokens, cond.c_BD, cond.text_BLD, cond.text_mask_BL.long()))
+
+
+def prune_model(model: VideoDiT, keep_blocks: set[int], first: bool, last: bool) -> None:
+    """Delete what this rank does not run, keeping the remaining FQNs unchanged."""
+    for name in list(model.blocks.keys()):
+        if int(name) not in keep_blocks:
+            del model.blocks[name]
+    if not first:
+        model.x_embedder = model.t_embedder = model.y_embedder = None
+        del model.null_text
+        model.register_parameter("null_text", None)
+    if not last:
+        model.final_layer = None
+
+
+def _unwrap(m: nn.Module) -> "DiTStage":
+    """The DiTStage inside compile / checkpoint wrappers."""
+    while not isinstance(m, DiTStage):
+        m = getattr(m, "_orig_mod", None) or getattr(m, "module")
+    return m
+
+
+def mse_loss(out, target):
+    return F.mse_loss(out.float(), target.float())
+
+
+class PipelineRunner:
+    """Holds this rank's stages and builds one schedule per input shape (bucketed batches
+    change the P2P buffer shapes, and torch's stages infer shapes once), cached by shape."""
+
+    def __init__(self, model: VideoDiT, pp_mesh, device, schedule: str, microbatches: int, virtual: int = 1,
+                 stage_wrapper=None):
+        if schedule not in SCHEDULES:
+            raise ValueError(f"parallel.pp_schedule={schedule!r}: use one of {SCHEDULES}")
+        self.pp = pp_mesh.size()
+        self.pp_rank = pp_mesh.get_local_rank()
+        self.group = pp_mesh.get_group()
+        self.device, self.schedule_name, self.microbatches = device, schedule, microbatches
+        virtual = 2 if schedule == "zbv" else virtual
+        if schedule in ("gpipe", "1f1b") and virtual != 1:
+            raise ValueError(f"parallel.pp_schedule={schedule} runs one stage per rank; "
+                             "set parallel.pp_virtual_stages=1 or use interleaved_1f1b")
+        self.n_stages = self.pp * virtual
+        if model.args.depth < self.n_stages:
+            raise ValueError(f"model depth {model.args.depth} < {self.n_stages} pipeline stages")
+        ranges = split_blocks(model.args.depth, self.n_stages)
+        self.stage_ids = stage_ids_for_rank(self.pp_rank, self.pp, virtual, schedule)
+        self.stages = [DiTStage(model, ranges[s], s == 0, s == self.n_stages - 1) for s in self.stage_ids]
+        if stage_wrapper is not None:  # TP / FSDP / recompute applied per stage module
+            self.stages = [stage_wrapper(m) for m in self.stages]
+        keep = {b for s in self.stage_ids for b in ranges[s]}
+        prune_model(model, keep, 0 in self.stage_ids, self.n_stages - 1 in self.stage_ids)
+        self.has_first = 0 in self.stage_ids
+        self.has_last = self.n_stages - 1 in self.stage_ids
+        self._schedules: dict = {}
+
+    def _schedule(self, key):
+        if key not in self._schedules:
+            from torch.distributed import pipelining as P
+
+            stages = [P.PipelineStage(m, s, self.n_stages, self.device, group=self.group)
+                      for m, s in zip(self.stages, self.stage_ids)]
+            cls = {"gpipe": P.ScheduleGPipe, "1f1b": P.Schedule1F1B,
+                   "interleaved_1f1b": P.ScheduleInterleaved1F1B,
+                   "interleaved_zb": P.ScheduleInterleavedZeroBubble,
+                   "zbv": P.ScheduleZBVZeroBubble}[self.schedule_name]
+            single = self.schedule_name in ("gpipe", "1f1b")
+            self._schedules[key] = cls(stages[0] if single else stages, self.microbatches,
+                                       loss_fn=mse_loss, scale_grads=True)
+        return self._schedules[key]
+
+    def step(self, x_t, t, text, text_mask, drop, target) -> torch.Tensor:
+        """Forward+backward of one batch over all microbatches. Returns the batch loss (mean of
+        the microbatch losses) on every PP rank."""
+        key = (tuple(x_t.shape), tuple(text.shape))
+        for st in self.stages:
+            _unwrap(st).set_shape(x_t.shape[-3:])
+        sched = self._schedule(key)
+        losses: list = []
+        args = (x_t, t, text, text_mask.long(), drop.long()) if self.has_first else ()
+        sched.step(*args, target=target if self.has_last else None, losses=losses if self.has_last else None)
+        loss = torch.stack([l.detach().float() for l in losses]).mean() if self.has_last else torch.zeros((), device=x_t.device)
+        loss = loss.to(x_t.device)
+        # The loss lives on the last stage; share it with the other PP ranks for logging.
+        torch.distributed.all_reduce(loss, group=self.group)
+        return loss
