@@ -64,6 +64,10 @@ def build_model(args: DiTArgs) -> VideoDiT:
     return model
 
 
+def full_grad(p) -> torch.Tensor:
+    return p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+
+
 def rel_err(g: torch.Tensor, ref: torch.Tensor) -> float:
     return ((g - ref).norm() / (ref.norm() + 1e-30)).item()
 
@@ -100,8 +104,7 @@ def equivalence_worker(rank: int, world: int, layout: dict, args_kw: dict) -> di
     errs = {}
     for name, p in model.named_parameters():
         name = name.replace("_checkpoint_wrapped_module.", "")
-        g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
-        errs[name] = rel_err(g, ref_grads[name])
+        errs[name] = rel_err(full_grad(p), ref_grads[name])
     assert set(errs) == set(ref_grads), set(ref_grads) ^ set(errs)
     # Clip to half the norm: checks the norm and the in-place scaling across meshes.
     norm = clip_grad_norm_(model.parameters(), max_norm=0.5 * ref_norm.item())
@@ -109,8 +112,7 @@ def equivalence_worker(rank: int, world: int, layout: dict, args_kw: dict) -> di
     clip_errs = {}
     for name, p in model.named_parameters():
         name = name.replace("_checkpoint_wrapped_module.", "")
-        g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
-        clip_errs[name] = rel_err(g, ref_grads[name] * coef)
+        clip_errs[name] = rel_err(full_grad(p), ref_grads[name] * coef)
     return {"loss": global_loss.item(), "ref_loss": ref_loss.item(), "norm": norm.item(),
             "ref_norm": ref_norm.item(), "grad_errs": errs, "clip_errs": clip_errs}
 
@@ -146,3 +148,38 @@ def test_layout_matches_single_process(name):
     assert abs(r["norm"] - r["ref_norm"]) <= 1e-5 * r["ref_norm"], (r["norm"], r["ref_norm"])
     bad = {n: e for n, e in r["clip_errs"].items() if not e <= 1e-5}
     assert not bad, f"{name}: clipped grads differ from single process: {bad}"
+
+
+def dropout_worker(rank: int, world: int, layout: dict) -> dict:
+    """Dropout on token shards draws from the tracked per-shard stream: recompute under
+    activation checkpointing must replay it (same grads as without AC), and TP ranks' masks
+    differ (different tokens)."""
+    from sora_dist.parallel.parallelize import parallelize_dit
+
+    args = tiny_args(dropout=0.3)
+    pdims = ParallelDims.from_config(make_cfg(**layout).parallel, world)
+    meshes = pdims.build_mesh("cpu")
+    x, t, text, mask, drop, target = global_batch(1, args)
+    grads, masks = [], []
+    for ac in ("none", "full"):
+        model = parallelize_dit(build_model(args), pdims, meshes, make_cfg(activation_checkpointing=ac, **layout))
+        seen = []
+        hook = model.blocks["0"].mlp.register_forward_hook(lambda m, i, o: seen.append(o.detach() == 0))
+        torch.manual_seed(1)
+        F.mse_loss(model(x, t, text, mask, drop), target).backward()
+        hook.remove()
+        grads.append({n.replace("_checkpoint_wrapped_module.", ""): full_grad(p)
+                      for n, p in model.named_parameters()})
+        masks.append(seen[0])
+    others = [torch.empty_like(masks[0]) for _ in range(world)]
+    dist.all_gather(others, masks[0].contiguous())
+    return {"same_grads": all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0]),
+            "masks_differ_across_ranks": not torch.equal(others[0], others[1]),
+            "drop_fraction": masks[0].float().mean().item()}
+
+
+def test_dropout_streams_tp_sp_with_recompute():
+    r = run_distributed(dropout_worker, 2, dict(tp=2, sequence_parallel=True))
+    assert r["same_grads"], "activation recompute changed dropout masks"
+    assert r["masks_differ_across_ranks"], "TP ranks drew the same dropout mask for different tokens"
+    assert 0.15 < r["drop_fraction"] < 0.45
