@@ -199,37 +199,41 @@ def _finite(lse: torch.Tensor) -> torch.Tensor:
     return lse.masked_fill(lse == float("-inf"), 0.0)
 
 
-def _scores(q32, k32, mask_BS, scale):
-    s = torch.matmul(q32, k32.transpose(-1, -2)) * scale
+def _scores(qs, k32, mask_BS):
+    s = torch.matmul(qs, k32.transpose(-1, -2))
     if mask_BS is not None:
-        s = s.masked_fill(~mask_BS[:, None, None, :], float("-inf"))
+        s.masked_fill_(~mask_BS[:, None, None, :], float("-inf"))
     return s
 
 
-# Blockwise math is plain torch (SDPA returns no log-sum-exp); it walks `rows` query rows at a
-# time so the fp32 score tile stays at most B*H*rows*S_local elements whatever the sequence.
+# Blockwise math is plain torch (SDPA returns no log-sum-exp). It walks `rows` query rows at a
+# time so the fp32 score tile stays at most B*H*rows*S_local elements whatever the sequence,
+# works in place on that tile (one live tile in forward, two in backward), and takes queries
+# pre-multiplied by the softmax scale (qs) so no tile-sized op is spent on scaling.
 
-def _block_forward(q32, k32, v32, mask_BS, scale, rows):
+def _block_forward(qs, k32, v32, mask_BS, rows):
     """Attention of q to one K/V block: (out normalised within the block, its lse). Rows whose
     keys are all masked in this block get lse = -inf and out = 0."""
     outs, lses = [], []
-    for qc in q32.split(rows, dim=2):
-        s = _scores(qc, k32, mask_BS, scale)
-        lse = torch.logsumexp(s, dim=-1, keepdim=True)
-        outs.append(torch.matmul(torch.exp(s - _finite(lse)), v32))
-        lses.append(lse)
+    for qc in qs.split(rows, dim=2):
+        s = _scores(qc, k32, mask_BS)
+        m = _finite(s.amax(dim=-1, keepdim=True))
+        p = s.sub_(m).exp_()  # unnormalised; all zeros on fully masked rows
+        l = p.sum(dim=-1, keepdim=True)
+        outs.append(torch.matmul(p, v32).div_(l.masked_fill(l == 0, 1.0)))
+        lses.append(m + l.log())  # log(0) = -inf where everything was masked
     return torch.cat(outs, 2), torch.cat(lses, 2)
 
 
-def _block_backward(q32, k32, v32, do32, delta, lse, mask_BS, scale, rows):
-    """FA2 backward for one K/V block given the final lse: (dq, stacked [dk, dv]) of this block.
+def _block_backward(qs, k32, v32, do32, delta, lse, mask_BS, rows):
+    """FA2 backward for one K/V block given the final lse: (dq / scale, stacked [dk, dv]).
     dS = P * (dP - delta), delta_i = sum_d dO_id O_id (the softmax Jacobian term)."""
     dqs, dkv = [], k32.new_zeros((2, *k32.shape))
-    for qc, doc, dc, lc in zip(*(t.split(rows, dim=2) for t in (q32, do32, delta, lse))):
-        p = torch.exp(_scores(qc, k32, mask_BS, scale) - lc)  # final softmax probabilities
-        ds = p * (torch.matmul(doc, v32.transpose(-1, -2)) - dc)
-        dqs.append(torch.matmul(ds, k32) * scale)
-        dkv[0] += torch.matmul(ds.transpose(-1, -2), qc) * scale
+    for qc, doc, dc, lc in zip(*(t.split(rows, dim=2) for t in (qs, do32, delta, lse))):
+        p = _scores(qc, k32, mask_BS).sub_(lc).exp_()  # final softmax probabilities
+        ds = torch.matmul(doc, v32.transpose(-1, -2)).sub_(dc).mul_(p)
+        dqs.append(torch.matmul(ds, k32))
+        dkv[0] += torch.matmul(ds.transpose(-1, -2), qc)  # qc carries the scale already
         dkv[1] += torch.matmul(p.transpose(-1, -2), doc)
     return torch.cat(dqs, 2), dkv
 
@@ -242,16 +246,16 @@ class _RingAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, mask_BS, group, scale, rows):
         R, r = dist.get_world_size(group), dist.get_rank(group)
         S = k.shape[2]
-        q32 = q.float()
-        out = torch.zeros_like(q32)
-        lse = q32.new_full((*q.shape[:3], 1), float("-inf"))
+        qs = q.float() * scale
+        out = torch.zeros_like(qs)
+        lse = qs.new_full((*q.shape[:3], 1), float("-inf"))
         kv = torch.stack([k, v])  # one message per step instead of two
         for step in range(R):
             if step + 1 < R:  # next block is in flight while this one is computed
                 kv_next, works = _ring_shift(kv, group)
             src = (r - step) % R  # which rank's tokens this block holds
             m = None if mask_BS is None else mask_BS[:, src * S:(src + 1) * S]
-            o_b, lse_b = _block_forward(q32, kv[0].float(), kv[1].float(), m, scale, rows)
+            o_b, lse_b = _block_forward(qs, kv[0].float(), kv[1].float(), m, rows)
             # out = (e^lse out + e^lse_b o_b) / e^new, safe when both are -inf (all masked).
             new = torch.logaddexp(lse, lse_b)
             new_safe = _finite(new)
@@ -271,17 +275,17 @@ class _RingAttention(torch.autograd.Function):
         group, scale, rows = ctx.group, ctx.scale, ctx.rows
         R, r = dist.get_world_size(group), dist.get_rank(group)
         S = k.shape[2]
-        q32, do32 = q.float(), dout.float()
+        qs, do32 = q.float() * scale, dout.float()
         delta = (do32 * out.float()).sum(-1, keepdim=True)
         lse = _finite(lse)
-        dq = torch.zeros_like(q32)
+        dq = torch.zeros_like(qs)
         kv = torch.stack([k, v])
         for step in range(R):
             if step + 1 < R:
                 kv_next, kv_works = _ring_shift(kv, group)
             src = (r - step) % R
             m = None if mask_BS is None else mask_BS[:, src * S:(src + 1) * S]
-            dq_b, dkv = _block_backward(q32, kv[0].float(), kv[1].float(), do32, delta, lse, m, scale, rows)
+            dq_b, dkv = _block_backward(qs, kv[0].float(), kv[1].float(), do32, delta, lse, m, rows)
             dq += dq_b
             # dK/dV of block src travel with it: add what the previous ranks computed for it
             # (sent during our compute), then pass the sum on. fp32 on the wire, so bf16 grads
@@ -299,7 +303,7 @@ class _RingAttention(torch.autograd.Function):
         # R shifts of the accumulators bring every block's full dK/dV home.
         _wait(dkv_works)
         del dkv_sent
-        return dq.to(q.dtype), dkv_in[0].to(k.dtype), dkv_in[1].to(v.dtype), None, None, None, None
+        return (dq * scale).to(q.dtype), dkv_in[0].to(k.dtype), dkv_in[1].to(v.dtype), None, None, None, None
 
 
 def ring_attention(q_BHSD, k_BHSD, v_BHSD, kv_mask_BS, ring_group,
