@@ -1,0 +1,164 @@
+"""Plan a parallel layout for VideoDiT training: memory per GPU, FLOPs, step time, a pick.
+
+    python tools/plan.py --flavor 7B --tokens 460000 --gpus 64 --mem-gib 80
+    python tools/plan.py --hidden 3072 --depth 34 --heads 24 --tokens 460000 --gpus 64 --attn-dtype fp8
+    python tools/plan.py --calibrate        # planner vs measured saved bytes of tiny real models (CPU)
+
+Enumerates tp x cp x pp x dp = gpus with recompute none/selective/full (FSDP2 over dp*cp),
+rejects layouts that break divisibility or do not fit with --headroom, prints the fitting ones
+by throughput and recommends one (sora_dist/planner.py has the formulas and their sources).
+Step time = executed FLOPs / (gpus x peak x --mfu), times the 1F1B bubble; communication is
+not modelled beyond what --mfu absorbs.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+
+from sora_dist import planner as P
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    m = ap.add_argument_group("model (a flavor, or explicit sizes that override it)")
+    m.add_argument("--flavor", default="7B", help="config/model.py FLAVORS key (default 7B)")
+    m.add_argument("--hidden", type=int)
+    m.add_argument("--depth", type=int)
+    m.add_argument("--heads", type=int)
+    m.add_argument("--mlp-ratio", type=float, default=4.0)
+    m.add_argument("--text-dim", type=int, default=4096, help="text encoder width (T5-XXL 4096)")
+    m.add_argument("--text-len", type=int, default=300, help="caption tokens per sample")
+    m.add_argument("--in-channels", type=int, default=16, help="VAE latent channels")
+    w = ap.add_argument_group("workload and machine")
+    w.add_argument("--tokens", type=int, default=460_000, help="video tokens per sample")
+    w.add_argument("--micro-batch", type=int, default=1, help="samples per microbatch")
+    w.add_argument("--microbatches", type=int, default=None,
+                   help="microbatches per step with PP (default 2*pp; 1 without PP)")
+    w.add_argument("--gpus", type=int, default=64)
+    w.add_argument("--gpus-per-node", type=int, default=P.GPUS_PER_NODE)
+    w.add_argument("--mem-gib", type=float, default=80.0, help="memory per GPU")
+    w.add_argument("--attn-dtype", choices=("bf16", "fp8"), default="bf16",
+                   help="fp8: transformer-engine FP8 attention (q/k/v/o in fp8, fp8 peak)")
+    w.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM 989)")
+    w.add_argument("--peak-tflops-fp8", type=float, default=1979.0)
+    w.add_argument("--mfu", type=float, default=0.4, help="achieved share of peak on executed FLOPs")
+    w.add_argument("--headroom", type=float, default=0.10, help="share of memory kept free")
+    w.add_argument("--reserve-gib", type=float, default=3.0, help="CUDA context, NCCL, allocator")
+    w.add_argument("--no-ema", action="store_true", help="train.ema_decay=0 (no fp32 EMA copy)")
+    o = ap.add_argument_group("output")
+    o.add_argument("--top", type=int, default=15, help="fitting layouts to print")
+    o.add_argument("--all", action="store_true", help="print every layout, rejected ones too")
+    o.add_argument("--calibrate", action="store_true",
+                   help="measure saved bytes of tiny real VideoDiTs on CPU against the estimate")
+    return ap.parse_args(argv)
+
+
+HEADER = (f"{'tp':>3} {'cp':>4} {'mode':>8} {'pp':>3} {'dp':>3} {'rc':>9} {'mb':>3} | "
+          f"{'param':>6} {'grad':>6} {'optim':>6} {'ema':>5} {'fsdp':>5} {'act':>7} {'bwd':>6} "
+          f"{'rsv':>4} {'total':>7} | {'PFLOP':>7} {'step s':>8} {'tok/s':>9}  status")
+
+
+def row(p: P.Plan) -> str:
+    lay = p.layout
+    mode = lay.cp_mode if lay.cp > 1 else "-"
+    mode = f"{mode}{lay.ulysses}" if lay.cp_mode == "hybrid" and lay.cp > 1 else mode
+    head = (f"{lay.tp:>3} {lay.cp:>4} {mode:>8} {lay.pp:>3} {lay.dp:>3} {lay.recompute:>9} "
+            f"{lay.microbatches:>3} | ")
+    if not p.mem:
+        return head + f"rejected: {p.why}"
+    g = p.mem
+    return head + (f"{g['params']:6.2f} {g['grads']:6.2f} {g['optim']:6.2f} {g['ema']:5.2f} "
+                   f"{g['fsdp_buffers']:5.2f} {g['activations']:7.1f} {g['bwd_transient']:6.1f} "
+                   f"{g['reserve']:4.1f} {p.total_gib:7.1f} | {p.model_tflop / 1e3:7.1f} "
+                   f"{p.step_s:8.2f} {p.tokens_per_s:9.0f}  " + ("fits" if p.ok else p.why))
+
+
+def calibrate() -> int:
+    """Planner vs saved_tensors_hooks on tiny real models (CPU fp32), both SDPA backends."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.set_num_threads(1)
+    cases = [  # (dims, latent T/H/W, batch, recompute)
+        (P.ModelDims(48, 1, 4, text_dim=24, text_len=7, in_channels=4), (3, 8, 10), 2, "none"),
+        (P.ModelDims(64, 2, 4, text_dim=32, text_len=16, in_channels=4), (4, 16, 16), 1, "none"),
+        (P.ModelDims(96, 3, 6, text_dim=32, text_len=12, in_channels=4), (2, 16, 24), 2, "none"),
+        (P.ModelDims(64, 4, 4, text_dim=32, text_len=16, in_channels=4), (4, 16, 16), 2, "selective"),
+        (P.ModelDims(64, 4, 4, text_dim=32, text_len=16, in_channels=4), (4, 16, 16), 2, "full"),
+    ]
+    print(f"{'backend':>7} {'D':>4} {'depth':>5} {'S':>5} {'B':>2} {'rc':>9} {'measured':>11} "
+          f"{'estimate':>11} {'err':>7}")
+    worst = 0.0
+    for backend, kernel in (("flash", SDPBackend.FLASH_ATTENTION), ("math", SDPBackend.MATH)):
+        for m, grid, b, rc in cases:
+            torch.manual_seed(0)
+            model = P.build_model(m, rc)
+            with sdpa_kernel([kernel]):
+                meas = P.measure_saved_bytes(model, P.tiny_inputs(m, grid, b))
+            seq = grid[0] * grid[1] * grid[2] // m.patch_vol
+            est = P.estimate_saved_bytes(m, seq, b, rc, backend)
+            err = est / meas - 1
+            worst = max(worst, abs(err))
+            print(f"{backend:>7} {m.hidden:>4} {m.depth:>5} {seq:>5} {b:>2} {rc:>9} {meas:>11,} "
+                  f"{int(est):>11,} {err:>+7.2%}")
+    print(f"worst |error| {worst:.2%} (full recompute: the checkpoint holds the RoPE table and the "
+          "projected caption by reference, not as saved tensors; the estimate counts them)")
+    return 0
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    if a.calibrate:
+        return calibrate()
+    m = P.ModelDims.from_flavor(a.flavor, hidden=a.hidden, depth=a.depth, heads=a.heads,
+                                mlp_ratio=a.mlp_ratio, text_dim=a.text_dim, text_len=a.text_len,
+                                in_channels=a.in_channels)
+    hw = P.Hardware(a.gpus, a.mem_gib, a.peak_tflops, a.peak_tflops_fp8, a.mfu, a.gpus_per_node,
+                    a.reserve_gib, a.headroom)
+    plans = P.plan_all(m, hw, a.tokens, a.micro_batch, a.attn_dtype, a.microbatches, not a.no_ema)
+    f = P.forward_flops(m, a.tokens, 1)
+    print(f"model: hidden {m.hidden}, depth {m.depth}, heads {m.heads} (head dim {m.head_dim}), "
+          f"mlp {m.mlp}, text {m.text_len}x{m.text_dim}: {m.params() / 1e9:.2f} B params")
+    print(f"per sample of {a.tokens:,} tokens: forward {f.total / 1e15:.2f} PFLOP, attention "
+          f"{f.attention / f.total:.1%} of it; fwd+bwd = 3x forward")
+    print(f"machine: {a.gpus} GPUs x {a.mem_gib:g} GiB, peak {a.peak_tflops:g} bf16 / "
+          f"{a.peak_tflops_fp8:g} fp8 TFLOP/s, MFU {a.mfu:g}, attention in {a.attn_dtype}; "
+          f"micro-batch {a.micro_batch}; memory columns in GiB per GPU (worst PP stage)")
+    print()
+    fits = sorted((p for p in plans if p.ok), key=lambda p: -p.tokens_per_s)
+    shown = plans if a.all else fits[: a.top]
+    print(HEADER)
+    for p in shown:
+        print(row(p))
+    if not a.all:
+        print(f"... {len(fits)} of {len(plans)} layouts fit; {len(plans) - len(fits)} rejected")
+        reasons = collections.Counter(_reason_kind(p.why) for p in plans if not p.ok)
+        for why, n in reasons.most_common():
+            print(f"    {n:4d} x {why}")
+    best = P.recommend(plans)
+    print()
+    if best is None:
+        print("no layout fits: add GPUs, shorten the sequence or use --attn-dtype fp8")
+        return 1
+    lay = best.layout
+    cp_txt = f"cp={lay.cp} ({lay.cp_mode}" + (f", ulysses {lay.ulysses}" if lay.cp_mode == "hybrid" else "") + ")"
+    print(f"recommended: tp={lay.tp} {cp_txt} pp={lay.pp} dp={lay.dp} recompute={lay.recompute}"
+          f" microbatches={lay.microbatches}: {best.total_gib:.1f} GiB of {a.mem_gib:g}, "
+          f"step {best.step_s:.2f} s, {best.tokens_per_s:,.0f} tokens/s, "
+          f"model MFU {best.model_tflop / (best.step_s * a.gpus * a.peak_tflops):.1%} (bf16 peak)")
+    print(f"  parallel.tp={lay.tp} parallel.cp={lay.cp} parallel.cp_mode={lay.cp_mode}"
+          + (f" parallel.ulysses_degree={lay.ulysses}" if lay.cp_mode == "hybrid" else "")
+          + f" parallel.pp={lay.pp} parallel.dp={lay.dp} train.activation_checkpointing={lay.recompute}")
+    return 0
+
+
+def _reason_kind(why: str) -> str:
+    """Group rejection messages by their rule (drop the numbers after the first '=')."""
+    if why.startswith("needs "):
+        return "does not fit in memory"
+    return why.split("=")[0] + "=... " + why.split(" ", 1)[1].split("=")[0].strip() if "=" in why else why
+
+
+if __name__ == "__main__":
+    sys.exit(main())
