@@ -25,13 +25,18 @@ def _padding_mask(B: int, S: int, cp: int) -> torch.Tensor:
     return mask
 
 
-def _compare(rank, world, mode, ring, ulysses, heads, masked, dtype=torch.float32, **build_kw):
-    meshes = ParallelDims(1, 1, 1, ring, ulysses, 1, world).build_mesh("cpu")
+def _compare(rank, world, mode, ring, ulysses, heads, masked, dp=1, tp=1, **build_kw):
+    dims = ParallelDims(1, dp, 1, ring, ulysses, tp, world)
+    meshes = dims.build_mesh("cpu")
     cp = meshes["cp"]
-    torch.manual_seed(0)  # same full tensors on every rank
-    B, S, D = 2, 4 * world, 8
+    # Same full tensors on the ranks of one CP group, different ones across DP/TP groups, so
+    # a wrong group choice would mix data.
+    c = dims.coords(rank)
+    torch.manual_seed(100 * c["dp"] + c["tp"])
+    dtype, cp_size = torch.float32, ring * ulysses
+    B, S, D = 2, 4 * cp_size, 8
     q, k, v, dout = (torch.randn(B, heads, S, D, dtype=dtype) for _ in range(4))
-    mask = _padding_mask(B, S, world) if masked else None
+    mask = _padding_mask(B, S, cp_size) if masked else None
 
     ref = [t.clone().requires_grad_() for t in (q, k, v)]
     out_ref = F.scaled_dot_product_attention(*ref, attn_mask=None if mask is None else mask[:, None, None])
@@ -42,11 +47,12 @@ def _compare(rank, world, mode, ring, ulysses, heads, masked, dtype=torch.float3
     out = attn(*loc, None if mask is None else shard_sequence(mask, 1, cp))
     (out * shard_sequence(dout, 2, cp)).sum().backward()
 
-    res = {"finite": all(bool(torch.isfinite(t).all()) for t in (out, *[x.grad for x in loc]))}
-    res["out"] = _rel(gather_sequence(out.detach(), 2, cp), out_ref.detach())
-    for name, l, r in zip(("dq", "dk", "dv"), loc, ref):
-        res[name] = _rel(gather_sequence(l.grad, 2, cp), r.grad)
-    return res
+    nonfinite = sum(int((~torch.isfinite(t)).sum()) for t in (out, *[x.grad for x in loc]))
+    errs = [_rel(gather_sequence(out.detach(), 2, cp), out_ref.detach())]
+    errs += [_rel(gather_sequence(l.grad, 2, cp), r.grad) for l, r in zip(loc, ref)]
+    worst = torch.tensor([nonfinite, *errs], dtype=torch.float64)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)  # over every rank, not just rank 0's group
+    return dict(zip(("nonfinite", "out", "dq", "dk", "dv"), worst.tolist()))
 
 
 def _compare_both(rank, world, mode, ring, ulysses, heads, build_kw):
@@ -61,11 +67,15 @@ def _compare_both(rank, world, mode, ring, ulysses, heads, build_kw):
     ("ring", 2, 1, 3, {"max_score_elems": 3 * 2 * 3 * 4}),
     ("ring", 4, 1, 2, {}),
     ("hybrid", 2, 2, 2, {}),
+    # CP inside a larger world: the CP groups must be the right sub-groups of the mesh
+    ("ulysses", 1, 2, 2, {"dp": 2}),
+    ("ring", 2, 1, 2, {"tp": 2}),
 ])
 def test_cp_matches_single_process(mode, ring, ulysses, heads, build_kw):
-    results = run_distributed(_compare_both, ring * ulysses, mode, ring, ulysses, heads, build_kw)
+    world = ring * ulysses * build_kw.get("dp", 1) * build_kw.get("tp", 1)
+    results = run_distributed(_compare_both, world, mode, ring, ulysses, heads, build_kw)
     for masked, res in results.items():
-        assert res.pop("finite"), (masked, "NaN/inf in outputs or grads")
+        assert res.pop("nonfinite") == 0, (masked, "NaN/inf in outputs or grads")
         for name, err in res.items():
             assert err < 1e-5, (mode, masked, name, err)
 
