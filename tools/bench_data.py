@@ -1,0 +1,104 @@
+#!/usr/bin/env python
+"""Data-path throughput in one run: sora-encode videos/s with 1 vs 2 DP ranks (spawned
+processes, each with its share of the cores) and ShardLoader samples/s, printed as ratios.
+
+  python tools/bench_data.py [--clips 24] [--size 64] [--frames 17]
+
+Encode rate counts only the encode loop (model loading excluded) and uses the slowest rank,
+since a DP job finishes when its last rank does.
+"""
+import argparse
+import json
+import multiprocessing as mp
+import os
+import shutil
+import tempfile
+import time
+
+
+def _encode_worker(cfg_kwargs: dict, threads: int) -> None:
+    from sora_dist.config.encode import EncodeConfig
+    from sora_dist.encode import run_encode
+
+    run_encode(EncodeConfig(num_threads=threads, progress=False, **cfg_kwargs))
+
+
+def bench_encode(base: dict, out: str, world: int, threads: int) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    ctx = mp.get_context("spawn")
+    t0 = time.perf_counter()
+    procs = [ctx.Process(target=_encode_worker, args=(dict(base, output=out, rank=r, world_size=world), threads))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    wall = time.perf_counter() - t0
+    if any(p.exitcode for p in procs):
+        raise SystemExit(f"encode with {world} ranks failed: exit codes {[p.exitcode for p in procs]}")
+    stats = [json.load(open(os.path.join(out, f"rank-r{r:03d}.complete.json"))) for r in range(world)]
+    videos = sum(s["assigned"] for s in stats)
+    loop_s = max(s["seconds"] for s in stats)
+    return {"ranks": world, "threads_per_rank": threads, "videos": videos, "loop_s": loop_s,
+            "videos_per_s": videos / loop_s, "wall_s": wall}
+
+
+def bench_loader(shards: str, batch_size: int, batches: int) -> dict:
+    from sora_dist.config.data import DataConfig
+    from sora_dist.data.loader import ShardLoader
+
+    ld = ShardLoader(DataConfig(source="shards", shards=shards, batch_size=batch_size, shuffle_buffer=16), 0, 1)
+    next(ld)  # first block load is part of steady state too, but not import time
+    t0 = time.perf_counter()
+    n = sum(next(ld)["latent"].shape[0] for _ in range(batches))
+    dt = time.perf_counter() - t0
+    return {"samples": n, "seconds": dt, "samples_per_s": n / dt}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clips", type=int, default=24)
+    ap.add_argument("--size", type=int, default=64, help="bucket side in pixels (multiple of 8)")
+    ap.add_argument("--frames", type=int, default=17, help="bucket frames (1 + 4k)")
+    ap.add_argument("--batches", type=int, default=200)
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="alternate 1/2-rank runs this many times, keep each one's best (shared machines are noisy)")
+    ap.add_argument("--workdir", default=None)
+    args = ap.parse_args()
+
+    from sora_dist.data.demo_clips import make_demo_clips
+    from sora_dist.models.text import build_tiny_text_encoder
+    from sora_dist.models.vae import build_tiny_vae
+
+    work = args.workdir or tempfile.mkdtemp(prefix="bench_data_")
+    s = args.size
+    man = make_demo_clips(os.path.join(work, "clips"), n=args.clips, sizes=[(s, s), (s + 8, s + 24)],
+                          fps_choices=(12,), frame_choices=(args.frames + 4,))
+    base = dict(input=man, vae_path=build_tiny_vae(os.path.join(work, "vae")),
+                text_encoder_path=build_tiny_text_encoder(os.path.join(work, "t5")),
+                resolutions=[[s, s]], frames=[args.frames], target_fps=12.0, samples_per_shard=4)
+    cores = os.cpu_count() or 1
+    # (ranks, threads per rank): DP scaling is 2x1 vs 1x1; 1 x cores shows what intra-op
+    # threads alone give on the same cores.
+    layouts = [(1, 1), (2, 1), (1, cores)]
+    runs = {lay: [] for lay in layouts}
+    for _ in range(max(1, args.repeats)):
+        for world, threads in layouts:
+            runs[(world, threads)].append(bench_encode(base, os.path.join(work, f"out{world}"), world, threads))
+    one, two, one_mt = (max(runs[lay], key=lambda r: r["videos_per_s"]) for lay in layouts)
+    load = bench_loader(os.path.join(work, "out2"), batch_size=4, batches=args.batches)
+    print(json.dumps({f"encode_{w}rank_x{t}thread": r for (w, t), r in runs.items()}
+                     | {"loader": load, "cores": cores, "load_avg": os.getloadavg()}))
+    print(f"encode: 1 rank x 1 thread {one['videos_per_s']:.2f} videos/s, 2 ranks x 1 thread "
+          f"{two['videos_per_s']:.2f} videos/s -> DP speedup x{two['videos_per_s'] / one['videos_per_s']:.2f} "
+          f"(ideal x2 with >= 2 free cores; {cores} cores here, load avg {os.getloadavg()[0]:.1f})")
+    print(f"encode: 1 rank x {cores} threads {one_mt['videos_per_s']:.2f} videos/s -> 2 ranks are "
+          f"x{two['videos_per_s'] / one_mt['videos_per_s']:.2f} of that")
+    print(f"loader: {load['samples_per_s']:.0f} samples/s = x{load['samples_per_s'] / two['videos_per_s']:.0f} "
+          f"the 2-rank encode rate")
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
