@@ -32,7 +32,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from sora_dist.parallel.fsdp import allreduce_grads, apply_fsdp, fsdp_mesh, mp_policy, reduce_partial_grads
 from sora_dist.parallel.rng import RNGStatesTracker, TrackedDropout, build_rng_tracker, checkpoint_context_fn
-from sora_dist.parallel.tensor_parallel import apply_tp
+from sora_dist.parallel.tensor_parallel import apply_tp, local_params
 
 
 @dataclass
@@ -62,7 +62,7 @@ def parallelize_dit(model: nn.Module, pdims, meshes, cfg) -> nn.Module:
         apply_tp(model, meshes["tp"], sp)
     if cp > 1:
         apply_cp_attention(model, meshes, p.cp_mode)
-    install_sequence_seams(model, meshes, tp if sp else 1, cp)
+    install_seams(model, meshes, tp, sp, cp)
     if model.args.dropout > 0 and (sp or cp > 1):
         # Dropout acts on the residual stream, which is token-sharded here: one stream per shard.
         for blk in model.blocks.values():
@@ -134,13 +134,15 @@ class _GatherTokens(torch.autograd.Function):
         return g.chunk(ctx.world, ctx.dim)[ctx.rank] * ctx.scale, None, None, None, None, None
 
 
-def install_sequence_seams(model: nn.Module, meshes, sp_degree: int, cp: int) -> None:
+def install_seams(model: nn.Module, meshes, tp: int, sp: bool, cp: int) -> None:
     """Wrap the model's embed()/head() seams: after embed, pad the tokens to a multiple of
-    cp*sp_degree and keep this rank's shard (CP chunk by cp rank, then SP chunk by tp rank);
-    before head, gather them back and drop the padding. RoPE and the token mask are sharded
-    over CP only: attention (after the SP all-gather) sees the whole CP-local sequence."""
-    if sp_degree == 1 and cp == 1:
+    cp (x tp under SP) and keep this rank's shard (CP chunk by cp rank, then SP chunk by tp
+    rank); before head, gather them back and drop the padding. RoPE and the token mask are
+    sharded over CP only: attention (after the SP all-gather) sees the whole CP-local
+    sequence. Under TP, embed() also runs with the directly-read parameters made local."""
+    if tp == 1 and cp == 1:
         return
+    sp_degree = tp if sp else 1
     orig_embed, orig_head = model.embed, model.head
     tp_mesh = meshes["tp"] if sp_degree > 1 else None
     cp_mesh = meshes["cp"] if cp > 1 else None
@@ -148,7 +150,8 @@ def install_sequence_seams(model: nn.Module, meshes, sp_degree: int, cp: int) ->
     multiple = cp * sp_degree
 
     def embed(*args, **kwargs):
-        tokens, cond = orig_embed(*args, **kwargs)
+        with local_params(model):
+            tokens, cond = orig_embed(*args, **kwargs)
         B, S, _ = tokens.shape
         pad = (-S) % multiple
         rope, mask = cond.rope_SP2, cond.token_mask_BS

@@ -11,12 +11,14 @@ wo/fc2 reduce-scatter back to token shards. Outside the parallel linears activat
 plain local tensors; each style below states the layout it assumes at its boundary, because
 that layout decides how the backward pass reduces.
 
-The one parameter used outside any submodule (`null_text`, read directly in `embed()`) stays a
-plain tensor; its gradient is identical on all TP ranks (the caption projection's input
-gradient is all-reduced), so it needs no reduction.
+The one parameter used outside any submodule (`null_text`, read directly in `embed()`) is a
+Replicate DTensor too, so EMA/optimizer foreach kernels never mix meshes; `embed()` runs under
+`local_params()`, which hands it the local tensor. Its gradient is identical on all TP ranks
+(the caption projection's input gradient is all-reduced), so Replicate is its true layout.
 """
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 
 import torch.nn as nn
@@ -94,9 +96,35 @@ def block_plan(sequence_parallel: bool, qk_norm: bool) -> dict[str, ParallelStyl
     return plan
 
 
+# Parameters the model reads directly (not through a submodule's forward).
+DIRECT_PARAMS = ("null_text",)
+
+
+def replicate_direct_params(model: nn.Module, tp_mesh) -> None:
+    for name in DIRECT_PARAMS:
+        p = getattr(model, name)
+        model.register_parameter(name, nn.Parameter(
+            DTensor.from_local(p.data, tp_mesh, (Replicate(),), run_check=False), p.requires_grad))
+
+
+@contextlib.contextmanager
+def local_params(model: nn.Module):
+    """Within the block, model.<direct param> is its local tensor (differentiable view: the
+    grad flows back to the DTensor, or to FSDP's unsharded parameter, as Replicate)."""
+    saved = {n: model._parameters[n] for n in DIRECT_PARAMS}
+    try:
+        for n, p in saved.items():
+            if isinstance(p, DTensor):
+                model._parameters[n] = p.to_local()
+        yield
+    finally:
+        for n, p in saved.items():
+            model._parameters[n] = p
+
+
 def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool) -> nn.Module:
-    """Shard a VideoDiT over `tp_mesh` in place. The embed/head seams that move tokens between
-    the full sequence and SP shards are installed by parallelize.py (they also handle CP)."""
+    """Shard a VideoDiT over `tp_mesh` in place. The embed/head seams (local direct params,
+    moving tokens between the full sequence and SP/CP shards) are installed by parallelize.py."""
     a = model.args
     check_tp_divisible(a.num_heads, int(a.hidden_size * a.mlp_ratio), tp_mesh.size())
     # Root modules run on the full, replicated sequence (the head after the SP gather).
@@ -107,6 +135,7 @@ def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool) -> nn.Module:
         "final_layer.adaLN_modulation": ReplicateCompute(),
         "final_layer.linear": ReplicateCompute(),
     })
+    replicate_direct_params(model, tp_mesh)
     plan = block_plan(sequence_parallel, a.qk_norm)
     for blk in model.blocks.values():
         parallelize_module(blk, tp_mesh, plan)
