@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import signal
 import time
 from dataclasses import asdict
 from typing import Optional
@@ -27,8 +28,20 @@ from sora_dist.train.optim import EMA, build_optimizer, set_lr
 log = logging.getLogger("sora_dist")
 
 
+# Exit status after a preemption checkpoint; slurm/train.sbatch requeues the job on it.
+REQUEUE_EXIT_CODE = 42
+
+
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class Preempted(SystemExit):
+    """Raised after the checkpoint that a SIGUSR1/SIGTERM asked for; exit status 42."""
+
+    def __init__(self, step: int):
+        super().__init__(REQUEUE_EXIT_CODE)
+        self.step = step
 
 
 def step_generator(seed: int, step: int, dp_rank: int) -> torch.Generator:
@@ -87,6 +100,8 @@ class Trainer:
         self.step = 0
         self.nonfinite_streak = 0
         self.skipped = 0
+        self._stop_signal = 0
+        self._install_signal_handlers()
         self._save_config()
         self._maybe_resume()
         self.metrics = MetricLogger(cfg.logging, self.run_dir, self.rank, self._config_dict())
@@ -117,6 +132,26 @@ class Trainer:
         elif self.cfg.train.init_from:
             ckpt.load_model_only(self.cfg.train.init_from, self.model)
             log.info("initialised weights from %s", self.cfg.train.init_from)
+
+    def _install_signal_handlers(self) -> None:
+        """Slurm sends SIGUSR1 (--signal=USR1@T) or SIGTERM before the time limit / on
+        preemption. The handler only sets a flag; the loop checks it between steps."""
+        def handler(signum, frame):
+            self._stop_signal = signum
+
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            try:
+                signal.signal(sig, handler)
+            except ValueError:  # not the main thread (e.g. embedded use): no preemption hook
+                pass
+
+    def _should_stop(self) -> bool:
+        """True on every rank when any rank got a stop signal (ranks may get it at different
+        steps; they must agree, or the one that stops leaves the others hanging)."""
+        flag = torch.tensor([1.0 if self._stop_signal else 0.0], device=self.device)
+        if self.world > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def save_checkpoint(self) -> str:
         rank_state = {"data": self.loader.state_dict(), "rng": torch.get_rng_state().tolist(),
@@ -197,12 +232,25 @@ class Trainer:
                 m["tokens_per_s"] = m["tokens"] / max(dt, 1e-9)
                 m.update(memory_stats(self.device))
                 self.metrics.log(self.step, cfg.steps, m)
+            if self.rank == 0:
+                self._append_metrics({"step": self.step, **{k: v for k, v in m.items() if k != "tokens"}})
             if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == cfg.steps:
                 self.save_checkpoint()
+            elif self._should_stop():
+                self.save_checkpoint()
+                log.warning("stop signal %s: checkpoint saved at step %d, exiting with %d for requeue",
+                            self._stop_signal or "(other rank)", self.step, REQUEUE_EXIT_CODE)
+                raise Preempted(self.step)
             t0 = time.perf_counter()
         if self.rank == 0:
             ckpt.atomic_write_text(os.path.join(self.run_dir, "losses.json"), json.dumps(losses))
         return losses
+
+    def _append_metrics(self, row: dict) -> None:
+        """run_dir/metrics.jsonl: one line per step, appended across restarts (a resumed run
+        rewrites the steps after its checkpoint; readers keep the last line of each step)."""
+        with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
 
     def close(self) -> None:
         self.metrics.close()
