@@ -18,7 +18,7 @@ Memory per GPU (FSDP2 over dp*cp, as parallel/fsdp.py shards it):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Optional
 
 GiB = 2**30
@@ -265,6 +265,15 @@ def checkpoint_input_bytes(m: ModelDims, prec: Precision, tokens: int, tp: int) 
     return tokens * m.hidden * prec.act / tp
 
 
+def backward_working_bytes(m: ModelDims, prec: Precision, tokens: int, tp: int) -> float:
+    """Gradients live at once inside one block's backward, beyond the saved tensors: the MLP
+    hidden's grad pair (fc2 input grad, GELU input grad) and a few residual-size grads:
+    2*mlp/tp + 4*hidden elements per token (12*hidden at mlp_ratio 4). Measured on CPU (fwd+bwd
+    peak minus saved tensors minus the recomputed block, tools/bench_step.py): 4.7 to 6.3 x hidden
+    per token, 14 x hidden once (3 recomputed blocks, hidden 128), so this is about the worst case."""
+    return tokens * (2 * m.mlp / tp + 4 * m.hidden) * prec.act
+
+
 # ----------------------------------------------------------------------------------------------
 # Layouts
 # ----------------------------------------------------------------------------------------------
@@ -380,10 +389,8 @@ def estimate(m: ModelDims, lay: Layout, hw: Hardware, tokens: int, micro_batch: 
     embed_b, head_b = outer_activations(m, prec, tokens, micro_batch)
     in_flight = min(pp, lay.microbatches) if pp > 1 else 1
     mem["activations"] = in_flight * (stored + embed_b + (head_b if pp == 1 else 0))
-    # Backward working set: the recomputed block's activations (if any) and the gradients
-    # flowing through one block (~ the MLP hidden's grad pair and a few residual-size grads).
-    bwd = (full_block if n_rec else 0.0) + local * micro_batch * (2 * m.mlp / tp + 4 * m.hidden) * prec.act
-    mem["bwd_transient"] = bwd
+    mem["bwd_transient"] = (full_block if n_rec else 0.0) \
+        + backward_working_bytes(m, prec, local * micro_batch, tp)
     mem = {k: v / GiB for k, v in mem.items()}
     mem["reserve"] = hw.reserve_gib
 
@@ -504,7 +511,3 @@ def build_model(m: ModelDims, recompute: str = "none"):
                              text_dim=m.text_dim, qk_norm=m.qk_norm))
     apply_activation_checkpointing(model, recompute)
     return model
-
-
-def with_(m: ModelDims, **kw) -> ModelDims:
-    return replace(m, **kw)

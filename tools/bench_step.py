@@ -1,0 +1,271 @@
+"""Time fwd+bwd of N real DiTBlocks; report achieved TFLOP/s and MFU with the planner's FLOPs.
+
+    python tools/bench_step.py                                   # CPU: small, fp32
+    python tools/bench_step.py --tokens 32768 --hidden 3072 --heads 24 --blocks 2   # one GPU
+
+One step = forward + backward of `--blocks` DiTBlocks (models/dit.py) on `--batch` samples of
+`--tokens` video tokens and `--text-len` caption tokens. FLOPs per step come from
+sora_dist.planner.block_forward_flops (x3 for fwd+bwd), so the figure is the one the planner's
+step-time estimate assumes. MFU = achieved / peak:
+  * CUDA: bf16 weights (as FSDP's param_dtype) under bf16 autocast, timed with CUDA events after
+    warm-up; peak --peak-tflops (default 989 bf16 / 1979 fp8, H100 SXM dense); memory is
+    torch.cuda.max_memory_allocated.
+  * CPU: fp32; the peak is a measured fp32 matmul rate on this machine (not a datasheet), and
+    memory is the allocator high-water mark from the profiler's memory events.
+FP8 attention runs only through the model's attention seam (CoreAttention("te")); when that
+backend cannot be built the reason is printed and only bf16/fp32 is measured.
+Also printed: bytes saved for backward (saved_tensors_hooks) against the planner's estimate.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+
+import torch
+
+from sora_dist import planner as P
+from sora_dist.models.attention import CoreAttention
+from sora_dist.models.dit import Conditioning, DiTArgs, DiTBlock
+from sora_dist.models.embeddings import build_rope_3d
+
+H100_PEAK = {"bf16": 989.0, "fp8": 1979.0}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--blocks", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=512, help="video tokens per sample")
+    ap.add_argument("--hidden", type=int, default=192)
+    ap.add_argument("--heads", type=int, default=None, help="default hidden/64")
+    ap.add_argument("--mlp-ratio", type=float, default=4.0)
+    ap.add_argument("--text-len", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="bf16 peak to compute MFU against (CUDA default 989; CPU: measured)")
+    ap.add_argument("--peak-tflops-fp8", type=float, default=None, help="CUDA default 1979")
+    ap.add_argument("--recompute", action="store_true", help="activation checkpoint each block")
+    return ap.parse_args(argv)
+
+
+def fp8_attention_status(device: torch.device) -> str:
+    """'' when FP8 attention can run here, else why not (from the model's own seam)."""
+    if device.type != "cuda":
+        return "FP8 attention needs a CUDA device with transformer-engine; this run is on CPU"
+    try:
+        CoreAttention("te")
+    except ImportError:
+        return "transformer-engine is not installed (pip install 'sora_dist[gpu]')"
+    except NotImplementedError as e:
+        return f"transformer-engine is installed but {e}"
+    return ""
+
+
+def cpu_matmul_peak_tflops(n: int = 1024, reps: int = 10) -> float:
+    """Best fp32 GEMM rate of this CPU (2*n^3 per matmul): the CPU's practical peak. On a
+    shared machine this is the rate available now, so MFU is relative to the same load."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e12
+
+
+class Stack(torch.nn.Module):
+    def __init__(self, args: DiTArgs, n: int, recompute: bool):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(DiTBlock(args) for _ in range(n))
+        self.recompute = recompute
+
+    def forward(self, x, cond):
+        from torch.utils.checkpoint import checkpoint
+
+        for blk in self.blocks:
+            x = checkpoint(blk, x, cond, use_reentrant=False) if self.recompute else blk(x, cond)
+        return x
+
+
+def make_inputs(a, device, dtype):
+    D, heads = a.hidden, a.heads
+    g = torch.Generator().manual_seed(0)
+    # A (T, H, W) grid with T*H*W = tokens: 8 frames if it divides, else one row.
+    T = 8 if a.tokens % 8 == 0 else 1
+    grid = (T, 1, a.tokens // T)
+    cond = Conditioning(
+        c_BD=torch.randn(a.batch, D, generator=g).to(device, dtype),
+        text_BLD=torch.randn(a.batch, a.text_len, D, generator=g).to(device, dtype),
+        text_mask_BL=torch.ones(a.batch, a.text_len, dtype=torch.bool, device=device),
+        rope_SP2=build_rope_3d(grid, D // heads, device),
+        grid=grid,
+    )
+    cond.text_mask_BL[:, a.text_len - a.text_len // 4:] = False  # padded captions
+    x = torch.randn(a.batch, a.tokens, D, generator=g).to(device, dtype).requires_grad_()
+    return x, cond
+
+
+def cpu_peak_bytes(step) -> int:
+    """Allocator high-water mark of one fwd+bwd above what was live before it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    cur = peak = 0
+    mem = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    for e in sorted(mem, key=lambda e: e.start_ns()):
+        cur += e.nbytes()
+        peak = max(peak, cur)
+    return peak
+
+
+def run(a, device, attn: str) -> dict:
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    args = DiTArgs(hidden_size=a.hidden, depth=a.blocks, num_heads=a.heads, mlp_ratio=a.mlp_ratio,
+                   text_dim=a.hidden, attention_backend="te" if attn == "fp8" else "sdpa")
+    torch.manual_seed(0)
+    model = Stack(args, a.blocks, a.recompute).to(device, dtype)  # bf16 weights = FSDP param_dtype
+    # adaLN-Zero gates start at 0; random gates keep every branch's gradient alive.
+    for blk in model.blocks:
+        torch.nn.init.normal_(blk.adaLN_modulation[-1].weight, std=0.02)
+    x, cond = make_inputs(a, device, dtype)
+    def fwd():
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda))
+            if attn == "fp8":  # FP8 through transformer-engine's recipe, never a relabelled bf16 run
+                import transformer_engine.pytorch as te
+
+                stack.enter_context(te.fp8_autocast(enabled=True))
+            return model(x, cond)
+
+    def step():
+        out = fwd()
+        out.float().square().mean().backward()
+        x.grad = None
+        model.zero_grad(set_to_none=True)
+
+    for _ in range(a.warmup):
+        step()
+    times = []
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        for _ in range(a.iters):
+            t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0.record()
+            step()
+            t1.record()
+            torch.cuda.synchronize()
+            times.append(t0.elapsed_time(t1) / 1e3)
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        for _ in range(a.iters):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+        peak = cpu_peak_bytes(step)
+    return {"s": statistics.median(times), "peak": peak, "saved": saved_activation_bytes(model, fwd)}
+
+
+def saved_activation_bytes(model, fwd) -> int:
+    """Unique storages saved for backward by one forward, the model's parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fwd()
+    del out
+    return sum(seen.values())
+
+
+def estimate_saved(a, device) -> float:
+    """Planner: N blocks' saved tensors plus what they share (RoPE table, caption, c)."""
+    m = P.ModelDims(hidden=a.hidden, depth=a.blocks, heads=a.heads, mlp_ratio=a.mlp_ratio,
+                    text_len=a.text_len, text_dim=a.hidden)
+    prec = P.PRECISIONS["cuda_bf16" if device.type == "cuda" else "cpu_fp32"]
+    acts = P.block_activations(m, "flash", prec, kv_len=a.tokens)
+    S, B = a.tokens, a.batch
+    if a.recompute:
+        blocks = a.blocks * P.checkpoint_input_bytes(m, prec, S * B, 1)
+        shared = 0.0  # RoPE table, caption and c are held by reference, not saved
+    else:
+        blocks = a.blocks * acts.bytes(S * B, B, 1)
+        shared = S * m.head_dim * prec.fp32 + B * (a.text_len + 1) * a.hidden * prec.act
+    return blocks + shared
+
+
+def estimate_peak(a, device, saved_est: float) -> float:
+    """Planner: saved tensors + the recomputed block (if any) + backward's working gradients."""
+    m = P.ModelDims(hidden=a.hidden, depth=a.blocks, heads=a.heads, mlp_ratio=a.mlp_ratio,
+                    text_len=a.text_len, text_dim=a.hidden)
+    prec = P.PRECISIONS["cuda_bf16" if device.type == "cuda" else "cpu_fp32"]
+    S, B = a.tokens, a.batch
+    rec = P.block_activations(m, "flash", prec, kv_len=S).bytes(S * B, B, 1) if a.recompute else 0.0
+    return saved_est + rec + P.backward_working_bytes(m, prec, S * B, 1)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    a.heads = a.heads or max(1, a.hidden // 64)
+    dev_type = "cuda" if a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available()) else "cpu"
+    device = torch.device(dev_type)
+    cuda = dev_type == "cuda"
+    m = P.ModelDims(hidden=a.hidden, depth=a.blocks, heads=a.heads, mlp_ratio=a.mlp_ratio,
+                    text_len=a.text_len, text_dim=a.hidden)
+    f = P.block_forward_flops(m, a.tokens, a.batch)
+    step_flops = 3 * a.blocks * f.total
+    exec_flops = step_flops + (a.blocks * f.total if a.recompute else 0)
+    if cuda:
+        peaks = {"bf16": a.peak_tflops or H100_PEAK["bf16"], "fp8": a.peak_tflops_fp8 or H100_PEAK["fp8"]}
+        name = torch.cuda.get_device_name(device)
+        peak_src = "--peak-tflops" if a.peak_tflops else "H100 SXM dense default"
+    else:
+        measured = cpu_matmul_peak_tflops()
+        peaks = {"bf16": a.peak_tflops or measured}
+        name = f"CPU ({torch.get_num_threads()} threads)"
+        peak_src = "--peak-tflops" if a.peak_tflops else f"measured fp32 1024^3 matmul: {measured:.4f} TFLOP/s"
+    print(f"device: {name}; {'bf16 weights + autocast' if cuda else 'fp32'}; peak {peaks['bf16']:.4g} "
+          f"TFLOP/s ({peak_src})")
+    print(f"{a.blocks} DiTBlock(s): hidden {a.hidden}, heads {a.heads}, mlp x{a.mlp_ratio:g}, "
+          f"{a.tokens} tokens x batch {a.batch}, caption {a.text_len}; recompute "
+          f"{'on' if a.recompute else 'off'}")
+    print(f"planner FLOPs per step (fwd+bwd = 3x fwd): {step_flops / 1e9:.2f} GFLOP "
+          f"(attention {f.attention / f.total:.1%}); executed {exec_flops / 1e9:.2f} GFLOP")
+    variants = ["bf16" if cuda else "fp32"]
+    why = fp8_attention_status(device)
+    if why:
+        print(f"FP8: unavailable: {why}; measuring {variants[0]} only")
+    else:
+        variants.append("fp8")
+    print("memory (MiB): fwd+bwd peak above the inputs and weights, and the bytes saved for "
+          "backward, each measured | planner")
+    print(f"{'variant':>7} {'step ms':>9} {'TFLOP/s':>9} {'MFU':>7} {'peak':>8} {'planner':>8} "
+          f"{'saved':>8} {'planner':>8} {'err':>7}")
+    MiB = 2**20
+    for v in variants:
+        r = run(a, device, "fp8" if v == "fp8" else "sdpa")
+        saved = r["saved"]
+        est = estimate_saved(a, device)
+        tflops = step_flops / r["s"] / 1e12
+        peak = peaks["fp8" if v == "fp8" else "bf16"]
+        est_peak = estimate_peak(a, device, est)
+        print(f"{v:>7} {r['s'] * 1e3:9.1f} {tflops:9.4f} {tflops / peak:7.1%} {r['peak'] / MiB:8.1f} "
+              f"{est_peak / MiB:8.1f} {saved / MiB:8.1f} {est / MiB:8.1f} {est / saved - 1:+7.1%}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
