@@ -65,10 +65,21 @@ def init_distributed(device_pref: str = "auto", backend: str = "auto", timeout_s
     return DistEnv(rank, world, local_rank, device)
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(clean: bool = True) -> None:
+    """Barrier (clean exit, so no rank leaves a peer mid-collective) then destroy the group.
+    After a failure the peers may be gone: skip the barrier, it would only raise again."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
+
+
+def is_comm_failure(err: BaseException) -> bool:
+    """A collective that failed because a peer died, hung past the timeout or reset."""
+    text = str(err).lower()
+    return isinstance(err, getattr(dist, "DistError", ())) or any(
+        s in text for s in ("connection reset", "connection closed", "timed out", "timeout",
+                            "broken pipe", "nccl", "gloo"))
 
 
 def autocast(device: torch.device, mixed_precision: str):

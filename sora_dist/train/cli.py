@@ -15,7 +15,9 @@ register_configs()
 
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="train")
 def main(dcfg: DictConfig) -> None:
-    from sora_dist.parallel.state import shutdown_distributed
+    import logging
+
+    from sora_dist.parallel.state import is_comm_failure, shutdown_distributed
     from sora_dist.train.trainer import Trainer
 
     try:
@@ -23,11 +25,26 @@ def main(dcfg: DictConfig) -> None:
         trainer = Trainer(cfg)
     except ConfigError as e:
         raise SystemExit(f"config error: {e}") from None
+    clean = False
     try:
         trainer.train()
+        clean = True
+    except SystemExit as e:  # preemption: every rank checkpointed and stops together
+        clean = True
+        raise e
+    except RuntimeError as e:
+        if trainer.world > 1 and is_comm_failure(e):
+            logging.getLogger("sora_dist").error(
+                "rank %d: a collective failed at step %d: another rank died, hung past "
+                "parallel.timeout_s=%ds, or lost its network (see that rank's log). Stopping; rerun "
+                "the same command to resume from the newest complete checkpoint in %s/checkpoints. "
+                "Cause: %s", trainer.rank, trainer.step, trainer.cfg.parallel.timeout_s,
+                trainer.run_dir, str(e).splitlines()[0][:300])
+            raise SystemExit(1) from None
+        raise
     finally:
         trainer.close()
-        shutdown_distributed()
+        shutdown_distributed(clean)
 
 
 if __name__ == "__main__":
