@@ -1,0 +1,78 @@
+"""Config of `sora-sample`: prompts -> text encoder -> diffusion sampler -> VAE decode -> mp4."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from sora_dist.config.validate import ConfigError
+
+
+@dataclass
+class SampleConfig:
+    # Training run folder (holds config.yaml and checkpoints/); model and diffusion settings
+    # are read from its config.yaml so they always match the weights.
+    run_dir: str = "???"
+    # Checkpoint step folder; None = the newest complete one under run_dir/checkpoints.
+    checkpoint: Optional[str] = None
+    # Use the EMA weights when the run kept them (train.ema_decay > 0).
+    use_ema: bool = True
+    # Prompts to sample, one video each.
+    prompts: list[str] = field(default_factory=lambda: ["a red square moving right on a black background"])
+    # Optional text file with one prompt per line (appended to `prompts`).
+    prompt_file: Optional[str] = None
+    # VAE / text-encoder folders; None = the ones recorded in the run's shard manifest.
+    vae_path: Optional[str] = None
+    text_encoder_path: Optional[str] = None
+    # Caption tokens kept; None = the value the shards were encoded with (else 120).
+    text_max_length: Optional[int] = None
+    # Output video size in pixels; frames must be 1 + k * VAE temporal factor, H/W divisible
+    # by the VAE spatial factor (and the latent size by the patch size).
+    num_frames: int = 17
+    height: int = 64
+    width: int = 64
+    # Frame rate written into the mp4 (and used to sample a conditioning video).
+    fps: float = 12.0
+    # Sampler settings; None = the run's diffusion config (diffusion.sampler/sample_steps/guidance_scale).
+    sampler: Optional[str] = None
+    steps: Optional[int] = None
+    guidance_scale: Optional[float] = None
+    # Seed of the initial noise (and stochastic sampler steps); prompt i uses seed + i.
+    seed: int = 0
+    # Prompts per sampler call.
+    batch_size: int = 4
+    # Conditioning image or video for image-to-video / video extension (None = text only).
+    cond_path: Optional[str] = None
+    # "first": the condition opens the video (image-to-video, forward extension);
+    # "last": it closes the video (backward extension).
+    cond_position: str = "first"
+    # Latent frames taken from the condition (1 for an image; k latent frames = 1 + 4(k-1) video frames).
+    cond_latent_frames: int = 1
+    # Where the mp4 files and samples.jsonl go.
+    output_dir: str = "samples"
+    # "auto", "cpu" or "cuda".
+    device: str = "auto"
+    # Show the sampler's progress bar.
+    progress: bool = True
+
+
+def validate_sample(cfg: SampleConfig) -> None:
+    if not cfg.run_dir or cfg.run_dir == "???":
+        raise ConfigError("sample.run_dir is required: the training run folder (sora-sample run_dir=runs/x)")
+    if cfg.num_frames < 1 or cfg.height < 1 or cfg.width < 1:
+        raise ConfigError(f"num_frames/height/width = {cfg.num_frames}/{cfg.height}/{cfg.width} must be >= 1")
+    if cfg.fps <= 0:
+        raise ConfigError(f"fps={cfg.fps} must be > 0")
+    if cfg.batch_size < 1:
+        raise ConfigError(f"batch_size={cfg.batch_size} must be >= 1")
+    if cfg.cond_position not in ("first", "last"):
+        raise ConfigError(f"cond_position={cfg.cond_position!r}: use 'first' or 'last'")
+    if cfg.cond_latent_frames < 1:
+        raise ConfigError(f"cond_latent_frames={cfg.cond_latent_frames} must be >= 1")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device={cfg.device!r}: use auto, cpu or cuda")
+
+
+def register_sample_config() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="sample_schema", node=SampleConfig)

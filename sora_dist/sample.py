@@ -1,0 +1,191 @@
+"""`sora-sample`: prompt(s) -> text encoder -> diffusion sampler -> VAE decode -> mp4.
+
+  sora-sample run_dir=runs/demo 'prompts=["a red square moving right on a black background"]'
+  sora-sample run_dir=runs/demo cond_path=first_frame.png            # image-to-video
+  sora-sample run_dir=runs/demo cond_path=clip.mp4 cond_latent_frames=2 cond_position=last
+
+Model and diffusion settings come from the run's saved config.yaml, and the VAE/text encoder
+from the shard manifest the run trained on, so the sampler cannot silently disagree with the
+weights. Single process: sampling a few prompts does not need the training layout.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from sora_dist.config.sample import SampleConfig, register_sample_config, validate_sample
+from sora_dist.config.validate import ConfigError
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hydra_configs")
+log = logging.getLogger("sora_dist.sample")
+
+register_sample_config()
+
+
+def _job_config(run_dir: str):
+    from sora_dist.config import to_job_config
+
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(path):
+        raise ConfigError(f"run_dir={run_dir!r} has no config.yaml; point it at a sora-train run folder")
+    return to_job_config(OmegaConf.load(path))
+
+
+def _resolve_models(cfg: SampleConfig, job) -> tuple[str, str, int]:
+    """VAE / text-encoder folders and text length: explicit, else from the run's shard manifest."""
+    manifest = {}
+    if job.data.source == "shards" and job.data.shards:
+        from sora_dist.data.shards import load_manifest
+
+        try:
+            manifest = load_manifest(job.data.shards)[1]
+        except FileNotFoundError:
+            manifest = {}
+    vae = cfg.vae_path or manifest.get("vae", {}).get("path")
+    te = cfg.text_encoder_path or manifest.get("text_encoder")
+    if not vae or not te:
+        raise ConfigError("cannot tell which VAE/text encoder the run used (no shard manifest); "
+                          "pass vae_path=... and text_encoder_path=...")
+    return vae, te, cfg.text_max_length or int(manifest.get("text_max_length", 120))
+
+
+def _prompts(cfg: SampleConfig) -> list[str]:
+    prompts = [p for p in cfg.prompts if p and p.strip()]
+    if cfg.prompt_file:
+        with open(cfg.prompt_file, encoding="utf-8") as f:
+            prompts += [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise ConfigError("no prompts: set prompts=[...] or prompt_file=<one prompt per line>")
+    return prompts
+
+
+def _load_model(cfg: SampleConfig, job, device):
+    import torch
+
+    from sora_dist.models.dit import build_dit
+    from sora_dist.train import checkpoint as ckpt
+    from sora_dist.train.optim import EMA
+
+    path = cfg.checkpoint
+    if path is None:
+        found = ckpt.latest(os.path.join(cfg.run_dir, "checkpoints"))
+        if found is None:
+            raise ConfigError(f"no complete checkpoint under {cfg.run_dir}/checkpoints; train first "
+                              "or pass checkpoint=<step folder>")
+        path = found[1]
+    torch.manual_seed(0)  # init values are overwritten; fixed only to keep runs reproducible
+    model = build_dit(job.model)
+    if cfg.use_ema and job.train.ema_decay > 0:
+        ema = EMA(model, job.train.ema_decay)
+        ckpt.load(path, model, None, ema)
+        ema.copy_to(model)
+    else:
+        ckpt.load_model_only(path, model)
+    return model.to(device).eval(), path
+
+
+def _cond_latent(cfg: SampleConfig, vae, shape_BCTHW, device):
+    """Encode the conditioning image/video into k latent frames at the start or end of the clip."""
+    import torch
+
+    from sora_dist.data.video_io import BadInput, load_clip, parse_buckets, probe
+
+    k = cfg.cond_latent_frames
+    T = shape_BCTHW[2]
+    if k >= T:
+        raise ConfigError(f"cond_latent_frames={k} leaves nothing to generate in {T} latent frames")
+    try:
+        is_image = probe(cfg.cond_path).is_image
+        if is_image and k != 1:
+            raise ConfigError(f"cond_path={cfg.cond_path!r} is an image: use cond_latent_frames=1")
+        # The causal VAE maps 1 + tc*(k-1) frames to exactly k latent frames.
+        need = 1 + vae.temporal_compression * (k - 1)
+        frames, _, _, _ = load_clip(cfg.cond_path, parse_buckets([[cfg.height, cfg.width]], [need]), cfg.fps)
+    except BadInput as e:
+        raise ConfigError(f"cond_path: {e}") from None
+    z = vae.encode(frames).to(device)  # (1, C, k, h, w)
+    cond = torch.zeros(shape_BCTHW, device=device)
+    mask = torch.zeros(T, dtype=torch.bool)
+    sl = slice(0, k) if cfg.cond_position == "first" else slice(T - k, T)
+    cond[:, :, sl] = z
+    mask[sl] = True
+    return cond, mask
+
+
+def run_sample(cfg: SampleConfig) -> dict:
+    import torch
+
+    from sora_dist.data.shards import atomic_write_text
+    from sora_dist.data.video_io import write_mp4
+    from sora_dist.diffusion import build_diffusion
+    from sora_dist.models.text import TextEncoder
+    from sora_dist.models.vae import VideoVAE
+    from sora_dist.parallel.state import resolve_device_type
+
+    validate_sample(cfg)
+    job = _job_config(cfg.run_dir)
+    prompts = _prompts(cfg)
+    vae_path, te_path, text_len = _resolve_models(cfg, job)
+    device = torch.device(resolve_device_type(cfg.device))
+    vae = VideoVAE.load(vae_path, device=device)
+    if vae.latent_channels != job.model.in_channels:
+        raise ConfigError(f"VAE has {vae.latent_channels} latent channels but the model was trained on "
+                          f"model.in_channels={job.model.in_channels}; use the run's VAE")
+    try:
+        C, t, h, w = vae.latent_shape(cfg.num_frames, cfg.height, cfg.width)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    pt, ph, pw = job.model.patch_size
+    if t % pt or h % ph or w % pw:
+        raise ConfigError(f"latent size {t}x{h}x{w} does not divide by model.patch_size={list(job.model.patch_size)}; "
+                          "change num_frames/height/width")
+    te = TextEncoder.load(te_path, text_len, device=device)
+    if te.dim != job.model.text_dim:
+        raise ConfigError(f"text encoder width {te.dim} != model.text_dim={job.model.text_dim}")
+    model, ckpt_path = _load_model(cfg, job, device)
+    diffusion = build_diffusion(job.diffusion)
+    d = job.diffusion
+    sampler = cfg.sampler or d.sampler
+    steps = cfg.steps if cfg.steps is not None else d.sample_steps
+    scale = cfg.guidance_scale if cfg.guidance_scale is not None else d.guidance_scale
+
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    records, latents = [], []
+    for s in range(0, len(prompts), cfg.batch_size):
+        batch = prompts[s:s + cfg.batch_size]
+        B = len(batch)
+        text, mask = te.encode(batch)
+        # One generator per call, seeded from the first prompt's index: reruns reproduce.
+        g = torch.Generator().manual_seed(cfg.seed + s)
+        noise = torch.randn((B, C, t, h, w), generator=g).to(device)
+        cond, cmask = (None, None)
+        if cfg.cond_path:
+            cond, cmask = _cond_latent(cfg, vae, (B, C, t, h, w), device)
+        x0 = diffusion.sample(model, noise, text.to(device), mask.to(device), steps=steps, sampler=sampler,
+                              guidance_scale=scale, generator=g, cond_latent=cond,
+                              cond_frames_mask_T=cmask, eta=d.ddim_eta, progress=cfg.progress)
+        video = vae.decode(x0.float())  # (B, 3, T, H, W) in [-1, 1]
+        for i, prompt in enumerate(batch):
+            path = write_mp4(video[i].permute(1, 0, 2, 3), os.path.join(cfg.output_dir, f"sample_{s + i:03d}.mp4"), cfg.fps)
+            records.append({"prompt": prompt, "path": path, "seed": cfg.seed + s, "index_in_batch": i, "batch_size": cfg.batch_size,
+                            "checkpoint": ckpt_path, "sampler": sampler, "steps": steps, "guidance_scale": scale})
+            latents.append(x0[i].cpu())
+    atomic_write_text(os.path.join(cfg.output_dir, "samples.jsonl"), "".join(json.dumps(r) + "\n" for r in records))
+    print(f"sora-sample: {len(records)} videos in {os.path.abspath(cfg.output_dir)}", flush=True)
+    return {"records": records, "latents": latents, "cond_mask": cmask}
+
+
+@hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="sample")
+def main(dcfg: DictConfig) -> None:
+    try:
+        run_sample(OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SampleConfig), dcfg)))
+    except ConfigError as e:
+        raise SystemExit(f"config error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
