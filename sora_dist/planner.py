@@ -168,13 +168,17 @@ class Precision:
     lin_in_copies_qkv: int = 1  # storages saved for q/k/v's shared input
     rms_up: int = 4         # RMSNorm's fp32 view/copy of its input
     attn_qkvo: int = 4      # q, k, v, o as the attention kernel saves them (fp8: 1)
+    rope_copy: int = 0      # FSDP2 casts each block's inputs, Conditioning included, to
+                            # param_dtype: every block saves its own bf16 copy of the RoPE table
 
 
 PRECISIONS = {
     "cpu_fp32": Precision(),
-    "cuda_bf16": Precision(act=2, ln_in=4, ln_out=4, lin_in=2, lin_in_copies_qkv=3, rms_up=4, attn_qkvo=2),
+    "cuda_bf16": Precision(act=2, ln_in=4, ln_out=4, lin_in=2, lin_in_copies_qkv=3, rms_up=4,
+                           attn_qkvo=2, rope_copy=2),
     # TE FP8 attention keeps q/k/v/o in fp8; everything else as bf16.
-    "cuda_fp8attn": Precision(act=2, ln_in=4, ln_out=4, lin_in=2, lin_in_copies_qkv=3, rms_up=4, attn_qkvo=1),
+    "cuda_fp8attn": Precision(act=2, ln_in=4, ln_out=4, lin_in=2, lin_in_copies_qkv=3, rms_up=4,
+                              attn_qkvo=1, rope_copy=2),
 }
 
 
@@ -186,11 +190,15 @@ class BlockActs:
     head_sharded: float  # inside attention/MLP: split by heads / MLP width over TP, per token
     per_sample: float    # adaLN and the caption side of cross-attention, per sample
     per_sample_head_sharded: float
+    per_position: float = 0.0  # per sequence position, shared by the samples (RoPE table copy)
 
-    def bytes(self, tokens: int, samples: int, tp: int) -> float:
-        """tokens: this CP rank's tokens of all `samples` samples."""
-        return (tokens * (self.seq_sharded / tp + self.gathered + self.head_sharded / tp)
-                + samples * (self.per_sample + self.per_sample_head_sharded / tp))
+    def bytes(self, tokens: int, samples: int, tp: int, sp: bool = True) -> float:
+        """tokens: this CP rank's tokens of all `samples` samples. Without SP the residual
+        side is replicated over TP instead of token-sharded."""
+        seq = self.seq_sharded / tp if sp else self.seq_sharded
+        return (tokens * (seq + self.gathered + self.head_sharded / tp)
+                + samples * (self.per_sample + self.per_sample_head_sharded / tp)
+                + tokens // samples * self.per_position)
 
 
 def block_activations(m: ModelDims, attn_backend: str, prec: Precision, kv_len: int) -> BlockActs:
@@ -238,7 +246,8 @@ def block_activations(m: ModelDims, attn_backend: str, prec: Precision, kv_len: 
     k_rms = (p.rms_up * D + p.fp32 * H + p.act * D) if m.qk_norm else 0
     per_sample_heads = L * (k_rms + 2 * p.attn_qkvo * D) if flash else L * (k_rms + 2 * p.act * D)
     per_sample += L * p.act if flash else 0
-    return BlockActs(seq, gathered, head_sharded, per_sample, per_sample_heads)
+    return BlockActs(seq, gathered, head_sharded, per_sample, per_sample_heads,
+                     m.head_dim * p.rope_copy)
 
 
 def outer_activations(m: ModelDims, prec: Precision, seq: int, samples: int) -> tuple[float, float]:
@@ -260,9 +269,39 @@ def outer_activations(m: ModelDims, prec: Precision, seq: int, samples: int) -> 
     return embed, head
 
 
-def checkpoint_input_bytes(m: ModelDims, prec: Precision, tokens: int, tp: int) -> float:
-    """A fully recomputed block keeps only its input (the token-sharded residual stream)."""
-    return tokens * m.hidden * prec.act / tp
+def saved_bytes_per_microbatch(
+    m: ModelDims, prec: Precision, seq: int, batch: int, tp: int = 1, cp: int = 1,
+    sp: bool = True, recompute: str = "none", attn_backend: str = "flash",
+    layers: Optional[int] = None, embed: bool = True, head: bool = True,
+) -> float:
+    """Saved bytes of one microbatch on one rank holding `layers` blocks (default: all), with
+    the embedders (`embed`) and/or the final layer (`head`), as parallelize.py lays it out:
+    the sequence is padded to a multiple of cp*tp (SP), each CP rank keeps its chunk."""
+    tp_seq = tp if sp else 1  # token sharding of the residual stream over TP
+    padded = math.ceil(seq / (cp * tp_seq)) * cp * tp_seq
+    local = padded // cp
+    layers = m.depth if layers is None else layers
+    acts = block_activations(m, attn_backend, prec, kv_len=padded)
+    n_rec = round(recomputed_fraction(layers, recompute) * layers)
+    out = (layers - n_rec) * acts.bytes(local * batch, batch, tp, sp) \
+        + n_rec * checkpoint_input_bytes(m, prec, local * batch, tp_seq, batch)
+    embed_b, head_b = outer_activations(m, prec, padded, batch)
+    if embed:
+        out += embed_b
+        if cp > 1 and tp_seq == 1:
+            # Block 0 saves its CP chunk as a view of the whole embedded sequence (chunk()),
+            # which keeps all of it alive; under SP the redistribute copies instead.
+            out += (padded - local) * batch * m.hidden * prec.act
+    if head:
+        out += head_b
+    return out
+
+
+def checkpoint_input_bytes(m: ModelDims, prec: Precision, tokens: int, tp: int,
+                           samples: int = 1) -> float:
+    """A fully recomputed block keeps only its input (the token-sharded residual stream), and
+    under FSDP the checkpoint holds its bf16 RoPE copy (per position, `samples` share it)."""
+    return tokens * m.hidden * prec.act / tp + tokens // samples * m.head_dim * prec.rope_copy
 
 
 def backward_working_bytes(m: ModelDims, prec: Precision, tokens: int, tp: int) -> float:
@@ -377,19 +416,14 @@ def estimate(m: ModelDims, lay: Layout, hw: Hardware, tokens: int, micro_batch: 
         # Two gathered blocks in bf16 + one block's unsharded grads (bf16 + fp32 reduce copy).
         "fsdp_buffers": (split / tp + repl) * (2 * 2 + 2 + 4) if shard > 1 else 0.0,
     }
-    # Activations of one microbatch on this CP/TP rank.
-    mult = cp * tp
-    padded = math.ceil(tokens / mult) * mult
-    local = padded // cp  # this CP rank's sequence (split again by tp inside BlockActs)
-    acts = block_activations(m, "flash", prec, kv_len=padded)
-    full_block = acts.bytes(local * micro_batch, micro_batch, tp)
-    ckpt = checkpoint_input_bytes(m, prec, local * micro_batch, tp)
-    n_rec = round(recomputed_fraction(layers, lay.recompute) * layers)
-    stored = (layers - n_rec) * full_block + n_rec * ckpt
-    embed_b, head_b = outer_activations(m, prec, tokens, micro_batch)
+    # Activations: one microbatch's saved tensors on this stage, times microbatches in flight.
     in_flight = min(pp, lay.microbatches) if pp > 1 else 1
-    mem["activations"] = in_flight * (stored + embed_b + (head_b if pp == 1 else 0))
-    mem["bwd_transient"] = (full_block if n_rec else 0.0) \
+    mem["activations"] = in_flight * saved_bytes_per_microbatch(
+        m, prec, tokens, micro_batch, tp, cp, True, lay.recompute, layers=layers, head=pp == 1)
+    local = math.ceil(tokens / (cp * tp)) * tp  # this CP rank's tokens
+    recomputes = recomputed_fraction(layers, lay.recompute) > 0
+    full_block = block_activations(m, "flash", prec, tokens).bytes(local * micro_batch, micro_batch, tp)
+    mem["bwd_transient"] = (full_block if recomputes else 0.0) \
         + backward_working_bytes(m, prec, local * micro_batch, tp)
     mem = {k: v / GiB for k, v in mem.items()}
     mem["reserve"] = hw.reserve_gib
@@ -455,29 +489,35 @@ def recommend(plans: list[Plan]) -> Optional[Plan]:
 # ----------------------------------------------------------------------------------------------
 
 def estimate_saved_bytes(m: ModelDims, seq: int, batch: int, recompute: str = "none",
-                         attn_backend: str = "flash", precision: str = "cpu_fp32") -> float:
-    """Planner estimate of what one single-process VideoDiT forward saves for backward."""
-    prec = PRECISIONS[precision]
-    acts = block_activations(m, attn_backend, prec, kv_len=seq)
-    full = acts.bytes(seq * batch, batch, 1)
-    n_rec = round(recomputed_fraction(m.depth, recompute) * m.depth)
-    embed_b, head_b = outer_activations(m, prec, seq, batch)
-    return (m.depth - n_rec) * full + n_rec * checkpoint_input_bytes(m, prec, seq * batch, 1) \
-        + embed_b + head_b
+                         attn_backend: str = "flash", precision: str = "cpu_fp32",
+                         tp: int = 1, cp: int = 1, sp: bool = True) -> float:
+    """Planner estimate of what one VideoDiT forward saves for backward on one rank."""
+    return saved_bytes_per_microbatch(m, PRECISIONS[precision], seq, batch, tp, cp, sp,
+                                      recompute, attn_backend)
 
 
 def measure_saved_bytes(model, inputs: tuple) -> int:
-    """Bytes of the storages autograd saves during one forward of `model(*inputs)`: unique
-    storages (views count once), parameters excluded (they are not activations)."""
+    """Bytes of the storages autograd saves during one forward of `model(*inputs)` on this
+    rank: unique storages (views count once), parameters excluded (they are not activations);
+    DTensors (TP) count their local shard."""
     import torch
 
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    def storages(t):
+        if type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+            for name in t.__tensor_flatten__()[0]:  # DTensor -> its local tensor
+                inner = getattr(t, name)
+                if isinstance(inner, torch.Tensor):
+                    yield from storages(inner)
+        else:
+            yield t.untyped_storage()
+
+    params = {s.data_ptr() for p in model.parameters() for s in storages(p)}
     seen: dict[int, int] = {}
 
     def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            seen[s.data_ptr()] = s.nbytes()
+        for s in storages(t):
+            if s.data_ptr() not in params:
+                seen[s.data_ptr()] = s.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

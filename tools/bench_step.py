@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import statistics
 import time
 
@@ -191,11 +192,19 @@ def saved_activation_bytes(model, fwd) -> int:
     return sum(seen.values())
 
 
+def bench_precision(device) -> "P.Precision":
+    """The planner's profile for this run: CUDA bf16 autocast without FSDP's input cast (the
+    RoPE table stays one fp32 tensor), or CPU fp32."""
+    if device.type == "cuda":
+        return dataclasses.replace(P.PRECISIONS["cuda_bf16"], rope_copy=0)
+    return P.PRECISIONS["cpu_fp32"]
+
+
 def estimate_saved(a, device) -> float:
     """Planner: N blocks' saved tensors plus what they share (RoPE table, caption, c)."""
     m = P.ModelDims(hidden=a.hidden, depth=a.blocks, heads=a.heads, mlp_ratio=a.mlp_ratio,
                     text_len=a.text_len, text_dim=a.hidden)
-    prec = P.PRECISIONS["cuda_bf16" if device.type == "cuda" else "cpu_fp32"]
+    prec = bench_precision(device)
     acts = P.block_activations(m, "flash", prec, kv_len=a.tokens)
     S, B = a.tokens, a.batch
     if a.recompute:
@@ -211,7 +220,7 @@ def estimate_peak(a, device, saved_est: float) -> float:
     """Planner: saved tensors + the recomputed block (if any) + backward's working gradients."""
     m = P.ModelDims(hidden=a.hidden, depth=a.blocks, heads=a.heads, mlp_ratio=a.mlp_ratio,
                     text_len=a.text_len, text_dim=a.hidden)
-    prec = P.PRECISIONS["cuda_bf16" if device.type == "cuda" else "cpu_fp32"]
+    prec = bench_precision(device)
     S, B = a.tokens, a.batch
     rec = P.block_activations(m, "flash", prec, kv_len=S).bytes(S * B, B, 1) if a.recompute else 0.0
     return saved_est + rec + P.backward_working_bytes(m, prec, S * B, 1)

@@ -203,3 +203,46 @@ def test_plan_cli_prints_a_recommendation(capsys):
     out = capsys.readouterr().out
     assert "recommended: tp=" in out and "fits" in out
     assert main(["--flavor", "30B", "--tokens", "2000000", "--gpus", "8", "--mem-gib", "24"]) == 1
+
+
+# ---- parallel layouts: per-rank saved bytes of the real parallelized model (2 gloo ranks) ----
+
+PAR_DIMS = dict(hidden=64, depth=2, heads=4, text_dim=32, text_len=16, in_channels=4)
+PAR_LAYOUTS = [dict(tp=2), dict(tp=2, sequence_parallel=False), dict(cp=2, cp_mode="ulysses"),
+               dict(cp=2, cp_mode="ring")]
+
+
+def _parallel_saved_worker(rank, world, grid, batch):
+    from sora_dist.parallel.dims import ParallelDims
+    from sora_dist.parallel.parallelize import parallelize_dit
+
+    m = P.ModelDims(**PAR_DIMS)
+    out = []
+    for layout in PAR_LAYOUTS:
+        cfg = JobConfig()
+        cfg.train.mixed_precision = "fp32"
+        cfg.parallel.fsdp = False  # FSDP changes parameter storage, not activations
+        for k, v in layout.items():
+            setattr(cfg.parallel, k, v)
+        pdims = ParallelDims.from_config(cfg.parallel, world)
+        torch.manual_seed(0)
+        model = parallelize_dit(P.build_model(m), pdims, pdims.build_mesh("cpu"), cfg)
+        out.append(P.measure_saved_bytes(model, P.tiny_inputs(m, grid, batch)))
+    return torch.tensor(out)
+
+
+@pytest.mark.distributed
+def test_saved_bytes_per_rank_under_tp_sp_and_cp():
+    """TP with SP shards the residual side and heads but keeps the all-gathered linear inputs
+    whole; CP halves the sequence but block 0 keeps the whole embedded sequence (a view)."""
+    from sora_dist.parallel.spawn import run_distributed
+
+    grid, b = (4, 16, 16), 2
+    m = P.ModelDims(**PAR_DIMS)
+    measured = run_distributed(_parallel_saved_worker, 2, grid, b).tolist()
+    for layout, meas in zip(PAR_LAYOUTS, measured):
+        est = P.estimate_saved_bytes(m, 256, b, tp=layout.get("tp", 1), cp=layout.get("cp", 1),
+                                     sp=layout.get("sequence_parallel", True))
+        assert abs(est / meas - 1) < 0.15, (layout, meas, est)
+    single = P.estimate_saved_bytes(m, 256, b)
+    assert max(measured) < single  # every layout saves less per rank than one process
