@@ -44,3 +44,6 @@ class LoggingConfig:
     wandb_project: str = "sora_dist"
     # Also write TensorBoard event files in run_dir/tb.
     tensorboard: bool = False
+    # Dense bf16 peak TFLOP/s of one device for MFU; 0 = known GPUs (H100/H200 989, A100 312),
+    # no MFU on unknown devices or CPU.
+    peak_tflops: float = 0.0

@@ -98,3 +98,18 @@ def memory_stats(device: torch.device) -> dict:
         return {"mem_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     except Exception:
         return {}
+
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
+
+
+def peak_tflops(device: torch.device, configured: float = 0.0) -> float:
+    """Dense bf16 peak of one device, for MFU; 0 when unknown."""
+    if configured > 0:
+        return configured
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, v in PEAK_BF16_TFLOPS.items():
+            if key in name:
+                return v
+    return 0.0

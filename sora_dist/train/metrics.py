@@ -50,6 +50,10 @@ class MetricLogger:
             return
         parts = [f"step {step:>6d}/{total}", f"loss {m['loss']:.5f}", f"grad_norm {m['grad_norm']:.3f}",
                  f"lr {m['lr']:.2e}", f"tok/s {m['tokens_per_s']:,.0f}"]
+        if "mfu" in m:
+            parts.append(f"mfu {100 * m['mfu']:.1f}%")
+        elif "tflops_per_device" in m:
+            parts.append(f"tflops/dev {m['tflops_per_device']:.3g}")
         if "mem_gib" in m:
             parts.append(f"mem {m['mem_gib']:.2f}GiB")
         if m.get("skipped"):

@@ -20,7 +20,7 @@ from sora_dist.diffusion import build_diffusion
 from sora_dist.models.dit import build_dit, count_params
 from sora_dist.parallel.dims import ParallelDims
 from sora_dist.parallel.grad import clip_grad_norm_
-from sora_dist.parallel.state import autocast, init_distributed, memory_stats
+from sora_dist.parallel.state import autocast, init_distributed, memory_stats, peak_tflops
 from sora_dist.train import checkpoint as ckpt
 from sora_dist.train.metrics import MetricLogger, setup_console
 from sora_dist.train.optim import EMA, build_optimizer, set_lr
@@ -105,6 +105,7 @@ class Trainer:
         self._save_config()
         self._maybe_resume()
         self.metrics = MetricLogger(cfg.logging, self.run_dir, self.rank, self._config_dict())
+        self.peak_tflops = peak_tflops(self.device, cfg.logging.peak_tflops)
 
     # ---- set-up helpers ----------------------------------------------------------------------
     def _config_dict(self) -> dict:
@@ -208,7 +209,20 @@ class Trainer:
         T, H, W = x0.shape[-3:]
         tokens = x0.shape[0] * math.ceil(T / p[0]) * math.ceil(H / p[1]) * math.ceil(W / p[2]) * self.dp_size
         return {"loss": float(loss_avg), "grad_norm": float(grad_norm), "lr": lr, "tokens": tokens,
-                "skipped": self.skipped}
+                "skipped": self.skipped, "flops": self._model_flops(x0.shape, text.shape[1])}
+
+    def _model_flops(self, shape, text_len: int) -> float:
+        """Model FLOPs of this step over all DP ranks (fwd + bwd, no recompute): the MFU numerator."""
+        from sora_dist.planner import ModelDims, step_flops
+
+        m = self.cfg.model
+        r = m.resolved()
+        dims = ModelDims(hidden=r["hidden_size"], depth=r["depth"], heads=r["num_heads"], mlp_ratio=m.mlp_ratio,
+                         text_dim=m.text_dim, text_len=text_len, in_channels=m.in_channels,
+                         patch=tuple(m.patch_size), qk_norm=m.qk_norm)
+        p = m.patch_size
+        seq = math.ceil(shape[-3] / p[0]) * math.ceil(shape[-2] / p[1]) * math.ceil(shape[-1] / p[2])
+        return step_flops(dims, seq, shape[0] * self.dp_size)[0].total
 
     # ---- the loop ----------------------------------------------------------------------------
     def train(self, stop_at: Optional[int] = None) -> list[float]:
@@ -230,10 +244,13 @@ class Trainer:
             if self.step % self.cfg.logging.log_every == 0 or self.step == end:
                 dt = time.perf_counter() - t0
                 m["tokens_per_s"] = m["tokens"] / max(dt, 1e-9)
+                m["tflops_per_device"] = m["flops"] / max(dt, 1e-9) / self.world / 1e12
+                if self.peak_tflops:
+                    m["mfu"] = m["tflops_per_device"] / self.peak_tflops
                 m.update(memory_stats(self.device))
                 self.metrics.log(self.step, cfg.steps, m)
             if self.rank == 0:
-                self._append_metrics({"step": self.step, **{k: v for k, v in m.items() if k != "tokens"}})
+                self._append_metrics({"step": self.step, **{k: v for k, v in m.items() if k not in ("tokens", "flops")}})
             if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == cfg.steps:
                 self.save_checkpoint()
             elif self._should_stop():
