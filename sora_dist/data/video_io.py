@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -199,9 +198,12 @@ def resize_crop(frames_TCHW: torch.Tensor, height: int, width: int, chunk: int =
     return out
 
 
-def read_frames(info: VideoInfo, num_frames: int, fps: float) -> torch.Tensor:
+def read_frames(info: VideoInfo, num_frames: int, fps: float,
+                size: Optional[tuple[int, int]] = None) -> torch.Tensor:
     """Decode `num_frames` frames sampled at `fps` from the start. Returns uint8 (T, 3, H, W).
-    Only the needed frames are kept, and decoding stops after the last one."""
+    Only the needed frames are kept, and decoding stops after the last one. With `size`, each
+    kept frame is resized/cropped right away, so memory scales with the bucket, not the source
+    resolution (a 4K source never has more than one full-size frame alive)."""
     import av
 
     if info.is_image:
@@ -210,14 +212,15 @@ def read_frames(info: VideoInfo, num_frames: int, fps: float) -> torch.Tensor:
         step = info.fps / fps
         wanted = [int(round(i * step)) for i in range(num_frames)]
     want_set, last = set(wanted), wanted[-1]
-    got: dict[int, np.ndarray] = {}
+    got: dict[int, torch.Tensor] = {}
     try:
         with av.open(info.path, mode="r") as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             for i, frame in enumerate(container.decode(stream)):
                 if i in want_set:
-                    got[i] = frame.to_ndarray(format="rgb24")
+                    x = torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1)[None]
+                    got[i] = resize_crop(x, *size)[0] if size else x[0].contiguous()
                 if i >= last:
                     break
     except av.error.FFmpegError as e:
@@ -227,8 +230,7 @@ def read_frames(info: VideoInfo, num_frames: int, fps: float) -> torch.Tensor:
         # The header promised more frames than the payload holds: the file was cut short.
         raise BadInput("truncated", info.path,
                        f"decoded {len(got)} of {len(want_set)} needed frames; header says {info.num_frames}")
-    arr = np.stack([got[i] for i in wanted])  # (T, H, W, 3)
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+    return torch.stack([got[i] for i in wanted])
 
 
 def load_clip(path: str, buckets: Sequence[Bucket], target_fps: float, max_side: int = 4096
@@ -236,8 +238,8 @@ def load_clip(path: str, buckets: Sequence[Bucket], target_fps: float, max_side:
     """probe -> bucket -> decode -> resize/crop. Returns (uint8 (T,3,H,W), bucket, fps, info)."""
     info = probe(path, max_side=max_side)
     bucket, fps = choose_bucket(info, buckets, target_fps)
-    frames = read_frames(info, bucket.frames, fps)
-    return resize_crop(frames, bucket.height, bucket.width), bucket, fps, info
+    frames = read_frames(info, bucket.frames, fps, size=(bucket.height, bucket.width))
+    return frames, bucket, fps, info
 
 
 def to_unit_range(frames_TCHW_uint8: torch.Tensor) -> torch.Tensor:
