@@ -123,7 +123,9 @@ def forward_flops(m: ModelDims, seq: int, batch: int = 1) -> Flops:
 
 def step_flops(m: ModelDims, seq: int, samples: int, recompute: str = "none") -> tuple[Flops, Flops]:
     """(model FLOPs, executed FLOPs) of one optimizer step over `samples` samples. Backward is
-    2x forward (input and weight grads); recompute re-runs the forward of the recomputed blocks."""
+    2x forward (input and weight grads); recompute re-runs the forward of the recomputed blocks.
+    Flash attention's backward also recomputes q k^T (+0.5x the attention forward); like the
+    kernels' other overheads, that is left to the MFU figure rather than counted here."""
     f = forward_flops(m, seq, samples)
     model = Flops(3 * f.linear, 3 * f.attention)
     frac = recomputed_fraction(m.depth, recompute)
@@ -449,16 +451,21 @@ def _divisors(n: int) -> list[int]:
 
 
 def candidate_layouts(m: ModelDims, hw: Hardware, microbatches: Optional[int] = None,
-                      recomputes=("none", "selective", "full")) -> list[Layout]:
-    """Every (tp, cp, pp, dp, recompute) with tp*cp*pp*dp = gpus; TP limited to a node.
-    Divisibility is checked later so rejected layouts can be shown with their reason."""
+                      recomputes=("none", "selective", "full"), cp_mode: str = "auto") -> list[Layout]:
+    """Every (tp, cp, pp, dp, recompute) with tp*cp*pp*dp = gpus. cp_mode "auto" picks the
+    attention per layout (cp_attention_mode); "ulysses"/"ring" force it (Ulysses then needs
+    heads % (tp*cp) == 0). Divisibility is checked later so rejected layouts show why."""
+    if cp_mode not in ("auto", "ulysses", "ring"):
+        raise ValueError(f"cp_mode={cp_mode!r}: use auto, ulysses or ring")
     out = []
     for tp in _divisors(hw.gpus):
         for cp in _divisors(hw.gpus // tp):
             for pp in _divisors(hw.gpus // (tp * cp)):
                 dp = hw.gpus // (tp * cp * pp)
-                mode, u, _ = cp_attention_mode(m.heads, tp, cp, hw.gpus_per_node) \
-                    if m.heads % tp == 0 else ("ulysses", cp, "")
+                if cp_mode == "auto" and m.heads % tp == 0:
+                    mode, u, _ = cp_attention_mode(m.heads, tp, cp, hw.gpus_per_node)
+                else:
+                    mode, u = ("ring", 1) if cp_mode == "ring" else ("ulysses", cp)
                 mb = microbatches or (2 * pp if pp > 1 else 1)
                 for rc in recomputes:
                     out.append(Layout(tp, cp, pp, dp, rc, mode, u, mb))
@@ -467,9 +474,9 @@ def candidate_layouts(m: ModelDims, hw: Hardware, microbatches: Optional[int] = 
 
 def plan_all(m: ModelDims, hw: Hardware, tokens: int, micro_batch: int = 1,
              attn_dtype: str = "bf16", microbatches: Optional[int] = None,
-             ema: bool = True) -> list[Plan]:
+             ema: bool = True, cp_mode: str = "auto") -> list[Plan]:
     return [estimate(m, lay, hw, tokens, micro_batch, attn_dtype, ema)
-            for lay in candidate_layouts(m, hw, microbatches)]
+            for lay in candidate_layouts(m, hw, microbatches, cp_mode=cp_mode)]
 
 
 def recommend(plans: list[Plan]) -> Optional[Plan]:

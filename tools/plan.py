@@ -42,6 +42,8 @@ def parse_args(argv=None):
                    help="fp8: transformer-engine FP8 attention (q/k/v/o in fp8, fp8 peak)")
     w.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM 989)")
     w.add_argument("--peak-tflops-fp8", type=float, default=1979.0)
+    w.add_argument("--cp-mode", choices=("auto", "ulysses", "ring"), default="auto",
+                   help="CP attention; auto: Ulysses if heads divide, else hybrid in-node Ulysses x ring")
     w.add_argument("--mfu", type=float, default=0.4, help="achieved share of peak on executed FLOPs")
     w.add_argument("--headroom", type=float, default=0.10, help="share of memory kept free")
     w.add_argument("--reserve-gib", type=float, default=3.0, help="CUDA context, NCCL, allocator")
@@ -116,7 +118,8 @@ def main(argv=None) -> int:
                                 in_channels=a.in_channels)
     hw = P.Hardware(a.gpus, a.mem_gib, a.peak_tflops, a.peak_tflops_fp8, a.mfu, a.gpus_per_node,
                     a.reserve_gib, a.headroom)
-    plans = P.plan_all(m, hw, a.tokens, a.micro_batch, a.attn_dtype, a.microbatches, not a.no_ema)
+    plans = P.plan_all(m, hw, a.tokens, a.micro_batch, a.attn_dtype, a.microbatches, not a.no_ema,
+                       a.cp_mode)
     f = P.forward_flops(m, a.tokens, 1)
     print(f"model: hidden {m.hidden}, depth {m.depth}, heads {m.heads} (head dim {m.head_dim}), "
           f"mlp {m.mlp}, text {m.text_len}x{m.text_dim}: {m.params() / 1e9:.2f} B params")

@@ -246,3 +246,12 @@ def test_saved_bytes_per_rank_under_tp_sp_and_cp():
         assert abs(est / meas - 1) < 0.15, (layout, meas, est)
     single = P.estimate_saved_bytes(m, 256, b)
     assert max(measured) < single  # every layout saves less per rank than one process
+
+
+def test_forced_ulysses_rejects_heads_not_divisible():
+    m = P.ModelDims.from_flavor("7B")  # 24 heads
+    forced = P.plan_all(m, HW64, 460_000, cp_mode="ulysses")
+    bad = [p for p in forced if "% (tp*ulysses)" in p.why]
+    assert bad and all(24 % (p.layout.tp * p.layout.cp) for p in bad)
+    auto = P.plan_all(m, HW64, 460_000)
+    assert not any("% (tp*ulysses)" in p.why for p in auto)  # auto falls back to hybrid/ring
