@@ -8,7 +8,8 @@ RoPE table and key mask sharded with shard_sequence). Per rank (max over ranks) 
   * peak: CPU allocator high-water mark of fwd+bwd above the inputs (torch profiler memory
     events), i.e. activations + transient score blocks + comm buffers;
   * saved: bytes kept for backward (saved_tensors_hooks, unique storages);
-  * step time (median; CP=4 on a 2-core machine is oversubscribed, so its time is not scaling);
+  * step time, wall and CPU (median; process CPU time is less disturbed by other load, and CP=4
+    on a 2-core machine is oversubscribed, so its wall time is not scaling);
   * bytes sent (the CommCounter in parallel/context.py), against Ulysses at the same CP.
 A tenth of the tokens is padding (key mask), as in bucketed video batches.
 """
@@ -25,7 +26,9 @@ from torch.profiler import ProfilerActivity, profile
 from sora_dist.models.attention import CoreAttention
 from sora_dist.models.dit import Conditioning, DiTArgs, DiTBlock
 from sora_dist.models.embeddings import build_rope_3d
-from sora_dist.parallel.context import COMM_COUNTER, build_cp_attention, shard_sequence
+from sora_dist.parallel.context import (
+    COMM_COUNTER, DEFAULT_MAX_SCORE_ELEMS, build_cp_attention, shard_sequence,
+)
 from sora_dist.parallel.dims import ParallelDims
 from sora_dist.parallel.spawn import run_distributed
 
@@ -61,10 +64,11 @@ def _peak_bytes(step) -> int:
     return peak
 
 
-def _worker(rank, world, mode, ring, ulysses, what, B, H, S, D, iters):
+def _worker(rank, world, mode, ring, ulysses, what, B, H, S, D, iters, max_score_elems):
     meshes = ParallelDims(1, 1, 1, ring, ulysses, 1, world).build_mesh("cpu")
     cp = meshes["cp"]
-    attn = CoreAttention() if mode is None else build_cp_attention(meshes, mode)
+    attn = (CoreAttention() if mode is None
+            else build_cp_attention(meshes, mode, max_score_elems=max_score_elems))
     torch.manual_seed(0)
     mask = torch.ones(B, S, dtype=torch.bool)
     mask[:, S - S // 10:] = False
@@ -87,14 +91,15 @@ def _worker(rank, world, mode, ring, ulysses, what, B, H, S, D, iters):
     with COMM_COUNTER.counting():
         step().backward()
     sent = COMM_COUNTER.total()
-    times = []
+    times, cpu = [], []
     for _ in range(iters):
         dist.barrier()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step().backward()
         times.append(time.perf_counter() - t0)
-    stats = torch.tensor([statistics.median(times), _peak_bytes(step), _saved_bytes(step), sent],
-                         dtype=torch.float64)
+        cpu.append(time.process_time() - c0)
+    stats = torch.tensor([statistics.median(times), statistics.median(cpu), _peak_bytes(step),
+                          _saved_bytes(step), sent], dtype=torch.float64)
     dist.all_reduce(stats, op=dist.ReduceOp.MAX)  # the slowest / fullest rank bounds the step
     return stats.tolist()
 
@@ -107,22 +112,25 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--what", choices=["attn", "block", "both"], default="both")
+    ap.add_argument("--max-score-elems", type=int, default=DEFAULT_MAX_SCORE_ELEMS,
+                    help="ring score-tile budget (smaller: less memory, more, smaller matmuls)")
     a = ap.parse_args()
     MiB = 2**20
     for what in (["attn", "block"] if a.what == "both" else [a.what]):
         print(f"\n== {what}: B={a.batch} S={a.seq} heads={a.heads} head_dim={a.head_dim} fp32, fwd+bwd ==")
-        print(f"{'layout':16} {'step ms':>8} {'x cp1':>6} {'peak MiB':>9} {'x cp1':>6} "
-              f"{'saved MiB':>9} {'x cp1':>6} {'sent MiB':>9} {'x ulysses':>9}")
+        print(f"{'layout':16} {'wall ms':>8} {'x cp1':>6} {'cpu ms':>8} {'x cp1':>6} {'peak MiB':>9} "
+              f"{'x cp1':>6} {'saved MiB':>9} {'x cp1':>6} {'sent MiB':>9} {'x ulysses':>9}")
         res = {}
         for label, mode, ring, uly in LAYOUTS:
-            res[label] = run_distributed(_worker, ring * uly, mode, ring, uly, what,
-                                         a.batch, a.heads, a.seq, a.head_dim, a.iters)
-            t, peak, saved, sent = res[label]
-            t1, peak1, saved1, _ = res["cp1"]
-            uly_sent = res.get(label.split()[0] + " ulysses", [0, 0, 0, 0])[3]
-            print(f"{label:16} {t * 1e3:8.1f} {t / t1:6.2f} {peak / MiB:9.1f} {peak / peak1:6.2f} "
-                  f"{saved / MiB:9.1f} {saved / saved1:6.2f} {sent / MiB:9.2f} "
-                  f"{(sent / uly_sent if uly_sent else float('nan')):9.2f}")
+            res[label] = run_distributed(_worker, ring * uly, mode, ring, uly, what, a.batch,
+                                         a.heads, a.seq, a.head_dim, a.iters, a.max_score_elems)
+            t, c, peak, saved, sent = res[label]
+            t1, c1, peak1, saved1, _ = res["cp1"]
+            uly_sent = res.get(label.split()[0] + " ulysses", [0] * 5)[4]
+            print(f"{label:16} {t * 1e3:8.1f} {t / t1:6.2f} {c * 1e3:8.1f} {c / c1:6.2f} "
+                  f"{peak / MiB:9.1f} {peak / peak1:6.2f} {saved / MiB:9.1f} {saved / saved1:6.2f} "
+                  f"{sent / MiB:9.2f} {(sent / uly_sent if uly_sent else float('nan')):9.2f}",
+                  flush=True)
 
 
 if __name__ == "__main__":
