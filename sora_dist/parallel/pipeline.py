@@ -135,6 +135,11 @@ class PipelineRunner:
         self.stages = [DiTStage(model, ranges[s], s == 0, s == self.n_stages - 1) for s in self.stage_ids]
         if stage_wrapper is not None:  # TP / FSDP / recompute applied per stage module
             self.stages = [stage_wrapper(m) for m in self.stages]
+            for st in self.stages:
+                # A wrapper may re-register the stage's direct parameter (TP/FSDP make DTensor
+                # params): point the model at it so optimizer/checkpoint see the live one.
+                if _unwrap(st).is_first:
+                    model.register_parameter("null_text", _unwrap(st).null_text)
         keep = {b for s in self.stage_ids for b in ranges[s]}
         prune_model(model, keep, 0 in self.stage_ids, self.n_stages - 1 in self.stage_ids)
         self.has_first = 0 in self.stage_ids

@@ -83,7 +83,18 @@ class Trainer:
         torch.manual_seed(t.seed)
         model = build_dit(cfg.model).to(self.device)
         self.n_params = count_params(model)
-        if self.world > 1:
+        self.pipeline = None
+        if self.pdims.pp > 1:
+            # Each PP rank keeps only its stages' modules (same FQNs); TP/CP/FSDP apply per stage.
+            from sora_dist.parallel.parallelize import parallelize_dit
+            from sora_dist.parallel.pipeline import PipelineRunner
+
+            p = cfg.parallel
+            self.pipeline = PipelineRunner(
+                model, self.meshes["pp"], self.device, p.pp_schedule, p.pp_microbatches,
+                p.pp_virtual_stages,
+                stage_wrapper=lambda st: parallelize_dit(st, self.pdims, self.meshes, cfg))
+        elif self.world > 1:
             from sora_dist.parallel.parallelize import parallelize_dit
 
             model = parallelize_dit(model, self.pdims, self.meshes, cfg)
@@ -178,13 +189,19 @@ class Trainer:
         x0 = batch["latent"].to(self.device, non_blocking=True)
         text = batch["text"].to(self.device, non_blocking=True)
         mask = batch["text_mask"].to(self.device, non_blocking=True)
-        with autocast(self.device, cfg.train.mixed_precision):
-            loss = self.diffusion.training_loss(self.model, x0, text, mask, gen)
-        loss.backward()
+        if self.pipeline is not None:
+            x_t, t_model, drop, target = self.diffusion.training_inputs(x0, gen)
+            with autocast(self.device, cfg.train.mixed_precision):
+                loss = self.pipeline.step(x_t, t_model, text, mask, drop, target)  # fwd + bwd
+        else:
+            with autocast(self.device, cfg.train.mixed_precision):
+                loss = self.diffusion.training_loss(self.model, x0, text, mask, gen)
+            loss.backward()
         if self.world > 1:
             from sora_dist.parallel.parallelize import finalize_grads
 
-            finalize_grads(self.model)
+            for part in (self.pipeline.stages if self.pipeline is not None else [self.model]):
+                finalize_grads(part)
         pp_mesh = self.meshes["pp"] if (self.meshes is not None and self.pdims.pp > 1) else None
         grad_norm = clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip, pp_mesh)
         loss_avg = self._all_reduce_mean(loss.detach().float())

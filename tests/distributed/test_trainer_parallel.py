@@ -54,3 +54,43 @@ def test_checkpoint_from_tp2_resumes_in_one_process(tmp_path):
     first = run_distributed(_worker, 2, str(tmp_path / "run"), {"tp": 2}, 2)   # saves step 2
     second = train(make_cfg(tmp_path / "run"))                                # resumes, tp=1
     close(first + second, ref)
+
+
+@pytest.mark.parametrize("parallel", [
+    {"pp": 2, "pp_schedule": "1f1b", "pp_microbatches": 2},
+    {"pp": 2, "pp_schedule": "interleaved_1f1b", "pp_microbatches": 2, "pp_virtual_stages": 2},
+])
+def test_trainer_pipeline_matches_single_process(tmp_path, parallel):
+    def cfg_depth(run_dir, **par):
+        c = make_cfg(run_dir, **par)
+        c.model.depth = 4
+        return c
+    ref_tr = Trainer(cfg_depth(tmp_path / "ref"))
+    ref = ref_tr.train()
+    ref_tr.close()
+    got = run_distributed(_pp_worker, 2, str(tmp_path / "pp"), parallel)
+    close(got, ref)
+
+
+def _pp_worker(rank, world, run_dir, parallel):
+    cfg = make_cfg(run_dir, **parallel)
+    cfg.model.depth = 4
+    return train(cfg)
+
+
+def _pp_stop_worker(rank, world, run_dir, parallel, stop_at):
+    cfg = make_cfg(run_dir, **parallel)
+    cfg.model.depth = 4
+    return train(cfg, stop_at)
+
+
+def test_pp2_checkpoint_resumes_in_pp1(tmp_path):
+    def cfg4(run_dir):
+        c = make_cfg(run_dir)
+        c.model.depth = 4
+        return c
+    ref = train(cfg4(tmp_path / "ref"))
+    first = run_distributed(_pp_stop_worker, 2, str(tmp_path / "run"),
+                            {"pp": 2, "pp_schedule": "1f1b", "pp_microbatches": 2}, 2)
+    second = train(cfg4(tmp_path / "run"))  # one process holds every stage's FQNs
+    close(first + second, ref)
