@@ -163,7 +163,8 @@ class Precision:
       its fp32 upcast and a bf16 product; RoPE runs in fp32 but saves only its cos/sin table.
     """
     act: int = 4            # matmul outputs, attention q/k/v/o, residual stream
-    fp32: int = 4           # LayerNorm mean/rstd, RMSNorm rsqrt, attention LSE, RoPE table
+    fp32: int = 4           # RMSNorm rsqrt, attention LSE, RoPE table
+    ln_stats: int = 4       # LayerNorm mean/rstd (fp32 on CUDA; the input dtype on CPU)
     ln_in: int = 4          # LayerNorm's saved input
     ln_out: int = 4         # LayerNorm output saved by modulate's multiply
     lin_in: int = 4         # a Linear's saved input after a norm/modulate (one cast per Linear)
@@ -176,6 +177,9 @@ class Precision:
 
 PRECISIONS = {
     "cpu_fp32": Precision(),
+    # bf16 weights and inputs without autocast (CPU): checks the dtype split of the terms
+    # above (RMSNorm's fp32 upcast next to its bf16 product, fp32 LSE/rsqrt/RoPE) on CPU.
+    "cpu_bf16": Precision(act=2, ln_stats=2, ln_in=2, ln_out=2, lin_in=2, attn_qkvo=2),
     "cuda_bf16": Precision(act=2, ln_in=4, ln_out=4, lin_in=2, lin_in_copies_qkv=3, rms_up=4,
                            attn_qkvo=2, rope_copy=2),
     # TE FP8 attention keeps q/k/v/o in fp8; everything else as bf16.
@@ -218,7 +222,7 @@ def block_activations(m: ModelDims, attn_backend: str, prec: Precision, kv_len: 
     flash = attn_backend == "flash"
     if attn_backend not in ("flash", "math"):
         raise ValueError(f"attn_backend={attn_backend!r}: use flash or math")
-    stats = 2 * p.fp32  # LayerNorm mean + rstd, one each per token
+    stats = 2 * p.ln_stats  # LayerNorm mean + rstd, one each per token
     # Residual side: norm1 input/stats/output (modulate keeps it), the wo output (kept by the
     # gate multiply), norm_cross input/stats, norm2 input/stats/output, fc2 output (gate).
     seq = (p.ln_in * D + stats + p.ln_out * D + p.act * D
@@ -266,7 +270,7 @@ def outer_activations(m: ModelDims, prec: Precision, seq: int, samples: int) -> 
         + (seq * m.head_dim * p.fp32 if blocks else 0)          # RoPE cos/sin, one per batch
     # Final layer: its input, LayerNorm stats/output, modulated input of the linear; per
     # sample SiLU(c) and 1+scale.
-    head = (seq * (p.ln_in * D + 2 * p.fp32 + p.ln_out * D + p.lin_in * D)
+    head = (seq * (p.ln_in * D + 2 * p.ln_stats + p.ln_out * D + p.lin_in * D)
             + 2 * D * p.act) * samples
     return embed, head
 

@@ -255,3 +255,17 @@ def test_forced_ulysses_rejects_heads_not_divisible():
     assert bad and all(24 % (p.layout.tp * p.layout.cp) for p in bad)
     auto = P.plan_all(m, HW64, 460_000)
     assert not any("% (tp*ulysses)" in p.why for p in auto)  # auto falls back to hybrid/ring
+
+
+@pytest.mark.parametrize("case", [1, 2])
+def test_saved_bytes_bf16_weights(case):
+    """bf16 model: RMSNorm keeps an fp32 upcast beside its bf16 product; LSE, rsqrt and the
+    RoPE table stay fp32 (the dtype split the CUDA profile relies on)."""
+    m, grid, b = TINY[case]
+    model = P.build_model(m).to(torch.bfloat16)
+    x, t, text, mask = P.tiny_inputs(m, grid, b)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        meas = P.measure_saved_bytes(model, (x.bfloat16(), t, text.bfloat16(), mask))
+    est = P.estimate_saved_bytes(m, _seq(m, grid), b, precision="cpu_bf16")
+    assert abs(est / meas - 1) < 0.15, (meas, est)
+    assert est < P.estimate_saved_bytes(m, _seq(m, grid), b)  # and it is below fp32
