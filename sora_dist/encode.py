@@ -73,8 +73,6 @@ def run_encode(cfg: EncodeConfig) -> dict:
     done = sh.DoneList(cfg.output)
     todo = [it for it in mine if not done.is_done(it.source)]
 
-    import numpy as np
-    import torch
     from tqdm import tqdm
 
     from sora_dist.data.video_io import BadInput, load_clip, parse_buckets

@@ -8,7 +8,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 from sora_dist.config.encode import EncodeConfig
 from sora_dist.config.validate import ConfigError

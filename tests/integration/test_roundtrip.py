@@ -1,6 +1,5 @@
 """clip -> sora-encode -> shards -> ShardLoader gives the tensors of encoding the clip directly."""
 import json
-import os
 
 import pytest
 import torch

@@ -2,7 +2,6 @@
 image-to-video, backward extension). Checks shapes, decodability, reproducibility and that
 conditioning frames are kept."""
 import json
-import os
 
 import pytest
 import torch
