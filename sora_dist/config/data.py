@@ -24,3 +24,8 @@ class DataConfig:
     synthetic_buckets: list[list[int]] = field(default_factory=lambda: [[3, 8, 8], [2, 6, 10]])
     # Synthetic source: text tokens per caption (padded length; a mask marks real tokens).
     text_len: int = 8
+    # Shards source: per-bucket batch sizes keyed by latent bucket "TxHxW", e.g. {"5x8x8": 1}
+    # (Open-Sora's resolution x frames -> batch size table: long/large buckets take fewer
+    # samples per batch so every batch costs about the same memory). Unlisted buckets use batch_size.
+    # On the command line: '+data.bucket_batch_size={5x8x8:1,3x8x8:2}'.
+    bucket_batch_size: dict[str, int] = field(default_factory=dict)

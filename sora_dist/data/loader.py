@@ -77,6 +77,10 @@ class ShardLoader:
         self.text_dim = int(manifest["text_dim"])
         self.buckets = dict(manifest.get("buckets", {}))
         self.batch_size, self.seed = int(data_cfg.batch_size), int(data_cfg.seed)
+        self.bucket_batch_size = {str(k): int(v) for k, v in (getattr(data_cfg, "bucket_batch_size", None) or {}).items()}
+        bad = {k: v for k, v in self.bucket_batch_size.items() if v < 1}
+        if bad:
+            raise ValueError(f"data.bucket_batch_size={bad}: batch sizes must be >= 1")
         self.shuffle_buffer = int(data_cfg.shuffle_buffer)
         self.dp_rank, self.dp_size = dp_rank, dp_size
         # position of the next unseen sample, and accumulators of read-but-unbatched samples
@@ -140,9 +144,10 @@ class ShardLoader:
             s = self._next_sample()
             acc = self.pending.setdefault(s["bucket"], [])
             acc.append(s)
-            if len(acc) >= self.batch_size:
-                # More than batch_size can wait only after a resume with a smaller batch size.
-                batch, rest = acc[: self.batch_size], acc[self.batch_size:]
+            B = self.bucket_batch_size.get(s["bucket"], self.batch_size)
+            if len(acc) >= B:
+                # More than B can wait only after a resume with a smaller batch size.
+                batch, rest = acc[:B], acc[B:]
                 if rest:
                     self.pending[s["bucket"]] = rest
                 else:

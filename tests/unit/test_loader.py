@@ -121,3 +121,14 @@ def test_errors_are_clear(shards, tmp_path):
     sd = ShardLoader(_cfg(folder), 0, 2).state_dict()
     with pytest.raises(ValueError, match="dp_size=2"):
         ShardLoader(_cfg(folder), 0, 1).load_state_dict(sd)
+
+
+def test_per_bucket_batch_sizes(shards):
+    folder, _ = shards
+    ld = ShardLoader(_cfg(folder, batch_size=3, bucket_batch_size={"1x4x6": 1, "3x2x2": 2}), 0, 1)
+    want = {"1x4x6": 1, "3x2x2": 2, "2x4x4": 3}
+    for _ in range(12):
+        b = next(ld)
+        assert b["latent"].shape[0] == want[b["bucket"]]
+    with pytest.raises(ValueError, match="bucket_batch_size"):
+        ShardLoader(_cfg(folder, bucket_batch_size={"1x4x6": 0}), 0, 1)
