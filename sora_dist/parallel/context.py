@@ -219,9 +219,9 @@ def _block_forward(qs, k32, v32, mask_BS, rows):
         s = _scores(qc, k32, mask_BS)
         m = _finite(s.amax(dim=-1, keepdim=True))
         p = s.sub_(m).exp_()  # unnormalised; all zeros on fully masked rows
-        l = p.sum(dim=-1, keepdim=True)
-        outs.append(torch.matmul(p, v32).div_(l.masked_fill(l == 0, 1.0)))
-        lses.append(m + l.log())  # log(0) = -inf where everything was masked
+        denom = p.sum(dim=-1, keepdim=True)
+        outs.append(torch.matmul(p, v32).div_(denom.masked_fill(denom == 0, 1.0)))
+        lses.append(m + denom.log())  # log(0) = -inf where everything was masked
     return torch.cat(outs, 2), torch.cat(lses, 2)
 
 
@@ -240,7 +240,7 @@ def _block_backward(qs, k32, v32, do32, delta, lse, mask_BS, rows):
 
 class _RingAttention(torch.autograd.Function):
     """Non-causal ring attention, fp32 math whatever the input dtype. Memory: the saved q, k, v,
-    out and lse of this rank, one K/V block in flight, and one bounded score tile."""
+    out and lse of this rank, one K/V (and dK/dV) block in flight, and bounded score tiles."""
 
     @staticmethod
     def forward(ctx, q, k, v, mask_BS, group, scale, rows):
