@@ -511,6 +511,11 @@ def measure_saved_bytes(model, inputs: tuple) -> int:
     """Bytes of the storages autograd saves during one forward of `model(*inputs)` on this
     rank: unique storages (views count once), parameters excluded (they are not activations);
     DTensors (TP) count their local shard."""
+    return saved_bytes_of(lambda: model(*inputs), model.parameters())
+
+
+def saved_bytes_of(fn, params=()) -> int:
+    """measure_saved_bytes for any forward callable; `params` are left out."""
     import torch
 
     def storages(t):
@@ -522,17 +527,17 @@ def measure_saved_bytes(model, inputs: tuple) -> int:
         else:
             yield t.untyped_storage()
 
-    params = {s.data_ptr() for p in model.parameters() for s in storages(p)}
+    skip = {s.data_ptr() for p in params for s in storages(p)}
     seen: dict[int, int] = {}
 
     def pack(t):
         for s in storages(t):
-            if s.data_ptr() not in params:
+            if s.data_ptr() not in skip:
                 seen[s.data_ptr()] = s.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(*inputs)
+        out = fn()
     del out
     return sum(seen.values())
 

@@ -136,6 +136,7 @@ def run(a, device, attn: str) -> dict:
     for blk in model.blocks:
         torch.nn.init.normal_(blk.adaLN_modulation[-1].weight, std=0.02)
     x, cond = make_inputs(a, device, dtype)
+
     def fwd():
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda))
@@ -172,24 +173,8 @@ def run(a, device, attn: str) -> dict:
             step()
             times.append(time.perf_counter() - t0)
         peak = cpu_peak_bytes(step)
-    return {"s": statistics.median(times), "peak": peak, "saved": saved_activation_bytes(model, fwd)}
-
-
-def saved_activation_bytes(model, fwd) -> int:
-    """Unique storages saved for backward by one forward, the model's parameters excluded."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fwd()
-    del out
-    return sum(seen.values())
+    return {"s": statistics.median(times), "peak": peak, "saved": P.saved_bytes_of(fwd, model.parameters()),
+            "grad_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
 
 
 def bench_precision(device) -> "P.Precision":
@@ -216,14 +201,15 @@ def estimate_saved(a, device) -> float:
     return blocks + shared
 
 
-def estimate_peak(a, device, saved_est: float) -> float:
-    """Planner: saved tensors + the recomputed block (if any) + backward's working gradients."""
+def estimate_peak(a, device, saved_est: float, grad_bytes: int) -> float:
+    """Planner: saved tensors + the recomputed block (if any) + backward's working gradients
+    + the weights' gradients (allocated in backward, freed by zero_grad)."""
     m = P.ModelDims(hidden=a.hidden, depth=a.blocks, heads=a.heads, mlp_ratio=a.mlp_ratio,
                     text_len=a.text_len, text_dim=a.hidden)
     prec = bench_precision(device)
     S, B = a.tokens, a.batch
     rec = P.block_activations(m, "flash", prec, kv_len=S).bytes(S * B, B, 1) if a.recompute else 0.0
-    return saved_est + rec + P.backward_working_bytes(m, prec, S * B, 1)
+    return saved_est + rec + P.backward_working_bytes(m, prec, S * B, 1) + grad_bytes
 
 
 def main(argv=None) -> int:
@@ -270,7 +256,7 @@ def main(argv=None) -> int:
         est = estimate_saved(a, device)
         tflops = step_flops / r["s"] / 1e12
         peak = peaks["fp8" if v == "fp8" else "bf16"]
-        est_peak = estimate_peak(a, device, est)
+        est_peak = estimate_peak(a, device, est, r["grad_bytes"])
         print(f"{v:>7} {r['s'] * 1e3:9.1f} {tflops:9.4f} {tflops / peak:7.1%} {r['peak'] / MiB:8.1f} "
               f"{est_peak / MiB:8.1f} {saved / MiB:8.1f} {est / MiB:8.1f} {est / saved - 1:+7.1%}")
     return 0
