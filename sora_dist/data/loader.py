@@ -17,6 +17,7 @@ samples, then the stream continues at the next unseen sample.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -161,14 +162,18 @@ class ShardLoader:
                 "pending": {b: [[s["shard"], s["key"]] for s in acc] for b, acc in self.pending.items()},
                 "batches_done": self.batches_done, "dp_rank": self.dp_rank, "dp_size": self.dp_size,
                 "seed": self.seed, "shuffle_buffer": self.shuffle_buffer, "batch_size": self.batch_size,
-                "shards": [n for n, _ in self.shards]}
+                "shards_digest": self._shards_digest()}
+
+    def _shards_digest(self) -> str:
+        # A digest, not the list: the state is saved per rank per checkpoint, shard lists can be long.
+        return hashlib.sha1("\n".join(f"{n}:{c}" for n, c in self.shards).encode()).hexdigest()
 
     def load_state_dict(self, sd: dict) -> None:
         for name in ("dp_size", "seed", "shuffle_buffer"):
             if sd[name] != getattr(self, name):
                 raise ValueError(f"data state was saved with {name}={sd[name]}, now {getattr(self, name)}; "
                                  "the data order cannot be continued exactly - keep it unchanged to resume")
-        if sd["shards"] != [n for n, _ in self.shards]:
+        if sd["shards_digest"] != self._shards_digest():
             raise ValueError(f"the shard set in {self.folder} changed since the checkpoint; "
                              "resume against the same sora-encode output")
         self.epoch, self.block, self.offset = int(sd["epoch"]), int(sd["block"]), int(sd["offset"])

@@ -132,3 +132,11 @@ def test_per_bucket_batch_sizes(shards):
         assert b["latent"].shape[0] == want[b["bucket"]]
     with pytest.raises(ValueError, match="bucket_batch_size"):
         ShardLoader(_cfg(folder, bucket_batch_size={"1x4x6": 0}), 0, 1)
+
+
+def test_resume_refuses_changed_shards(shards, tmp_path):
+    folder, _ = shards
+    sd = ShardLoader(_cfg(folder), 0, 1).state_dict()
+    _write_shards(tmp_path, n=10)
+    with pytest.raises(ValueError, match="shard set"):
+        ShardLoader(_cfg(str(tmp_path)), 0, 1).load_state_dict(sd)
