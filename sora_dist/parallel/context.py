@@ -105,10 +105,10 @@ class _GatherSequence(torch.autograd.Function):
         return _local_slice(grad, ctx.dim, ctx.group).contiguous(), None, None
 
 
-def shard_sequence(x: torch.Tensor, dim: int, cp_mesh) -> torch.Tensor:
-    """This CP rank's contiguous chunk of x along dim (tokens, RoPE table, token mask).
-    Differentiable (a view); the length must divide by the CP size."""
-    return _local_slice(x, dim, cp_mesh.get_group())
+def shard_sequence(x: Optional[torch.Tensor], dim: int, cp_mesh) -> Optional[torch.Tensor]:
+    """This CP rank's contiguous chunk of x along dim (tokens, RoPE table, token mask; None
+    passes through). Differentiable (a view); the length must divide by the CP size."""
+    return None if x is None else _local_slice(x, dim, cp_mesh.get_group())
 
 
 def gather_sequence(x: torch.Tensor, dim: int, cp_mesh) -> torch.Tensor:
