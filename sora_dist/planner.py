@@ -283,24 +283,35 @@ def saved_bytes_per_microbatch(
     """Saved bytes of one microbatch on one rank holding `layers` blocks (default: all), with
     the embedders (`embed`) and/or the final layer (`head`), as parallelize.py lays it out:
     the sequence is padded to a multiple of cp*tp (SP), each CP rank keeps its chunk."""
+    return sum(saved_bytes_parts(m, prec, seq, batch, tp, cp, sp, recompute, attn_backend,
+                                 layers, embed, head).values())
+
+
+def saved_bytes_parts(
+    m: ModelDims, prec: Precision, seq: int, batch: int, tp: int = 1, cp: int = 1,
+    sp: bool = True, recompute: str = "none", attn_backend: str = "flash",
+    layers: Optional[int] = None, embed: bool = True, head: bool = True,
+) -> dict[str, float]:
+    """saved_bytes_per_microbatch by part: blocks, embedders, whole-sequence view, final layer."""
     tp_seq = tp if sp else 1  # token sharding of the residual stream over TP
     padded = math.ceil(seq / (cp * tp_seq)) * cp * tp_seq
     local = padded // cp
     layers = m.depth if layers is None else layers
     acts = block_activations(m, attn_backend, prec, kv_len=padded)
     n_rec = round(recomputed_fraction(layers, recompute) * layers)
-    out = (layers - n_rec) * acts.bytes(local * batch, batch, tp, sp) \
-        + n_rec * checkpoint_input_bytes(m, prec, local * batch, tp_seq, batch)
     embed_b, head_b = outer_activations(m, prec, padded, batch)
-    if embed:
-        out += embed_b
-        if cp > 1 and tp_seq == 1:
-            # Block 0 saves its CP chunk as a view of the whole embedded sequence (chunk()),
-            # which keeps all of it alive; under SP the redistribute copies instead.
-            out += (padded - local) * batch * m.hidden * prec.act
-    if head:
-        out += head_b
-    return out
+    parts = {
+        "blocks": (layers - n_rec) * acts.bytes(local * batch, batch, tp, sp)
+        + n_rec * checkpoint_input_bytes(m, prec, local * batch, tp_seq, batch),
+        "embed": embed_b if embed else 0.0,
+        # Block 0 saves its CP chunk as a view of the whole embedded sequence (chunk()), which
+        # keeps all of it alive; under SP the DTensor redistribute copies instead.
+        "embed_full_seq_view": (padded - local) * batch * m.hidden * prec.act
+        if embed and cp > 1 and tp_seq == 1 else 0.0,
+        # The final layer runs on the gathered, whole sequence on every CP and TP rank.
+        "head_full_seq": head_b if head else 0.0,
+    }
+    return parts
 
 
 def checkpoint_input_bytes(m: ModelDims, prec: Precision, tokens: int, tp: int,
@@ -357,6 +368,7 @@ class Plan:
     exec_tflop: float = 0.0
     step_s: float = 0.0
     tokens_per_s: float = 0.0
+    activation_parts: dict = field(default_factory=dict)  # GiB: blocks, embed, views, head
 
     @property
     def total_gib(self) -> float:
@@ -424,8 +436,9 @@ def estimate(m: ModelDims, lay: Layout, hw: Hardware, tokens: int, micro_batch: 
     }
     # Activations: one microbatch's saved tensors on this stage, times microbatches in flight.
     in_flight = min(pp, lay.microbatches) if pp > 1 else 1
-    mem["activations"] = in_flight * saved_bytes_per_microbatch(
-        m, prec, tokens, micro_batch, tp, cp, True, lay.recompute, layers=layers, head=pp == 1)
+    parts = saved_bytes_parts(m, prec, tokens, micro_batch, tp, cp, True, lay.recompute,
+                              layers=layers, head=pp == 1)
+    mem["activations"] = in_flight * sum(parts.values())
     local = math.ceil(tokens / (cp * tp)) * tp  # this CP rank's tokens
     recomputes = recomputed_fraction(layers, lay.recompute) > 0
     full_block = block_activations(m, "flash", prec, tokens).bytes(local * micro_batch, micro_batch, tp)
@@ -442,7 +455,7 @@ def estimate(m: ModelDims, lay: Layout, hw: Hardware, tokens: int, micro_batch: 
     bubble = (lay.microbatches + pp - 1) / lay.microbatches if pp > 1 else 1.0
     step_s = per_gpu_s * bubble
     plan = Plan(lay, True, "", mem, model_f.total / 1e12, exec_f.total / 1e12, step_s,
-                samples * tokens / step_s)
+                samples * tokens / step_s, {k: in_flight * v / GiB for k, v in parts.items()})
     limit = hw.mem_gib * (1 - hw.headroom)
     if plan.total_gib > limit:
         plan.ok = False

@@ -150,6 +150,7 @@ def main(argv=None) -> int:
           f" microbatches={lay.microbatches}: {best.total_gib:.1f} GiB of {a.mem_gib:g}, "
           f"step {best.step_s:.2f} s, {best.tokens_per_s:,.0f} tokens/s, "
           f"model MFU {best.model_tflop / (best.step_s * a.gpus * a.peak_tflops):.1%} (bf16 peak)")
+    print("  activations (GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in best.activation_parts.items()))
     print(f"  parallel.tp={lay.tp} parallel.cp={lay.cp} parallel.cp_mode={lay.cp_mode}"
           + (f" parallel.ulysses_degree={lay.ulysses}" if lay.cp_mode == "hybrid" else "")
           + f" parallel.pp={lay.pp} parallel.dp={lay.dp} train.activation_checkpointing={lay.recompute}")

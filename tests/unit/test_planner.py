@@ -173,6 +173,7 @@ def test_recommended_7b_at_460k_on_64x80_fits_and_validates():
     assert best.total_gib <= 80 * 0.9
     lay = best.layout
     assert lay.tp * lay.cp * lay.pp * lay.dp == 64
+    assert sum(best.activation_parts.values()) == pytest.approx(best.mem["activations"])
     # No fitting layout is faster; among equals it has the fewest TP/PP ranks.
     assert all(p.tokens_per_s <= best.tokens_per_s * 1.01 for p in plans if p.ok)
     # The framework's own config validation accepts it.
