@@ -18,8 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Optional
-
 import torch
 
 SUPPORTED = ("AutoencoderKLWan", "AutoencoderKLCogVideoX")
@@ -192,10 +190,3 @@ def build_tiny_vae(save_dir: str, latent_channels: int = 4, kind: str = "wan", s
         shutil.rmtree(save_dir)
     os.replace(tmp, save_dir)
     return save_dir
-
-
-def vae_info(local_dir: Optional[str]) -> dict:
-    """Compression factors and channels without building the model (for manifests/logs)."""
-    vae = VideoVAE.load(local_dir)
-    return {"class": vae.kind, "latent_channels": vae.latent_channels,
-            "temporal_compression": vae.temporal_compression, "spatial_compression": vae.spatial_compression}

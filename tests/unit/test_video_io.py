@@ -139,3 +139,26 @@ def test_demo_clips_manifest_decodes(tmp_path):
     infos = [probe(str(tmp_path / "c" / r["path"])) for r in rows]
     assert [i.is_image for i in infos] == [False, False, False, True]
     assert all(i.num_frames == 9 for i in infos[:3])
+
+
+def test_truncated_faststart_mp4_detected_while_decoding(tmp_path):
+    """moov at the front: the header survives the cut, the missing frames are caught on decode."""
+    import av
+
+    path = str(tmp_path / "fs.mp4")
+    rng = np.random.default_rng(0)
+    with av.open(path, "w", options={"movflags": "faststart"}) as c:
+        s = c.add_stream("libx264", rate=8)
+        s.width, s.height, s.pix_fmt = 64, 64, "yuv420p"
+        for _ in range(30):
+            frame = av.VideoFrame.from_ndarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), format="rgb24")
+            for pkt in s.encode(frame):
+                c.mux(pkt)
+        for pkt in s.encode():
+            c.mux(pkt)
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    assert probe(path).num_frames == 30  # the header still claims every frame
+    with pytest.raises(BadInput) as e:
+        load_clip(path, parse_buckets([[32, 32]], [25]), 8)
+    assert e.value.kind == "truncated"
