@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+
 import torch
 
 SUPPORTED = ("AutoencoderKLWan", "AutoencoderKLCogVideoX")
