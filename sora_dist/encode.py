@@ -50,6 +50,40 @@ def _setup_torch(cfg: EncodeConfig, world: int):
     return device, torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
 
 
+def _load(it, buckets, cfg):
+    """Caption check, then decode + bucket; a bad input comes back as its BadInput."""
+    from sora_dist.data.video_io import BadInput, load_clip
+
+    try:
+        if not it.caption:  # checked first: it costs nothing, a decode does
+            raise BadInput("no_caption", it.source, "caption missing or empty; add <stem>.txt or a "
+                           "'caption' field in the manifest")
+        return load_clip(it.source, buckets, cfg.target_fps, cfg.max_side)
+    except BadInput as e:
+        return e
+
+
+def _prefetch(items, fn, workers: int):
+    """Yield (item, fn(item)) in input order, decoding up to 2*workers items ahead in threads
+    (PyAV and torch release the GIL) so decode overlaps the VAE. workers=0: inline."""
+    if workers <= 0:
+        for it in items:
+            yield it, fn(it)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
+        queue = collections.deque()
+        for it in items:
+            queue.append((it, pool.submit(fn, it)))
+            if len(queue) > 2 * workers:
+                head, fut = queue.popleft()
+                yield head, fut.result()
+        while queue:
+            head, fut = queue.popleft()
+            yield head, fut.result()
+
+
 def run_encode(cfg: EncodeConfig) -> dict:
     """Encode this rank's share; on rank 0 also merge the manifest. Returns this rank's stats."""
     from sora_dist.data import shards as sh
@@ -75,7 +109,7 @@ def run_encode(cfg: EncodeConfig) -> dict:
 
     from tqdm import tqdm
 
-    from sora_dist.data.video_io import BadInput, load_clip, parse_buckets
+    from sora_dist.data.video_io import BadInput, parse_buckets
     from sora_dist.models.text import TextEncoder
     from sora_dist.models.vae import VideoVAE
 
@@ -93,18 +127,13 @@ def run_encode(cfg: EncodeConfig) -> dict:
     n_ok, t0 = 0, time.perf_counter()
     bar = tqdm(total=len(todo), unit="video", position=rank, disable=not cfg.progress,
                desc=f"encode r{rank}", dynamic_ncols=True)
-    for it in todo:
-        try:
-            # Caption first: it costs nothing, a decode does.
-            if not it.caption:
-                raise BadInput("no_caption", it.source, "caption missing or empty; add <stem>.txt or a "
-                               "'caption' field in the manifest")
-            frames, bucket, fps, info = load_clip(it.source, buckets, cfg.target_fps, cfg.max_side)
-        except BadInput as e:
-            writer.reject(it.source, e.kind, e.detail)
-            rejected[e.kind] += 1
+    for it, loaded in _prefetch(todo, lambda it: _load(it, buckets, cfg), cfg.decode_workers):
+        if isinstance(loaded, BadInput):
+            writer.reject(it.source, loaded.kind, loaded.detail)
+            rejected[loaded.kind] += 1
             bar.update(1)
             continue
+        frames, bucket, fps, info = loaded
         latent = vae.encode(frames)[0].cpu().numpy()
         emb, mask = te.encode([it.caption])
         n = int(mask[0].sum())  # store real tokens only; the loader pads per batch

@@ -40,6 +40,8 @@ class EncodeConfig:
     device: str = "auto"
     # Model compute precision: "fp32" or "bf16" (bf16 only on cuda).
     dtype: str = "fp32"
+    # Threads decoding upcoming videos while the current one is encoded (0 = decode inline).
+    decode_workers: int = 2
     # Intra-op threads per rank (0 = CPU cores / ranks on this node).
     num_threads: int = 0
     # Rank 0 waits this long for the other ranks' completion markers before writing the manifest.
@@ -73,6 +75,8 @@ def validate_encode(cfg: EncodeConfig) -> None:
         raise ConfigError(f"encode.target_fps={cfg.target_fps} must be > 0")
     if cfg.samples_per_shard < 1:
         raise ConfigError(f"encode.samples_per_shard={cfg.samples_per_shard} must be >= 1")
+    if cfg.decode_workers < 0:
+        raise ConfigError(f"encode.decode_workers={cfg.decode_workers} must be >= 0")
     if cfg.max_side < 1:
         raise ConfigError(f"encode.max_side={cfg.max_side} must be >= 1")
     if cfg.text_max_length < 2:
