@@ -125,6 +125,12 @@ def main(argv=None) -> int:
           f"mlp {m.mlp}, text {m.text_len}x{m.text_dim}: {m.params() / 1e9:.2f} B params")
     print(f"per sample of {a.tokens:,} tokens: forward {f.total / 1e15:.2f} PFLOP, attention "
           f"{f.attention / f.total:.1%} of it; fwd+bwd = 3x forward")
+    prec = P.PRECISIONS["cuda_fp8attn" if a.attn_dtype == "fp8" else "cuda_bf16"]
+    acts = P.block_activations(m, "flash", prec, a.tokens)
+    print(f"saved for backward per token per block (bf16 autocast, flash attention): "
+          f"{acts.seq_sharded + acts.gathered + acts.head_sharded:,.0f} B = residual side "
+          f"{acts.seq_sharded:,.0f} (/tp with SP) + gathered linear inputs {acts.gathered:,.0f} "
+          f"(whole on every TP rank) + attention/MLP {acts.head_sharded:,.0f} (/tp); all /cp")
     print(f"machine: {a.gpus} GPUs x {a.mem_gib:g} GiB, peak {a.peak_tflops:g} bf16 / "
           f"{a.peak_tflops_fp8:g} fp8 TFLOP/s, MFU {a.mfu:g}, attention in {a.attn_dtype}; "
           f"micro-batch {a.micro_batch}; memory columns in GiB per GPU (worst PP stage)")

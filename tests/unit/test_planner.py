@@ -79,7 +79,7 @@ def test_param_count_matches_model(case):
     assert m.params() == count_params(P.build_model(m))
 
 
-@pytest.mark.parametrize("case, recompute", [(0, "none"), (2, "full"), (4, "selective")])
+@pytest.mark.parametrize("case, recompute", [(1, "none"), (0, "full"), (4, "selective")])
 def test_flops_match_flop_counter(case, recompute):
     m, grid, b = TINY[case]
     model = P.build_model(m, recompute)
@@ -258,7 +258,7 @@ def test_forced_ulysses_rejects_heads_not_divisible():
     assert not any("% (tp*ulysses)" in p.why for p in auto)  # auto falls back to hybrid/ring
 
 
-@pytest.mark.parametrize("case", [1, 2])
+@pytest.mark.parametrize("case", [0, 1])
 def test_saved_bytes_bf16_weights(case):
     """bf16 model: RMSNorm keeps an fp32 upcast beside its bf16 product; LSE, rsqrt and the
     RoPE table stay fp32 (the dtype split the CUDA profile relies on)."""
