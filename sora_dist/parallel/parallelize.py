@@ -134,51 +134,77 @@ class _GatherTokens(torch.autograd.Function):
         return g.chunk(ctx.world, ctx.dim)[ctx.rank] * ctx.scale, None, None, None, None, None
 
 
+class SequenceSharding:
+    """Where this rank's tokens sit in the sequence, and the two moves between layouts.
+
+    `shard()` (after embed): pad the tokens to a multiple of cp (x tp under SP; `token_mask`
+    marks the real ones) and keep this rank's chunk: CP chunk by cp rank, then SP chunk by tp
+    rank. RoPE and the mask are sharded over CP only, because attention (after the SP
+    all-gather) sees the whole CP-local sequence. `gather()` (before head): the inverse, with
+    the padding dropped. Pipeline stages that call VideoDiT.embed/head themselves use these.
+    """
+
+    def __init__(self, meshes, tp: int, sp: bool, cp: int):
+        self.cp = cp
+        self.tp_mesh = meshes["tp"] if sp and tp > 1 else None
+        self.cp_mesh = meshes["cp"] if cp > 1 else None
+        self.cp_rank = self.cp_mesh.get_local_rank() if self.cp_mesh is not None else 0
+        self.multiple = cp * (tp if self.tp_mesh is not None else 1)
+
+    def shard_cond(self, cond, batch: int):
+        """RoPE table and token mask of the full sequence -> this rank's (padded) CP chunk."""
+        S = cond.rope_SP2.shape[0]
+        pad = (-S) % self.multiple
+        rope, mask = cond.rope_SP2, cond.token_mask_BS
+        if pad:
+            rope = F.pad(rope, (0, 0, 0, 0, 0, pad))
+            if mask is None:
+                mask = torch.ones(batch, S, dtype=torch.bool, device=rope.device)
+            mask = F.pad(mask, (0, pad), value=False)
+        if self.cp_mesh is not None:
+            rope = rope.chunk(self.cp, 0)[self.cp_rank]
+            mask = None if mask is None else mask.chunk(self.cp, 1)[self.cp_rank].contiguous()
+        return cond.with_(rope_SP2=rope, token_mask_BS=mask)
+
+    def shard(self, tokens: torch.Tensor, cond):
+        B, S, _ = tokens.shape
+        pad = (-S) % self.multiple
+        cond = self.shard_cond(cond, B)
+        if pad:
+            tokens = F.pad(tokens, (0, 0, 0, pad))
+        if self.cp_mesh is not None:
+            tokens = tokens.chunk(self.cp, 1)[self.cp_rank]
+        if self.tp_mesh is not None:
+            # Backward all-gathers the token grads, so the embedders' grads stay whole per rank.
+            tokens = DTensor.from_local(tokens, self.tp_mesh, (Replicate(),), run_check=False)
+            tokens = tokens.redistribute(self.tp_mesh, (Shard(1),)).to_local()
+        return tokens, cond
+
+    def gather(self, tokens: torch.Tensor, cond) -> torch.Tensor:
+        if self.tp_mesh is not None:
+            tokens = DTensor.from_local(tokens, self.tp_mesh, (Shard(1),), run_check=False)
+            tokens = tokens.redistribute(self.tp_mesh, (Replicate(),)).to_local()
+        if self.cp_mesh is not None:
+            tokens = _GatherTokens.apply(tokens, 1, self.cp_mesh.get_group(), self.cp_rank,
+                                         self.cp, float(self.cp))
+        return tokens[:, : math.prod(cond.grid)]
+
+
 def install_seams(model: nn.Module, meshes, tp: int, sp: bool, cp: int) -> None:
-    """Wrap the model's embed()/head() seams: after embed, pad the tokens to a multiple of
-    cp (x tp under SP) and keep this rank's shard (CP chunk by cp rank, then SP chunk by tp
-    rank); before head, gather them back and drop the padding. RoPE and the token mask are
-    sharded over CP only: attention (after the SP all-gather) sees the whole CP-local
-    sequence. Under TP, embed() also runs with the directly-read parameters made local."""
+    """Wrap the model's embed()/head() seams with SequenceSharding.shard/gather; under TP,
+    embed() also runs with the directly-read parameters made local."""
     if tp == 1 and cp == 1:
         return
-    sp_degree = tp if sp else 1
+    seq = SequenceSharding(meshes, tp, sp, cp)
     orig_embed, orig_head = model.embed, model.head
-    tp_mesh = meshes["tp"] if sp_degree > 1 else None
-    cp_mesh = meshes["cp"] if cp > 1 else None
-    cp_rank = cp_mesh.get_local_rank() if cp_mesh is not None else 0
-    multiple = cp * sp_degree
 
     def embed(*args, **kwargs):
         with local_params(model):
             tokens, cond = orig_embed(*args, **kwargs)
-        B, S, _ = tokens.shape
-        pad = (-S) % multiple
-        rope, mask = cond.rope_SP2, cond.token_mask_BS
-        if pad:
-            tokens = F.pad(tokens, (0, 0, 0, pad))
-            rope = F.pad(rope, (0, 0, 0, 0, 0, pad))
-            if mask is None:
-                mask = torch.ones(B, S, dtype=torch.bool, device=tokens.device)
-            mask = F.pad(mask, (0, pad), value=False)
-        if cp_mesh is not None:
-            tokens = tokens.chunk(cp, 1)[cp_rank]
-            rope = rope.chunk(cp, 0)[cp_rank]
-            mask = None if mask is None else mask.chunk(cp, 1)[cp_rank].contiguous()
-        if tp_mesh is not None:
-            # Backward all-gathers the token grads, so the embedders' grads stay whole per rank.
-            tokens = DTensor.from_local(tokens, tp_mesh, (Replicate(),), run_check=False)
-            tokens = tokens.redistribute(tp_mesh, (Shard(1),)).to_local()
-        return tokens, cond.with_(rope_SP2=rope, token_mask_BS=mask)
+        return seq.shard(tokens, cond)
 
     def head(tokens, cond):
-        if tp_mesh is not None:
-            tokens = DTensor.from_local(tokens, tp_mesh, (Shard(1),), run_check=False)
-            tokens = tokens.redistribute(tp_mesh, (Replicate(),)).to_local()
-        if cp_mesh is not None:
-            tokens = _GatherTokens.apply(tokens, 1, cp_mesh.get_group(), cp_rank, cp, float(cp))
-        tokens = tokens[:, : math.prod(cond.grid)]
-        return orig_head(tokens, cond.with_(token_mask_BS=None))
+        return orig_head(seq.gather(tokens, cond), cond.with_(token_mask_BS=None))
 
     # Instance attributes shadow the methods; forward() calls self.embed/self.head.
     model.embed = embed

@@ -62,26 +62,36 @@ class DiTStage(nn.Module):
             self.final_layer = model.final_layer
         self.shape_THW = self.grid = None
 
+    # The same seams as VideoDiT, so parallelize_dit's sequence sharding wraps them the same way.
+    embed = VideoDiT.embed
+    head = VideoDiT.head
+    seq = None  # SequenceSharding under SP/CP: set by PipelineRunner after parallelize_dit
+
     def set_shape(self, shape_THW: tuple[int, int, int]) -> None:
         self.shape_THW = tuple(shape_THW)
         self.grid = tuple(-(-n // p) for n, p in zip(shape_THW, self.args.patch_size))
 
     def _cond_from_wire(self, c, text_emb, text_mask) -> Conditioning:
         rope = build_rope_3d(self.grid, self.args.hidden_size // self.args.num_heads, c.device)
-        return Conditioning(c_BD=c, text_BLD=text_emb, text_mask_BL=text_mask.bool(), rope_SP2=rope,
+        cond = Conditioning(c_BD=c, text_BLD=text_emb, text_mask_BL=text_mask.bool(), rope_SP2=rope,
                             grid=self.grid, shape_THW=self.shape_THW)
+        if self.seq is not None:
+            # The received tokens are this rank's SP/CP shard: give RoPE and the padding mask
+            # the same layout stage 0's embed seam gave them.
+            cond = self.seq.shard_cond(cond, c.shape[0])
+        return cond
 
     def forward(self, *inputs):
         if self.is_first:
             x_t, t, text, text_mask, drop = inputs
-            tokens, cond = VideoDiT.embed(self, x_t, t, text, text_mask.bool(), drop.bool())
+            tokens, cond = self.embed(x_t, t, text, text_mask.bool(), drop.bool())
         else:
             tokens, c, text_emb, text_mask = inputs
             cond = self._cond_from_wire(c, text_emb, text_mask)
         for blk in self.blocks.values():
             tokens = blk(tokens, cond)
         if self.is_last:
-            return VideoDiT.head(self, tokens, cond)
+            return self.head(tokens, cond)
         # The integer mask travels without gradients; c and text_emb carry theirs back.
         # P2P needs dense buffers (the patch embedding's token view is strided).
         return tuple(x.contiguous() for x in (tokens, cond.c_BD, cond.text_BLD, cond.text_mask_BL.long()))
@@ -116,7 +126,7 @@ class PipelineRunner:
     change the P2P buffer shapes, and torch's stages infer shapes once), cached by shape."""
 
     def __init__(self, model: VideoDiT, pp_mesh, device, schedule: str, microbatches: int, virtual: int = 1,
-                 stage_wrapper=None):
+                 stage_wrapper=None, meshes=None):
         if schedule not in SCHEDULES:
             raise ValueError(f"parallel.pp_schedule={schedule!r}: use one of {SCHEDULES}")
         self.pp = pp_mesh.size()
@@ -136,10 +146,16 @@ class PipelineRunner:
         if stage_wrapper is not None:  # TP / FSDP / recompute applied per stage module
             self.stages = [stage_wrapper(m) for m in self.stages]
             for st in self.stages:
+                inner = _unwrap(st)
                 # A wrapper may re-register the stage's direct parameter (TP/FSDP make DTensor
                 # params): point the model at it so optimizer/checkpoint see the live one.
-                if _unwrap(st).is_first:
-                    model.register_parameter("null_text", _unwrap(st).null_text)
+                if inner.is_first:
+                    model.register_parameter("null_text", inner.null_text)
+                info = getattr(inner, "_sora_parallel", None)
+                if info is not None and (info.sequence_parallel or info.cp > 1):
+                    from sora_dist.parallel.parallelize import SequenceSharding
+
+                    inner.seq = SequenceSharding(meshes, info.tp, info.sequence_parallel, info.cp)
         keep = {b for s in self.stage_ids for b in ranges[s]}
         prune_model(model, keep, 0 in self.stage_ids, self.n_stages - 1 in self.stage_ids)
         self.has_first = 0 in self.stage_ids

@@ -93,7 +93,7 @@ class Trainer:
             self.pipeline = PipelineRunner(
                 model, self.meshes["pp"], self.device, p.pp_schedule, p.pp_microbatches,
                 p.pp_virtual_stages,
-                stage_wrapper=lambda st: parallelize_dit(st, self.pdims, self.meshes, cfg))
+                stage_wrapper=lambda st: parallelize_dit(st, self.pdims, self.meshes, cfg), meshes=self.meshes)
         elif self.world > 1:
             from sora_dist.parallel.parallelize import parallelize_dit
 

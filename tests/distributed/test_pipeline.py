@@ -75,3 +75,48 @@ def test_split_and_stage_assignment():
 @pytest.mark.parametrize("schedule, virtual", [("1f1b", 1), ("gpipe", 1), ("interleaved_1f1b", 2), ("zbv", 2)])
 def test_pp2_matches_single_process(schedule, virtual):
     check_against_reference(run_distributed(_pp_worker, 2, schedule, virtual, 2))
+
+
+def _pp_composed_worker(rank, world, parallel, schedule, virtual):
+    from torch.distributed.tensor import DTensor
+
+    from sora_dist.config import JobConfig
+    from sora_dist.parallel.parallelize import finalize_grads, parallelize_dit
+
+    cfg = JobConfig()
+    cfg.model.depth = DEPTH
+    for k, v in dict(parallel, pp_schedule=schedule, pp_virtual_stages=virtual, pp_microbatches=2).items():
+        setattr(cfg.parallel, k, v)
+    pdims = ParallelDims.from_config(cfg.parallel, world)
+    meshes = pdims.build_mesh("cpu")
+    dp_rank = pdims.coords(rank)["dp"]
+    m, batch = make_model_and_batch()
+    B = batch[0].shape[0] // pdims.dp
+    local = [x[dp_rank * B:(dp_rank + 1) * B] for x in batch]  # this DP rank's share
+    runner = PipelineRunner(m, meshes["pp"], torch.device("cpu"), schedule, 2, virtual,
+                            stage_wrapper=lambda st: parallelize_dit(st, pdims, meshes, cfg), meshes=meshes)
+    loss = runner.step(*local)
+    for st in runner.stages:
+        finalize_grads(st)
+    grads = {}
+    for n, p in sorted(m.named_parameters()):
+        g = p.grad
+        grads[n] = (g.full_tensor() if isinstance(g, DTensor) else g).clone()
+    loss_t = loss.detach().clone()
+    dist.all_reduce(loss_t, group=meshes["dp"].get_group())
+    all_grads = [None] * world
+    dist.all_gather_object(all_grads, grads)
+    return {"loss": float(loss_t) / pdims.dp, "grads": {k: v for g in all_grads for k, v in g.items()},
+            "owned": [sorted(g) for g in all_grads]}
+
+
+@pytest.mark.parametrize("world, parallel, schedule, virtual", [
+    (4, {"pp": 2, "dp": 2}, "1f1b", 1),
+    (4, {"pp": 2, "tp": 2}, "interleaved_1f1b", 2),
+    (4, {"pp": 2, "cp": 2, "cp_mode": "ring"}, "zbv", 2),
+    (8, {"pp": 2, "tp": 2, "dp": 2}, "1f1b", 1),
+])
+def test_pp_composed_with_tp_and_fsdp_matches_single_process(world, parallel, schedule, virtual):
+    out = run_distributed(_pp_composed_worker, world, parallel, schedule, virtual)
+    out["owned"] = [sorted(set(n for o in out["owned"] for n in o))]
+    check_against_reference(out)
