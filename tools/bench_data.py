@@ -61,6 +61,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64, help="bucket side in pixels (multiple of 8)")
     ap.add_argument("--frames", type=int, default=17, help="bucket frames (1 + 4k)")
     ap.add_argument("--batches", type=int, default=200)
+    ap.add_argument("--decode-workers", type=int, default=0,
+                    help="encode.decode_workers (0 = decode inline, so the rank comparison is pure DP)")
     ap.add_argument("--repeats", type=int, default=2,
                     help="alternate 1/2-rank runs this many times, keep each one's best (shared machines are noisy)")
     ap.add_argument("--workdir", default=None)
@@ -76,7 +78,8 @@ def main() -> None:
                           fps_choices=(12,), frame_choices=(args.frames + 4,))
     base = dict(input=man, vae_path=build_tiny_vae(os.path.join(work, "vae")),
                 text_encoder_path=build_tiny_text_encoder(os.path.join(work, "t5")),
-                resolutions=[[s, s]], frames=[args.frames], target_fps=12.0, samples_per_shard=4)
+                resolutions=[[s, s]], frames=[args.frames], target_fps=12.0, samples_per_shard=4,
+                decode_workers=args.decode_workers)
     cores = os.cpu_count() or 1
     # (ranks, threads per rank): DP scaling is 2x1 vs 1x1; 1 x cores shows what intra-op
     # threads alone give on the same cores.
