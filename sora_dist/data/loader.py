@@ -61,7 +61,7 @@ def collate(samples: list[dict]) -> dict:
 class ShardLoader:
     """Infinite iterator of bucketed batches for one DP rank (interface: sora_dist/data/__init__.py)."""
 
-    def __init__(self, data_cfg, dp_rank: int = 0, dp_size: int = 1):
+    def __init__(self, data_cfg, dp_rank: int = 0, dp_size: int = 1, model_cfg=None):
         if not data_cfg.shards:
             raise ValueError("data.source=shards needs data.shards=<folder written by sora-encode>")
         self.folder, manifest = load_manifest(data_cfg.shards)
@@ -77,6 +77,15 @@ class ShardLoader:
         self.latent_channels = int(manifest["latent_channels"])
         self.text_dim = int(manifest["text_dim"])
         self.buckets = dict(manifest.get("buckets", {}))
+        if model_cfg is not None:
+            # Fail here with the fix, not later inside the model with a shape error.
+            if model_cfg.in_channels != self.latent_channels:
+                raise ValueError(f"shards in {self.folder} hold {self.latent_channels}-channel latents but "
+                                 f"model.in_channels={model_cfg.in_channels}; set model.in_channels="
+                                 f"{self.latent_channels}")
+            if model_cfg.text_dim != self.text_dim:
+                raise ValueError(f"shards in {self.folder} hold text embeddings of width {self.text_dim} but "
+                                 f"model.text_dim={model_cfg.text_dim}; set model.text_dim={self.text_dim}")
         self.batch_size, self.seed = int(data_cfg.batch_size), int(data_cfg.seed)
         self.bucket_batch_size = {str(k): int(v) for k, v in (getattr(data_cfg, "bucket_batch_size", None) or {}).items()}
         bad = {k: v for k, v in self.bucket_batch_size.items() if v < 1}

@@ -140,3 +140,14 @@ def test_resume_refuses_changed_shards(shards, tmp_path):
     _write_shards(tmp_path, n=10)
     with pytest.raises(ValueError, match="shard set"):
         ShardLoader(_cfg(str(tmp_path)), 0, 1).load_state_dict(sd)
+
+
+def test_model_config_mismatch_is_named(shards):
+    from sora_dist.config.model import ModelConfig
+
+    folder, _ = shards
+    ShardLoader(_cfg(folder), 0, 1, model_cfg=ModelConfig(in_channels=4, text_dim=8))
+    with pytest.raises(ValueError, match="model.in_channels=4"):
+        ShardLoader(_cfg(folder), 0, 1, model_cfg=ModelConfig(in_channels=16, text_dim=8))
+    with pytest.raises(ValueError, match="model.text_dim=8"):
+        ShardLoader(_cfg(folder), 0, 1, model_cfg=ModelConfig(in_channels=4, text_dim=32))
