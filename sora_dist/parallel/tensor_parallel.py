@@ -102,7 +102,9 @@ DIRECT_PARAMS = ("null_text",)
 
 def replicate_direct_params(model: nn.Module, tp_mesh) -> None:
     for name in DIRECT_PARAMS:
-        p = getattr(model, name)
+        p = getattr(model, name, None)
+        if p is None:  # a pipeline stage without the embedders
+            continue
         model.register_parameter(name, nn.Parameter(
             DTensor.from_local(p.data, tp_mesh, (Replicate(),), run_check=False), p.requires_grad))
 
@@ -111,7 +113,7 @@ def replicate_direct_params(model: nn.Module, tp_mesh) -> None:
 def local_params(model: nn.Module):
     """Within the block, model.<direct param> is its local tensor (differentiable view: the
     grad flows back to the DTensor, or to FSDP's unsharded parameter, as Replicate)."""
-    saved = {n: model._parameters[n] for n in DIRECT_PARAMS}
+    saved = {n: model._parameters[n] for n in DIRECT_PARAMS if model._parameters.get(n) is not None}
     try:
         for n, p in saved.items():
             if isinstance(p, DTensor):
@@ -128,13 +130,16 @@ def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool) -> nn.Module:
     a = model.args
     check_tp_divisible(a.num_heads, int(a.hidden_size * a.mlp_ratio), tp_mesh.size())
     # Root modules run on the full, replicated sequence (the head after the SP gather).
-    parallelize_module(model, tp_mesh, {
+    root = {
         "x_embedder.proj": ReplicateCompute(),
         "t_embedder.mlp": ReplicateCompute(),
         "y_embedder": ReplicateCompute(),
         "final_layer.adaLN_modulation": ReplicateCompute(),
         "final_layer.linear": ReplicateCompute(),
-    })
+    }
+    # Pipeline stages keep only some of these (the rest are None).
+    present = {k: v for k, v in root.items() if getattr(model, k.split(".")[0], None) is not None}
+    parallelize_module(model, tp_mesh, present)
     replicate_direct_params(model, tp_mesh)
     plan = block_plan(sequence_parallel, a.qk_norm)
     for blk in model.blocks.values():

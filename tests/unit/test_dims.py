@@ -75,3 +75,13 @@ def test_coords_match_mesh_layout(kw, world):
         assert c["cp"] == c["cp_ring"] * d.cp_ulysses + c["cp_ulysses"]
     # TP innermost: consecutive ranks are TP peers.
     assert [d.coords(r)["tp"] for r in range(d.tp)] == list(range(d.tp))
+
+
+def test_tp_split_errors_name_the_fix():
+    from sora_dist.parallel.tensor_parallel import check_tp_divisible
+
+    check_tp_divisible(8, 256, 4)
+    with pytest.raises(ValueError, match="num_heads=6 is not divisible by tp=4"):
+        check_tp_divisible(6, 256, 4)
+    with pytest.raises(ValueError, match="MLP width 90 is not divisible by tp=4"):
+        check_tp_divisible(8, 90, 4)
