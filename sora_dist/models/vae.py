@@ -1,7 +1,8 @@
 """Video VAE wrapper around a real diffusers class, loaded from a local folder.
 
 Preferred class: diffusers.AutoencoderKLWan (causal 3D VAE, 4x temporal and 8x spatial
-compression, encodes 1 + 4k frames into 1 + k latent frames). AutoencoderKLCogVideoX is the
+compression - 16x for the patchified Wan 2.2 layout - encodes 1 + 4k frames into 1 + k
+latent frames). AutoencoderKLCogVideoX is the
 fallback. Latents are returned *normalised* - that is what the DiT trains on:
   Wan:       z = (mu - latents_mean) / latents_std   (per channel, from the config)
   CogVideoX: z = mu * scaling_factor
@@ -109,9 +110,10 @@ class VideoVAE:
         return (mu.float() * self._scale)
 
     def _encode_wan(self, video: torch.Tensor) -> torch.Tensor:
+        from diffusers.models.autoencoders.autoencoder_kl_wan import patchify
+
         m = self.model
-        if m.config.patch_size is not None:
-            raise NotImplementedError("Wan 2.2 patchified VAEs (patch_size set) are not supported yet")
+        patch = m.config.patch_size  # Wan 2.2: pixels are folded into channels before the encoder
         uint8 = video.dtype == torch.uint8
         T = video.shape[0] if uint8 else video.shape[2]
         tc = self.temporal_compression
@@ -123,7 +125,10 @@ class VideoVAE:
             for s, e in bounds:
                 chunk = video[s:e] if uint8 else video[:, :, s:e]
                 m._enc_conv_idx = [0]
-                h = m.encoder(self._to_input(chunk), feat_cache=m._enc_feat_map, feat_idx=m._enc_conv_idx)
+                x = self._to_input(chunk)
+                if patch is not None:
+                    x = patchify(x, patch_size=patch)
+                h = m.encoder(x, feat_cache=m._enc_feat_map, feat_idx=m._enc_conv_idx)
                 # quant_conv is a 1x1x1 conv: applying it per chunk is exact. Keep only mu.
                 outs.append(m.quant_conv(h)[:, : self.latent_channels].float())
         finally:
@@ -152,7 +157,12 @@ class VideoVAE:
                                       first_chunk=(i == 0)).float())
         finally:
             m.clear_cache()
-        return torch.cat(outs, dim=2).clamp(-1, 1)
+        out = torch.cat(outs, dim=2)
+        if m.config.patch_size is not None:
+            from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+
+            out = unpatchify(out, patch_size=m.config.patch_size)
+        return out.clamp(-1, 1)
 
 
 def build_tiny_vae(save_dir: str, latent_channels: int = 4, kind: str = "wan", seed: int = 0) -> str:
@@ -166,13 +176,18 @@ def build_tiny_vae(save_dir: str, latent_channels: int = 4, kind: str = "wan", s
 
     torch.manual_seed(seed)
     C = latent_channels
+    stats = dict(latents_mean=[round(0.1 * (i - C / 2), 3) for i in range(C)],
+                 latents_std=[round(0.5 + 0.1 * i, 3) for i in range(C)])
     if kind == "wan":
         model = diffusers.AutoencoderKLWan(
             base_dim=8, z_dim=C, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
-            temperal_downsample=[False, True, True],
-            latents_mean=[round(0.1 * (i - C / 2), 3) for i in range(C)],
-            latents_std=[round(0.5 + 0.1 * i, 3) for i in range(C)],
-        )
+            temperal_downsample=[False, True, True], **stats)
+    elif kind == "wan2.2":
+        # Wan 2.2 layout: 2x2 pixel patches folded into channels, residual blocks, 16x spatial.
+        model = diffusers.AutoencoderKLWan(
+            base_dim=8, z_dim=C, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+            temperal_downsample=[False, True, True], is_residual=True, patch_size=2,
+            in_channels=12, out_channels=12, scale_factor_spatial=16, **stats)
     elif kind == "cogvideox":
         model = diffusers.AutoencoderKLCogVideoX(
             down_block_types=("CogVideoXDownBlock3D",) * 4,
@@ -182,7 +197,7 @@ def build_tiny_vae(save_dir: str, latent_channels: int = 4, kind: str = "wan", s
             sample_height=64, sample_width=64,
         )
     else:
-        raise ValueError(f"build_tiny_vae kind={kind!r}: use 'wan' or 'cogvideox'")
+        raise ValueError(f"build_tiny_vae kind={kind!r}: use 'wan', 'wan2.2' or 'cogvideox'")
     save_dir = os.path.abspath(save_dir)
     tmp = f"{save_dir}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

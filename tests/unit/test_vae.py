@@ -59,3 +59,18 @@ def test_cogvideox_fallback(tmp_path):
 def test_missing_folder_message(tmp_path):
     with pytest.raises(FileNotFoundError, match="build_tiny_vae"):
         VideoVAE.load(str(tmp_path))
+
+
+def test_wan22_patchified_layout(tmp_path):
+    vae = VideoVAE.load(build_tiny_vae(str(tmp_path / "w22"), kind="wan2.2"))
+    assert vae.spatial_compression == 16
+    x = torch.randint(0, 256, (9, 3, 32, 48), dtype=torch.uint8)
+    z = vae.encode(x)
+    assert z.shape == (1, 4, 3, 2, 3)
+    xf = x.permute(1, 0, 2, 3)[None].float() / 127.5 - 1
+    mean = torch.tensor(vae.model.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.model.config.latents_std).view(1, -1, 1, 1, 1)
+    torch.testing.assert_close(z, (vae.model.encode(xf).latent_dist.mean - mean) / std, atol=1e-5, rtol=1e-5)
+    y = vae.decode(z)
+    assert y.shape == (1, 3, 9, 32, 48)
+    torch.testing.assert_close(y, vae.model.decode(z * std + mean).sample, atol=1e-5, rtol=1e-5)
