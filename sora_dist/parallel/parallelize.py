@@ -167,9 +167,11 @@ class SequenceSharding:
         return cond.with_(rope_SP2=rope, token_mask_BS=mask)
 
     def shard(self, tokens: torch.Tensor, cond):
-        B, S, _ = tokens.shape
-        pad = (-S) % self.multiple
-        cond = self.shard_cond(cond, B)
+        """Full (B, S, D) tokens and their conditioning -> this rank's shard of both."""
+        return self.shard_tokens(tokens), self.shard_cond(cond, tokens.shape[0])
+
+    def shard_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        pad = (-tokens.shape[1]) % self.multiple
         if pad:
             tokens = F.pad(tokens, (0, 0, 0, pad))
         if self.cp_mesh is not None:
@@ -178,7 +180,23 @@ class SequenceSharding:
             # Backward all-gathers the token grads, so the embedders' grads stay whole per rank.
             tokens = DTensor.from_local(tokens, self.tp_mesh, (Replicate(),), run_check=False)
             tokens = tokens.redistribute(self.tp_mesh, (Shard(1),)).to_local()
-        return tokens, cond
+        return tokens
+
+    def shard_cond(self, cond, batch: int):
+        """RoPE table and token mask for this rank's CP chunk (a pipeline stage that rebuilds
+        the conditioning for the full grid calls this alone)."""
+        S = math.prod(cond.grid)
+        pad = (-S) % self.multiple
+        rope, mask = cond.rope_SP2, cond.token_mask_BS
+        if pad:
+            rope = F.pad(rope, (0, 0, 0, 0, 0, pad))
+            if mask is None:
+                mask = torch.ones(batch, S, dtype=torch.bool, device=rope.device)
+            mask = F.pad(mask, (0, pad), value=False)
+        if self.cp_mesh is not None:
+            rope = rope.chunk(self.cp, 0)[self.cp_rank]
+            mask = None if mask is None else mask.chunk(self.cp, 1)[self.cp_rank].contiguous()
+        return cond.with_(rope_SP2=rope, token_mask_BS=mask)
 
     def gather(self, tokens: torch.Tensor, cond) -> torch.Tensor:
         if self.tp_mesh is not None:
