@@ -116,6 +116,10 @@ def run_encode(cfg: EncodeConfig) -> dict:
     device, dtype = _setup_torch(cfg, world)
     vae = VideoVAE.load(cfg.vae_path, device=device, dtype=dtype)
     validate_against_vae(cfg, vae.temporal_compression, vae.spatial_compression)
+    try:
+        vae.enable_tiling_from_size(cfg.vae_tile_size)
+    except ValueError as e:
+        raise ConfigError(f"encode.vae_tile_size={cfg.vae_tile_size}: {e}") from None
     te = TextEncoder.load(cfg.text_encoder_path, cfg.text_max_length, device=device, dtype=dtype)
     buckets = parse_buckets(cfg.resolutions, cfg.frames)
     if rank == 0:

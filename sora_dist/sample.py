@@ -132,6 +132,10 @@ def run_sample(cfg: SampleConfig) -> dict:
     vae_path, te_path, text_len = _resolve_models(cfg, job)
     device = torch.device(resolve_device_type(cfg.device))
     vae = VideoVAE.load(vae_path, device=device)
+    try:
+        vae.enable_tiling_from_size(cfg.vae_tile_size)
+    except ValueError as e:
+        raise ConfigError(f"vae_tile_size={cfg.vae_tile_size}: {e}") from None
     if vae.latent_channels != job.model.in_channels:
         raise ConfigError(f"VAE has {vae.latent_channels} latent channels but the model was trained on "
                           f"model.in_channels={job.model.in_channels}; use the run's VAE")

@@ -40,6 +40,9 @@ class EncodeConfig:
     device: str = "auto"
     # Model compute precision: "fp32" or "bf16" (bf16 only on cuda).
     dtype: str = "fp32"
+    # VAE spatial tiling for large frames: tile side in pixels (tiles overlap by a quarter);
+    # 0 = off. Bounds activation memory at high resolution (720p and up on a GPU).
+    vae_tile_size: int = 0
     # Threads decoding upcoming videos while the current one is encoded (0 = decode inline).
     decode_workers: int = 2
     # Intra-op threads per rank (0 = CPU cores / ranks on this node).

@@ -47,6 +47,8 @@ class SampleConfig:
     cond_position: str = "first"
     # Latent frames taken from the condition (1 for an image; k latent frames = 1 + 4(k-1) video frames).
     cond_latent_frames: int = 1
+    # VAE spatial tiling for decoding large frames: tile side in pixels; 0 = off.
+    vae_tile_size: int = 0
     # Where the mp4 files and samples.jsonl go.
     output_dir: str = "samples"
     # "auto", "cpu" or "cuda".

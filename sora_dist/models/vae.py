@@ -104,10 +104,30 @@ class VideoVAE:
         T = video.shape[0] if video.dtype == torch.uint8 else video.shape[2]
         H, W = video.shape[-2:]
         self.latent_shape(T, H, W)  # validate before any compute
-        if self.kind == "AutoencoderKLWan":
+        if self.kind == "AutoencoderKLWan" and not self._tiled(H, W):
             return self._encode_wan(video)
-        mu = self.model.encode(self._to_input(video)).latent_dist.mode()
-        return (mu.float() * self._scale)
+        # diffusers' own path: CogVideoX, or spatial tiling for frames larger than a tile
+        # (tiled_encode runs the same temporal chunks per tile and blends the seams).
+        mu = self.model.encode(self._to_input(video)).latent_dist.mode().float()
+        return (mu - self._mean) / self._std if self.kind == "AutoencoderKLWan" else mu * self._scale
+
+    def enable_tiling(self, tile: int = 256, stride: int = 192) -> None:
+        """Spatial tiling for large frames: bounds activation memory by the tile, not the frame."""
+        if stride >= tile or tile % self.spatial_compression or stride % self.spatial_compression:
+            raise ValueError(f"VAE tiling needs stride < tile and both divisible by {self.spatial_compression}; "
+                             f"got tile={tile}, stride={stride}")
+        self.model.enable_tiling(tile, tile, stride, stride)
+
+    def enable_tiling_from_size(self, tile: int) -> None:
+        """tile > 0: tiles of that many pixels overlapping by a quarter; 0: off."""
+        if tile > 0:
+            s = self.spatial_compression
+            self.enable_tiling(tile, max(s, (tile * 3 // 4) // s * s))
+
+    def _tiled(self, H: int, W: int) -> bool:
+        m = self.model
+        return bool(getattr(m, "use_tiling", False)) and (
+            H > m.tile_sample_min_height or W > m.tile_sample_min_width)
 
     def _encode_wan(self, video: torch.Tensor) -> torch.Tensor:
         from diffusers.models.autoencoders.autoencoder_kl_wan import patchify
@@ -147,6 +167,9 @@ class VideoVAE:
             return self.model.decode((z / self._scale).to(self.dtype)).sample.float().clamp(-1, 1)
         m = self.model
         z = (z * self._std + self._mean).to(self.dtype)
+        s = self.spatial_compression
+        if self._tiled(z.shape[-2] * s, z.shape[-1] * s):
+            return m.decode(z).sample.float().clamp(-1, 1)
         m.clear_cache()
         outs = []
         try:

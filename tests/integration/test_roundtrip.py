@@ -16,7 +16,8 @@ from sora_dist.models.vae import VideoVAE, build_tiny_vae
 pytestmark = pytest.mark.integration
 
 
-def test_roundtrip_matches_direct_encode(tmp_path):
+@pytest.mark.parametrize("tile", [0, 32])
+def test_roundtrip_matches_direct_encode(tmp_path, tile):
     vae_dir = build_tiny_vae(str(tmp_path / "vae"))
     te_dir = build_tiny_text_encoder(str(tmp_path / "t5"))
     rows = []
@@ -27,10 +28,11 @@ def test_roundtrip_matches_direct_encode(tmp_path):
     man.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = EncodeConfig(input=str(man), output=str(tmp_path / "out"), vae_path=vae_dir, text_encoder_path=te_dir,
                        resolutions=[[32, 32], [32, 64], [64, 32]], frames=[1, 5, 9], target_fps=8.0,
-                       samples_per_shard=3, progress=False, rank=0, world_size=1)
+                       samples_per_shard=3, progress=False, rank=0, world_size=1, vae_tile_size=tile)
     run_encode(cfg)
 
     vae, te = VideoVAE.load(vae_dir), TextEncoder.load(te_dir, cfg.text_max_length)
+    vae.enable_tiling_from_size(tile)  # 32: the 32x64 buckets go through diffusers' tiled path
     buckets = parse_buckets(cfg.resolutions, cfg.frames)
     direct = {}
     for r in rows:

@@ -74,3 +74,24 @@ def test_wan22_patchified_layout(tmp_path):
     y = vae.decode(z)
     assert y.shape == (1, 3, 9, 32, 48)
     torch.testing.assert_close(y, vae.model.decode(z * std + mean).sample, atol=1e-5, rtol=1e-5)
+
+
+def test_wan_tiling_for_large_frames(wan):
+    x = torch.randint(0, 256, (5, 3, 48, 64), dtype=torch.uint8)
+    plain = wan.encode(x)
+    wan.enable_tiling(tile=32, stride=16)
+    try:
+        assert wan._tiled(48, 64) and not wan._tiled(32, 32)
+        tiled = wan.encode(x)
+        assert tiled.shape == plain.shape == (1, 4, 2, 6, 8)
+        xf = x.permute(1, 0, 2, 3)[None].float() / 127.5 - 1
+        mean = torch.tensor(wan.model.config.latents_mean).view(1, -1, 1, 1, 1)
+        std = torch.tensor(wan.model.config.latents_std).view(1, -1, 1, 1, 1)
+        ref = wan.model.tiled_encode(xf)[:, :4]  # diffusers' tiled path, mu channels
+        torch.testing.assert_close(tiled, (ref - mean) / std, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(tiled, plain)  # really tiled (seams blended differently)
+        assert wan.decode(tiled).shape == (1, 3, 5, 48, 64)
+        with pytest.raises(ValueError, match="stride < tile"):
+            wan.enable_tiling(tile=32, stride=32)
+    finally:
+        wan.model.disable_tiling()
