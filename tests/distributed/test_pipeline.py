@@ -123,14 +123,9 @@ def test_pp_composed_with_tp_and_fsdp_matches_single_process(world, parallel, sc
 
 
 def test_bubble_benchmark_replays_textbook_figures():
-    import importlib.util
-    import os
+    from sora_dist.parallel.bubble import schedule_bubbles
 
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "bench_pipeline.py")
-    spec = importlib.util.spec_from_file_location("bench_pipeline", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    res = run_distributed(bench._worker, 2, 4)
+    res = run_distributed(schedule_bubbles, 2, 4)
     assert abs(res["1f1b"][0] - 1 / 5) < 1e-9            # (p-1)/(m+p-1)
     assert abs(res["interleaved_1f1b"][0] - 1 / 9) < 1e-9  # (p-1)/(v*m+p-1)
     assert res["zbv"][0] < res["interleaved_1f1b"][0] < res["1f1b"][0]
