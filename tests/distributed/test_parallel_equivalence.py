@@ -163,7 +163,8 @@ def dropout_worker(rank: int, world: int, layout: dict) -> dict:
     x, t, text, mask, drop, target = global_batch(1, args)
     grads, masks = [], []
     for ac in ("none", "full"):
-        model = parallelize_dit(build_model(args), pdims, meshes, make_cfg(activation_checkpointing=ac, **layout))
+        cfg = make_cfg(activation_checkpointing=ac, **layout)
+        model = parallelize_dit(build_model(args), pdims, meshes, cfg)
         seen = []
         hook = model.blocks["0"].mlp.register_forward_hook(lambda m, i, o: seen.append(o.detach() == 0))
         torch.manual_seed(1)
