@@ -179,3 +179,43 @@ def test_dit_block_hybrid_matches_single_process():
     res = run_distributed(_dit_block, 4, "hybrid", 2, 2)
     for name, err in res.items():
         assert err < 1e-5, (name, err)
+
+
+def _recompute_and_compile(rank, world, mode):
+    """The CP module under activation recompute and torch.compile (as parallelize_dit applies
+    them) gives the eager result: recompute re-runs the communication in backward, in the same
+    order on every rank; dynamo handles the autograd.Functions with collectives / P2P inside."""
+    from torch.utils.checkpoint import checkpoint
+
+    from sora_dist.models.dit import Conditioning, DiTArgs, DiTBlock
+    from sora_dist.models.embeddings import build_rope_3d
+
+    meshes = ParallelDims(1, 1, 1, 2, 1, 1, world).build_mesh("cpu")
+    cp = meshes["cp"]
+    torch.manual_seed(0)
+    block = DiTBlock(DiTArgs(hidden_size=32, num_heads=4))
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    block.attn.core_attention = build_cp_attention(meshes, mode)
+    B, grid = 2, (2, 2, 4)
+    cond = Conditioning(c_BD=torch.randn(B, 32), text_BLD=torch.randn(B, 5, 32),
+                        text_mask_BL=torch.ones(B, 5, dtype=torch.bool),
+                        rope_SP2=shard_sequence(build_rope_3d(grid, 8), 0, cp),
+                        token_mask_BS=shard_sequence(_padding_mask(B, 16, world), 1, cp))
+    xl = shard_sequence(torch.randn(B, 16, 32), 1, cp).clone().requires_grad_()
+    runs = {"eager": block,
+            "recompute": lambda x, c: checkpoint(block, x, c, use_reentrant=False),
+            "compile": torch.compile(block, backend="aot_eager")}  # inductor needs a C++ toolchain
+    res = {}
+    for name, f in runs.items():
+        xl.grad = None
+        out = f(xl, cond)
+        out.sum().backward()
+        res[name] = (out.detach(), xl.grad.clone())
+    return {name: max(_rel(a, b) for a, b in zip(res[name], res["eager"])) for name in ("recompute", "compile")}
+
+
+def test_recompute_and_compile_ring():
+    res = run_distributed(_recompute_and_compile, 2, "ring")
+    for name, err in res.items():
+        assert err < 1e-6, (name, err)
