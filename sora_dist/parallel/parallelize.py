@@ -48,7 +48,8 @@ class ParallelInfo:
 
 def parallelize_dit(model: nn.Module, pdims, meshes, cfg) -> nn.Module:
     """Apply the layout of `cfg.parallel` to a VideoDiT built identically on every rank (in place;
-    returns the model). `pdims`/`meshes` come from ParallelDims.from_config(...).build_mesh(...)."""
+    returns the model). `pdims`/`meshes` come from ParallelDims.from_config(...).build_mesh(...).
+    A model built on the meta device is materialised and initialised at the end."""
     p, t = cfg.parallel, cfg.train
     device_type = meshes.world.device_type
     tp, cp = pdims.tp, pdims.cp
@@ -75,10 +76,30 @@ def parallelize_dit(model: nn.Module, pdims, meshes, cfg) -> nn.Module:
     use_fsdp = bool(p.fsdp) and pdims.dp * cp > 1
     if use_fsdp:
         apply_fsdp(model, fsdp_mesh(meshes, pdims.dp_replicate), mp_policy(device_type, t.mixed_precision))
+    if any(p_.is_meta for p_ in model.parameters()):
+        materialize(model, device_type, t.seed)
     grad_mesh = meshes["dp_cp"] if not use_fsdp and pdims.dp * cp > 1 else None
     # object.__setattr__: plain attribute, not a submodule/state.
     object.__setattr__(model, "_sora_parallel", ParallelInfo(tp, cp, sp, use_fsdp, grad_mesh, tracker))
     return model
+
+
+def materialize(model: nn.Module, device_type: str, seed: int) -> None:
+    """A model built under `torch.device("meta")` (no full copy of the weights on any rank)
+    gets its shards allocated and initialised here, from `seed` on every rank (DTensor's
+    requirement for rank-consistent random ops; the caller's RNG state is left as it was).
+    On CUDA, DTensor's RNG tracker draws each shard from one global stream, so the init is
+    valid for any layout (though not the same draw as a single-device init). On CPU DTensor
+    has no distributed RNG: shards of one weight repeat a draw, so use it for tests only."""
+    if device_type == "cpu":
+        device, devices = torch.device("cpu"), []
+    else:
+        device = torch.device(device_type, torch.get_device_module(device_type).current_device())
+        devices = [device]
+    model.to_empty(device=device)
+    with torch.random.fork_rng(devices=devices, device_type=device_type), torch.no_grad():
+        torch.manual_seed(seed)
+        model.init_weights()
 
 
 def finalize_grads(model: nn.Module) -> None:
