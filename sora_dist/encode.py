@@ -128,7 +128,7 @@ def run_encode(cfg: EncodeConfig) -> dict:
 
     writer = sh.ShardWriter(cfg.output, rank, cfg.samples_per_shard)
     rejected: collections.Counter = collections.Counter()
-    n_ok, t0 = 0, time.perf_counter()
+    n_ok, t0, cpu0 = 0, time.perf_counter(), time.process_time()
     bar = tqdm(total=len(todo), unit="video", position=rank, disable=not cfg.progress,
                desc=f"encode r{rank}", dynamic_ncols=True)
     for it, loaded in _prefetch(todo, lambda it: _load(it, buckets, cfg), cfg.decode_workers):
@@ -151,7 +151,9 @@ def run_encode(cfg: EncodeConfig) -> dict:
     bar.close()
     dt = time.perf_counter() - t0
     stats = {"assigned": len(mine), "skipped_done": len(mine) - len(todo), "encoded": n_ok,
-             "rejected": dict(rejected), "seconds": dt, "videos_per_s": len(todo) / dt if dt > 0 else 0.0}
+             "rejected": dict(rejected), "seconds": dt, "videos_per_s": len(todo) / dt if dt > 0 else 0.0,
+             # CPU time of this process (all its threads): comparable across loaded machines
+             "cpu_seconds": time.process_time() - cpu0}
     sh.mark_rank_complete(cfg.output, rank, sh.assignment_digest(i.source for i in mine), stats)
     if rank == 0:
         digests = {r: sh.assignment_digest(i.source for i in items[r::world]) for r in range(world)}

@@ -39,8 +39,9 @@ def bench_encode(base: dict, out: str, world: int, threads: int) -> dict:
     stats = [json.load(open(os.path.join(out, f"rank-r{r:03d}.complete.json"))) for r in range(world)]
     videos = sum(s["assigned"] for s in stats)
     loop_s = max(s["seconds"] for s in stats)
+    cpu_s = sum(s["cpu_seconds"] for s in stats)
     return {"ranks": world, "threads_per_rank": threads, "videos": videos, "loop_s": loop_s,
-            "videos_per_s": videos / loop_s, "wall_s": wall}
+            "videos_per_s": videos / loop_s, "wall_s": wall, "cpu_s_per_video": cpu_s / videos}
 
 
 def bench_loader(shards: str, batch_size: int, batches: int) -> dict:
@@ -95,6 +96,9 @@ def main() -> None:
     print(f"encode: 1 rank x 1 thread {one['videos_per_s']:.2f} videos/s, 2 ranks x 1 thread "
           f"{two['videos_per_s']:.2f} videos/s -> DP speedup x{two['videos_per_s'] / one['videos_per_s']:.2f} "
           f"(ideal x2 with >= 2 free cores; {cores} cores here, load avg {os.getloadavg()[0]:.1f})")
+    print(f"encode CPU-s per video: 1x1 {one['cpu_s_per_video']:.3f}, 2x1 {two['cpu_s_per_video']:.3f}, "
+          f"1x{cores} {one_mt['cpu_s_per_video']:.3f} (equal per-video CPU cost means DP adds no overhead; "
+          "wall-clock speedup then only needs free cores)")
     print(f"encode: 1 rank x {cores} threads {one_mt['videos_per_s']:.2f} videos/s -> 2 ranks are "
           f"x{two['videos_per_s'] / one_mt['videos_per_s']:.2f} of that")
     print(f"loader: {load['samples_per_s']:.0f} samples/s = x{load['samples_per_s'] / two['videos_per_s']:.0f} "
