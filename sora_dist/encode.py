@@ -131,24 +131,27 @@ def run_encode(cfg: EncodeConfig) -> dict:
     n_ok, t0, cpu0 = 0, time.perf_counter(), time.process_time()
     bar = tqdm(total=len(todo), unit="video", position=rank, disable=not cfg.progress,
                desc=f"encode r{rank}", dynamic_ncols=True)
-    for it, loaded in _prefetch(todo, lambda it: _load(it, buckets, cfg), cfg.decode_workers):
-        if isinstance(loaded, BadInput):
-            writer.reject(it.source, loaded.kind, loaded.detail)
-            rejected[loaded.kind] += 1
+    try:
+        for it, loaded in _prefetch(todo, lambda it: _load(it, buckets, cfg), cfg.decode_workers):
+            if isinstance(loaded, BadInput):
+                writer.reject(it.source, loaded.kind, loaded.detail)
+                rejected[loaded.kind] += 1
+                bar.update(1)
+                continue
+            frames, bucket, fps, info = loaded
+            latent = vae.encode(frames)[0].cpu().numpy()
+            emb, mask = te.encode([it.caption])
+            n = int(mask[0].sum())  # store real tokens only; the loader pads per batch
+            writer.write(latent, emb[0, :n].numpy(), mask[0, :n].numpy(), {
+                "source": it.source, "caption": it.caption, "fps": fps, "bucket": bucket.name,
+                "src_size": [info.height, info.width], "src_fps": info.fps, "src_frames": info.num_frames,
+            })
+            n_ok += 1
             bar.update(1)
-            continue
-        frames, bucket, fps, info = loaded
-        latent = vae.encode(frames)[0].cpu().numpy()
-        emb, mask = te.encode([it.caption])
-        n = int(mask[0].sum())  # store real tokens only; the loader pads per batch
-        writer.write(latent, emb[0, :n].numpy(), mask[0, :n].numpy(), {
-            "source": it.source, "caption": it.caption, "fps": fps, "bucket": bucket.name,
-            "src_size": [info.height, info.width], "src_fps": info.fps, "src_frames": info.num_frames,
-        })
-        n_ok += 1
-        bar.update(1)
-    writer.close()
-    bar.close()
+    finally:
+        # Also on an error: every sample already written is complete, so keep it (and free the lock).
+        writer.close()
+        bar.close()
     dt = time.perf_counter() - t0
     stats = {"assigned": len(mine), "skipped_done": len(mine) - len(todo), "encoded": n_ok,
              "rejected": dict(rejected), "seconds": dt, "videos_per_s": len(todo) / dt if dt > 0 else 0.0,

@@ -136,6 +136,17 @@ class ShardWriter:
             raise ValueError(f"samples_per_shard={samples_per_shard} must be >= 1")
         self.out_dir, self.rank, self.per_shard = out_dir, rank, samples_per_shard
         os.makedirs(out_dir, exist_ok=True)
+        # Two live writers of one rank would clobber each other's temp shards and indices. flock
+        # (not a marker file) so a killed run never leaves a stale lock: the kernel drops it.
+        import fcntl
+
+        self._lock = open(os.path.join(out_dir, f".rank-r{rank:03d}.lock"), "w")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise RuntimeError(f"another sora-encode process is writing rank {rank} shards in {out_dir}; "
+                               "wait for it, or use a different output folder") from None
         # Temp shards of this rank left by a killed run hold nothing recorded: drop them.
         for p in glob.glob(os.path.join(out_dir, f".shard-r{rank:03d}-*.tar.tmp")):
             os.remove(p)
@@ -162,6 +173,18 @@ class ShardWriter:
             self._open()
         meta = dict(meta, latent_bucket="x".join(str(s) for s in latent.shape[1:]),
                     latent_shape=list(latent.shape), text_len=int(text.shape[0]))
+        try:
+            self._write_sample(meta, latent, text, mask)
+        except BaseException:
+            # A half-written member would make the whole shard unreadable: drop this temp shard
+            # (its inputs are not in the done-list, so a rerun redoes them).
+            self._discard()
+            raise
+        self._metas.append(meta)
+        if len(self._metas) >= self.per_shard:
+            self.close_shard()
+
+    def _write_sample(self, meta, latent, text, mask) -> None:
         self._tar.write({
             "__key__": sample_key(meta["source"]),
             "latent.npy": _npy_bytes(latent.astype(np.float32)),
@@ -169,9 +192,19 @@ class ShardWriter:
             "mask.npy": _npy_bytes(mask.astype(bool)),
             "json": json.dumps(meta).encode(),
         })
-        self._metas.append(meta)
-        if len(self._metas) >= self.per_shard:
-            self.close_shard()
+
+    def _discard(self) -> None:
+        try:
+            self._tar.close()  # closes tarfile's stream too, so nothing flushes into a closed file later
+        except Exception:
+            pass  # mid-member streams may refuse; the file is deleted below anyway
+        try:
+            if not self._file.closed:
+                self._file.close()
+        finally:
+            if os.path.exists(self._tmp):
+                os.remove(self._tmp)
+            self._tar, self._metas = None, []
 
     def reject(self, source: str, kind: str, detail: str) -> None:
         _append_line(self.rejects_path, {"source": source, "kind": kind, "detail": detail, "rank": self.rank})
@@ -193,8 +226,10 @@ class ShardWriter:
         return final
 
     def close(self) -> None:
-        """Flush the last, possibly short, shard."""
+        """Flush the last, possibly short, shard and release the rank lock."""
         self.close_shard()
+        if not self._lock.closed:
+            self._lock.close()
 
 
 def mark_rank_complete(out_dir: str, rank: int, assignment_digest: str, stats: dict) -> None:
