@@ -43,6 +43,15 @@ class ModelConfig:
     attention_backend: str = "sdpa"
     # Dropout inside attention/MLP (0 for diffusion pre-training).
     dropout: float = 0.0
+    # FP8 matmuls for the blocks' attention/MLP linears (embedders, adaLN, final layer stay in
+    # high precision): "none", "torchao" (Float8Linear, dynamic scaling; runs on CPU too) or
+    # "te" (transformer-engine te.Linear, CUDA only). Applied by models/fp8.py:apply_fp8.
+    fp8_linears: str = "none"
+    # Run transformer-engine attention in FP8 (needs attention_backend=te and an FP8 GPU).
+    fp8_attention: bool = False
+    # transformer-engine FP8 recipe for fp8_linears=te / fp8_attention: "current"
+    # (Float8CurrentScaling, no state) or "delayed" (DelayedScaling, amax history per tensor).
+    fp8_recipe: str = "current"
 
     def resolved(self) -> dict:
         """Flavor values merged with explicit overrides."""

@@ -36,6 +36,20 @@ def validate(cfg, world_size: Optional[int] = None) -> None:
     _check(m.text_dim >= 1, f"model.text_dim={m.text_dim} must be >= 1")
     _check(m.attention_backend in ("sdpa", "te"),
            f"model.attention_backend={m.attention_backend!r}: use 'sdpa' or 'te'")
+    _check(m.fp8_linears in ("none", "torchao", "te"),
+           f"model.fp8_linears={m.fp8_linears!r}: use 'none', 'torchao' or 'te'")
+    _check(m.fp8_recipe in ("current", "delayed"),
+           f"model.fp8_recipe={m.fp8_recipe!r}: use 'current' or 'delayed'")
+    _check(not m.fp8_attention or m.attention_backend == "te",
+           "model.fp8_attention=true needs model.attention_backend=te (SDPA has no FP8 path)")
+    if m.fp8_linears != "none":
+        # FP8 GEMMs need both weight dims divisible by 16; otherwise no block linear converts.
+        _check(hidden % 16 == 0,
+               f"model.fp8_linears={m.fp8_linears} needs model.hidden_size={hidden} divisible by 16")
+        # te.Linear does its own tensor parallelism and is not a DTensor-TP module.
+        _check(m.fp8_linears != "te" or p.tp == 1,
+               f"model.fp8_linears=te does not compose with DTensor tensor parallel "
+               f"(parallel.tp={p.tp}); use parallel.tp=1 or model.fp8_linears=torchao")
 
     _check(diff.objective in ("ddpm", "flow"),
            f"diffusion.objective={diff.objective!r}: use 'ddpm' or 'flow'")

@@ -1,7 +1,12 @@
 """Attention backends behind one seam.
 
 Model code calls a `CoreAttention` module on (B, heads, S, head_dim) tensors. Context
-parallelism (parallel/context.py) and transformer-engine replace that module, nothing else.
+parallelism (parallel/context.py) and transformer-engine replace that module, nothing else:
+the CP wrapper keeps the CoreAttention it found as `inner` and calls it on the local
+(Ulysses) attention, whichever backend that is.
+
+Mask convention: ours is True = attend (a valid key), like SDPA's boolean attn_mask.
+transformer-engine's is the opposite (True = masked OUT); `te_padding_masks` converts.
 """
 from __future__ import annotations
 
@@ -21,25 +26,111 @@ def sdpa_attention(
     return F.scaled_dot_product_attention(q_BHSD, k_BHSD, v_BHSD, attn_mask=mask)
 
 
+# ---- transformer-engine ------------------------------------------------------------------------
+
+def import_te():
+    """transformer_engine.pytorch, or an ImportError that says what to install instead."""
+    try:
+        import transformer_engine.pytorch as te
+    except ImportError as e:
+        raise ImportError(
+            "transformer-engine is not installed: pip install 'sora_dist[gpu]' on a CUDA machine, "
+            "or use model.attention_backend=sdpa (and model.fp8_linears=none or torchao)") from e
+    return te
+
+
+def te_autocast(recipe):
+    """TE's FP8 region: `te.autocast(recipe=...)` (TE >= 2.8), else the older `te.fp8_autocast`."""
+    te = import_te()
+    if hasattr(te, "autocast"):
+        return te.autocast(enabled=True, recipe=recipe)
+    return te.fp8_autocast(enabled=True, fp8_recipe=recipe)
+
+
+def te_padding_masks(kv_mask_BS: torch.Tensor, q_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our key mask (B, S_kv; True = valid key) -> TE's cross-attention padding masks
+    ([B, 1, 1, S_q], [B, 1, 1, S_kv]; True = masked OUT). Every query counts as valid: a query
+    at a padded position still attends to the valid keys, as SDPA with a key mask does (the
+    head drops those rows), so both backends compute the same thing on every row."""
+    kv = kv_mask_BS.bool().logical_not()[:, None, None, :]
+    q = torch.zeros(kv_mask_BS.shape[0], 1, 1, q_len, dtype=torch.bool, device=kv_mask_BS.device)
+    return q, kv
+
+
+def is_right_padded(kv_mask_BS: torch.Tensor) -> torch.Tensor:
+    """0-dim bool tensor: every row's valid keys form a prefix. TE's padding masks become
+    cu_seqlens (a count per row), so they can only express masks of this shape. Ours are:
+    captions are right-padded, and SequenceSharding pads video tokens at the end."""
+    m = kv_mask_BS.bool()
+    prefix = torch.arange(m.shape[1], device=m.device) < m.sum(1, keepdim=True)
+    return (m == prefix).all()
+
+
 class CoreAttention(nn.Module):
-    """softmax(q k^T / sqrt(d)) v with an optional key-padding mask. Stateless."""
+    """softmax(q k^T / sqrt(d)) v with an optional key-padding mask. Stateless.
+
+    backend="te": transformer_engine.pytorch.DotProductAttention (cuDNN fused / flash kernels,
+    FP8 when `fp8_recipe` is set by models/fp8.py:apply_fp8). TE fixes the head count at
+    construction, and that is only known at call time (TP and Ulysses change the local heads),
+    so one TE module per (heads, head_dim) is built on first use. They are kept out of the
+    module tree: they hold no parameters (vanilla softmax) and their FP8 metadata is not worth
+    a checkpoint key that would differ between backends (a delayed-scaling amax history
+    restarts after a resume; the default current-scaling recipe keeps none).
+    """
 
     def __init__(self, backend: str = "sdpa"):
         super().__init__()
         self.backend = backend
+        # A TE recipe with fp8_dpa=True, or None for bf16/fp16 attention.
+        self.fp8_recipe = None
         if backend == "te":
             try:
-                import transformer_engine  # noqa: F401
+                import_te()
             except ImportError as e:
-                raise ImportError(
-                    "model.attention_backend=te needs transformer-engine: "
-                    "pip install 'sora_dist[gpu]' on a CUDA machine, or use model.attention_backend=sdpa"
-                ) from e
-            raise NotImplementedError(
-                "model.attention_backend=te is not wired up yet; use model.attention_backend=sdpa"
-            )
+                raise ImportError(f"model.attention_backend=te: {e}") from e
+            self._te_cores: dict[tuple[int, int], nn.Module] = {}
         elif backend != "sdpa":
             raise ValueError(f"unknown attention backend {backend!r}; use 'sdpa' or 'te'")
 
+    def extra_repr(self) -> str:
+        return f"backend={self.backend}" + (", fp8" if self.fp8_recipe is not None else "")
+
     def forward(self, q_BHSD, k_BHSD, v_BHSD, kv_mask_BS=None):
-        return sdpa_attention(q_BHSD, k_BHSD, v_BHSD, kv_mask_BS)
+        if self.backend == "sdpa":
+            return sdpa_attention(q_BHSD, k_BHSD, v_BHSD, kv_mask_BS)
+        return self._te_forward(q_BHSD, k_BHSD, v_BHSD, kv_mask_BS)
+
+    def _te_core(self, heads: int, head_dim: int) -> nn.Module:
+        core = self._te_cores.get((heads, head_dim))
+        if core is None:
+            te = import_te()
+            # "bshd": TE takes (B, S, H, D); our (B, H, S, D) is a transpose away.
+            # attention_type="cross": padding masks then come as a (q, kv) pair, so self- and
+            # cross-attention share one path (see te_padding_masks). The default mask type
+            # is "causal"; ours is full attention, so "no_mask" unless a key mask is passed.
+            core = te.DotProductAttention(
+                num_attention_heads=heads, kv_channels=head_dim, qkv_format="bshd",
+                attn_mask_type="no_mask", attention_type="cross", attention_dropout=0.0)
+            self._te_cores[(heads, head_dim)] = core
+        return core
+
+    def _te_forward(self, q_BHSD, k_BHSD, v_BHSD, kv_mask_BS):
+        B, H, Sq, D = q_BHSD.shape
+        # TE wants one dtype for q/k/v; under autocast q/k can come out of the fp32 qk-norm
+        # weight while v is bf16. Use the autocast dtype, as SDPA does under autocast.
+        dev = q_BHSD.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else q_BHSD.dtype
+        q, k, v = (t.to(dt).transpose(1, 2) for t in (q_BHSD, k_BHSD, v_BHSD))
+        kw = {}
+        if kv_mask_BS is not None:
+            # Checked on the device: no host sync per call.
+            torch._assert_async(is_right_padded(kv_mask_BS),
+                                "attention_backend=te needs right-padded key masks (valid keys first)")
+            kw = dict(attn_mask_type="padding", attention_mask=te_padding_masks(kv_mask_BS, Sq))
+        core = self._te_core(H, D)
+        if self.fp8_recipe is not None:
+            with te_autocast(self.fp8_recipe):
+                o = core(q, k, v, **kw)
+        else:
+            o = core(q, k, v, **kw)
+        return o.reshape(B, Sq, H, D).transpose(1, 2)

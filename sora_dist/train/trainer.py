@@ -18,6 +18,7 @@ from sora_dist.config import JobConfig, validate
 from sora_dist.data import build_loader
 from sora_dist.diffusion import build_diffusion
 from sora_dist.models.dit import build_dit, count_params
+from sora_dist.models.fp8 import apply_fp8
 from sora_dist.parallel.dims import ParallelDims
 from sora_dist.parallel.grad import clip_grad_norm_
 from sora_dist.parallel.state import autocast, init_distributed, memory_stats, peak_tflops
@@ -82,6 +83,7 @@ class Trainer:
         # Same seed on every rank -> identical initial weights before any sharding.
         torch.manual_seed(t.seed)
         model = build_dit(cfg.model).to(self.device)
+        apply_fp8(model, cfg)  # model.fp8_linears / fp8_attention; before any sharding (torchtitan order)
         self.n_params = count_params(model)
         self.pipeline = None
         if self.pdims.pp > 1:
