@@ -35,11 +35,15 @@ def _npy(b: bytes) -> np.ndarray:
 
 
 def _decode(raw: dict, shard: str) -> dict:
-    meta = json.loads(raw["json"])
-    latent = _npy(raw["latent.npy"])
+    try:
+        meta = json.loads(raw["json"])
+        latent = _npy(raw["latent.npy"])
+        text, mask = _npy(raw["text.npy"]), _npy(raw["mask.npy"])
+    except (KeyError, ValueError, OSError) as e:
+        raise ValueError(f"{shard}: sample {raw.get('__key__')!r} is damaged or incomplete ({type(e).__name__}: "
+                         f"{e}); delete the shard and its done-list line, then rerun sora-encode") from None
     return {"key": raw["__key__"], "shard": shard, "latent": torch.from_numpy(latent),
-            "text": torch.from_numpy(_npy(raw["text.npy"])),
-            "mask": torch.from_numpy(_npy(raw["mask.npy"])).bool(),
+            "text": torch.from_numpy(text), "mask": torch.from_numpy(mask).bool(),
             "bucket": "x".join(str(s) for s in latent.shape[1:]), "caption": meta.get("caption", "")}
 
 

@@ -151,3 +151,24 @@ def test_model_config_mismatch_is_named(shards):
         ShardLoader(_cfg(folder), 0, 1, model_cfg=ModelConfig(in_channels=16, text_dim=8))
     with pytest.raises(ValueError, match="model.text_dim=8"):
         ShardLoader(_cfg(folder), 0, 1, model_cfg=ModelConfig(in_channels=4, text_dim=32))
+
+
+def test_damaged_sample_names_the_shard(tmp_path):
+    import io
+    import tarfile
+
+    _write_shards(tmp_path, n=3, per_shard=3)
+    path = tmp_path / "shard-r000-000000.tar"
+    with tarfile.open(path) as tf:
+        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
+    first_latent = next(m.name for m, _ in members if m.name.endswith(".latent.npy"))
+    with tarfile.open(path, "w") as tf:  # same tar, one latent replaced by garbage bytes
+        for m, data in members:
+            if m.name == first_latent:
+                data = b"\x93NUMPY garbage"
+                m.size = len(data)
+            tf.addfile(m, io.BytesIO(data))
+    ld = ShardLoader(_cfg(str(tmp_path), batch_size=1, shuffle_buffer=0), 0, 1)
+    with pytest.raises(ValueError, match="shard-r000-000000.tar: sample .* damaged"):
+        for _ in range(3):
+            next(ld)
