@@ -29,3 +29,6 @@ class DataConfig:
     # samples per batch so every batch costs about the same memory). Unlisted buckets use batch_size.
     # On the command line: '+data.bucket_batch_size={5x8x8:1,3x8x8:2}'.
     bucket_batch_size: dict[str, int] = field(default_factory=dict)
+    # Shards source: read the next shuffle block in a background thread while the current one
+    # is consumed (hides shard I/O at block boundaries; holds one more block in memory).
+    prefetch_next_block: bool = True

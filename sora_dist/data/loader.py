@@ -103,6 +103,10 @@ class ShardLoader:
         self.batches_done = 0
         self._block_key: Optional[tuple[int, int]] = None
         self._block_samples: list[tuple[str, dict]] = []
+        # Background read of the next block (bytes only); costs one more block of memory.
+        self.prefetch = bool(getattr(data_cfg, "prefetch_next_block", True))
+        self._pool = None
+        self._prefetch = None
 
     # ---- order ------------------------------------------------------------------------------
     def rank_shards(self, epoch: int) -> list[tuple[str, int]]:
@@ -129,9 +133,29 @@ class ShardLoader:
         pipe = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples())
         return [(os.path.basename(raw["__url__"]), raw) for raw in pipe]
 
+    def _next_key(self, epoch: int, block: int, n_blocks: int) -> tuple[int, int]:
+        return (epoch, block + 1) if block + 1 < n_blocks else (epoch + 1, 0)
+
+    def _read_block(self, epoch: int, block: int) -> list[tuple[str, dict]]:
+        return self._read(self.blocks(epoch)[block])
+
     def _load_block(self) -> None:
         blocks = self.blocks(self.epoch)
-        samples = self._read(blocks[self.block])
+        key = (self.epoch, self.block)
+        if self._prefetch is not None and self._prefetch[0] == key:
+            samples = self._prefetch[1].result()  # read in the background while we trained
+        else:
+            samples = self._read(blocks[key[1]])
+        self._prefetch = None
+        if self.prefetch:
+            # Read the next block's bytes in a thread (file I/O releases the GIL); the order does
+            # not depend on it, only the stall at block boundaries does.
+            from concurrent.futures import ThreadPoolExecutor
+
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="shard-prefetch")
+            nxt = self._next_key(self.epoch, self.block, len(blocks))
+            self._prefetch = (nxt, self._pool.submit(self._read_block, *nxt))
         if self.shuffle_buffer > 0:
             rng = np.random.default_rng([self.seed, self.epoch, self.dp_rank, self.block])
             samples = [samples[i] for i in rng.permutation(len(samples))]

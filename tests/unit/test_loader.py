@@ -81,10 +81,14 @@ def test_two_ranks_cover_epoch_without_overlap(shards):
     assert not set(got[0]) & set(got[1]) and sorted(got[0] + got[1]) == list(range(n))
 
 
-def test_order_is_deterministic_in_seed(shards):
+def test_order_is_deterministic_in_seed_and_prefetch_free(shards):
     folder, _ = shards
-    seq = lambda seed: [_ids(next(ld)) for ld in [ShardLoader(_cfg(folder, seed=seed), 0, 1)] for _ in range(6)]
-    assert seq(1) == seq(1) and seq(1) != seq(2)
+
+    def seq(seed, prefetch=True):
+        ld = ShardLoader(_cfg(folder, seed=seed, shuffle_buffer=4, prefetch_next_block=prefetch), 0, 1)
+        return [_ids(next(ld)) for _ in range(20)]
+
+    assert seq(1) == seq(1) == seq(1, prefetch=False) and seq(1) != seq(2)
 
 
 @pytest.mark.parametrize("stop", [1, 4, 9, 17])
