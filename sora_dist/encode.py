@@ -105,7 +105,7 @@ def run_encode(cfg: EncodeConfig) -> dict:
     mine = items[rank::world]
     os.makedirs(cfg.output, exist_ok=True)
     done = sh.DoneList(cfg.output)
-    todo = [it for it in mine if not done.is_done(it.source)]
+    todo = [it for it in mine if not done.is_done(it.source, cfg.retry_rejects)]
 
     from tqdm import tqdm
 

@@ -49,6 +49,9 @@ class EncodeConfig:
     num_threads: int = 0
     # Rank 0 waits this long for the other ranks' completion markers before writing the manifest.
     wait_timeout_s: float = 3600.0
+    # Retry inputs an earlier run rejected (e.g. after adding missing captions); by default a
+    # rerun skips them like finished inputs.
+    retry_rejects: bool = False
     # Show a tqdm progress bar (videos/s) per rank.
     progress: bool = True
     # Rank/world override for tests and manual splitting; None = from torchrun/Slurm env.

@@ -109,9 +109,11 @@ class DoneList:
                 _append_line(os.path.join(out_dir, f"done-r{rank:03d}.jsonl"), rec)
                 self.shards[name] = rec
         self.encoded = {s for rec in self.shards.values() for s in rec["inputs"]}
+        # An input rejected once and encoded by a later retry is no longer a reject.
+        self.rejects = {k: v for k, v in self.rejects.items() if k not in self.encoded}
 
-    def is_done(self, source: str) -> bool:
-        return source in self.encoded or source in self.rejects
+    def is_done(self, source: str, retry_rejects: bool = False) -> bool:
+        return source in self.encoded or (not retry_rejects and source in self.rejects)
 
 
 def shard_record(name: str, metas: list[dict]) -> dict:

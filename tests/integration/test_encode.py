@@ -115,6 +115,12 @@ def test_folder_input_with_txt_captions_and_rerun_skips(tmp_path, models):
     s2 = run_encode(_cfg(models, tmp_path / "v", out))
     assert s2["encoded"] == 0 and s2["skipped_done"] == 3
     assert sorted(_all_sources(out)) == sorted(r["path"] for r in rows[:2])
+    # the missing caption is added; retry_rejects picks the input up, only it
+    open(os.path.splitext(rows[2]["path"])[0] + ".txt", "w").write(rows[2]["caption"])
+    s3 = run_encode(_cfg(models, tmp_path / "v", out, retry_rejects=True))
+    assert s3["encoded"] == 1 and s3["skipped_done"] == 2
+    assert sorted(_all_sources(out)) == sorted(r["path"] for r in rows)
+    assert s3["manifest"]["num_rejected"] == 0 and (out / "rejects.jsonl").read_text() == ""
     meta = sh.read_shard_meta(sh.list_shards(str(out))[0])[0]
     assert meta["caption"] in [r["caption"] for r in rows] and meta["bucket"].endswith("x9")
 
