@@ -101,15 +101,25 @@ def convert_torchao(model: nn.Module) -> int:
 # ---- transformer-engine ------------------------------------------------------------------------
 
 def build_te_recipe(name: str, fp8_dpa: bool = False):
-    """TE recipe by config name. "current" (Float8CurrentScaling) keeps no amax history, so it
-    is unaffected by activation recompute and needs nothing in checkpoints; "delayed"
-    (DelayedScaling) is TE's classic recipe: scales come from an amax history of past steps,
-    so no extra pass over a tensor before casting it, at the price of that state."""
+    """TE recipe by config name. "current" (Float8CurrentScaling, TE >= 2.2) keeps no amax
+    history for the linears, so activation recompute cannot skew it and checkpoints need no
+    FP8 state; "delayed" (DelayedScaling) is TE's classic recipe: scales come from an amax
+    history of past steps, so no extra pass over a tensor before casting it. For FP8 attention
+    TE >= 2.8 takes current scaling for q/k/v/o and grads and keeps delayed scaling inside
+    (softmax S, dP); older TE only has delayed scaling there."""
     if name not in FP8_RECIPES:
         raise ValueError(f"model.fp8_recipe={name!r}: use one of {list(FP8_RECIPES)}")
     import_te()
+    import transformer_engine
     from transformer_engine.common import recipe
 
+    version = tuple(int(x) for x in re.findall(r"\d+", transformer_engine.__version__)[:2])
+    need = (2, 8) if fp8_dpa else (2, 2)
+    if name == "current" and version < need:
+        what = "FP8 attention with current scaling" if fp8_dpa else "Float8CurrentScaling"
+        raise RuntimeError(
+            f"{what} needs transformer-engine >= {need[0]}.{need[1]} (installed: "
+            f"{transformer_engine.__version__}); upgrade it or set model.fp8_recipe=delayed")
     cls = recipe.Float8CurrentScaling if name == "current" else recipe.DelayedScaling
     # HYBRID: e4m3 forward, e5m2 gradients (the wider range the backward pass needs).
     return cls(fp8_format=recipe.Format.HYBRID, fp8_dpa=fp8_dpa)

@@ -2,10 +2,10 @@
 CPU-testable parts: its error when TE is missing and the mask-convention conversion.
 
 transformer-engine needs CUDA, so TE's kernels are not run here. The last tests drive
-CoreAttention's TE path through a CPU stand-in that implements TE's documented
-DotProductAttention contract (qkv_format="bshd", output (B, S, H*D), boolean masks with
-True = masked OUT, padding masks as a (q, kv) pair for attention_type="cross"): that checks our
-layout/mask plumbing against SDPA, not TE itself.
+CoreAttention's TE path through a CPU stand-in that implements TE's documented contract
+(DotProductAttention with qkv_format="bshd", output (B, S, H*D), boolean masks with
+True = masked OUT, padding masks as a (q, kv) pair for attention_type="cross"; te.autocast;
+the recipe classes): that checks our layout/mask/recipe plumbing, not TE itself.
 """
 from __future__ import annotations
 
@@ -122,6 +122,7 @@ class _ContractDPA(nn.Module):
     """TE DotProductAttention's documented interface, computed naively on CPU."""
 
     built: list = []
+    recipes: list = []  # the TE autocast recipe active at each call (None: outside one)
 
     def __init__(self, num_attention_heads, kv_channels, qkv_format="sbhd", attn_mask_type="causal",
                  attention_type="self", attention_dropout=0.0):
@@ -133,6 +134,7 @@ class _ContractDPA(nn.Module):
     def forward(self, q, k, v, attention_mask=None, attn_mask_type=None):
         B, Sq, H, D = q.shape
         assert (H, D) == (self.heads, self.head_dim) and q.dtype == k.dtype == v.dtype
+        _ContractDPA.recipes.append(_Autocast.active[-1] if _Autocast.active else None)
         keep = torch.ones(B, 1, Sq, k.shape[1], dtype=torch.bool)
         if attn_mask_type == "padding":
             keep = ~te_full_mask(*attention_mask)
@@ -140,15 +142,43 @@ class _ContractDPA(nn.Module):
         return o.transpose(1, 2).reshape(B, Sq, H * D)
 
 
+class _Recipe:
+    def __init__(self, fp8_format=None, fp8_dpa=False):
+        self.fp8_format, self.fp8_dpa = fp8_format, fp8_dpa
+
+
+class _Autocast:
+    """te.autocast(enabled, recipe): records the active recipe for _ContractDPA."""
+    active: list = []
+
+    def __init__(self, enabled=True, recipe=None):
+        self.recipe = recipe
+
+    def __enter__(self):
+        _Autocast.active.append(self.recipe)
+
+    def __exit__(self, *exc):
+        _Autocast.active.pop()
+
+
 @pytest.fixture
 def contract_te(monkeypatch):
     mod = types.ModuleType("transformer_engine.pytorch")
     mod.DotProductAttention = _ContractDPA
+    mod.autocast = _Autocast
+    rec = types.ModuleType("transformer_engine.common.recipe")
+    rec.Format = types.SimpleNamespace(HYBRID="HYBRID")
+    rec.DelayedScaling = type("DelayedScaling", (_Recipe,), {})
+    rec.Float8CurrentScaling = type("Float8CurrentScaling", (_Recipe,), {})
+    common = types.ModuleType("transformer_engine.common")
+    common.recipe = rec
     pkg = types.ModuleType("transformer_engine")
-    pkg.pytorch = mod
-    monkeypatch.setitem(sys.modules, "transformer_engine", pkg)
-    monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", mod)
-    _ContractDPA.built = []
+    pkg.pytorch, pkg.common, pkg.__version__ = mod, common, "2.9.0"
+    for name, m in [("transformer_engine", pkg), ("transformer_engine.pytorch", mod),
+                    ("transformer_engine.common", common), ("transformer_engine.common.recipe", rec)]:
+        monkeypatch.setitem(sys.modules, name, m)
+    _ContractDPA.built, _ContractDPA.recipes, _Autocast.active = [], [], []
+    return pkg
 
 
 def test_te_path_layout_and_masks_match_sdpa(contract_te):
@@ -175,3 +205,30 @@ def test_te_path_casts_qkv_to_the_autocast_dtype(contract_te):
         out = CoreAttention("te")(q, k, v.bfloat16())  # q/k fp32 (qk-norm weight), v bf16
     assert out.dtype == torch.bfloat16
     assert torch.allclose(out.float(), sdpa_attention(q, k, v), atol=3e-2)
+
+
+def test_fp8_attention_runs_every_te_core_inside_the_recipe(contract_te):
+    cfg = JobConfig()
+    cfg.model.attention_backend, cfg.model.fp8_attention = "te", True
+    model = apply_fp8(build_dit(cfg.model), cfg)
+    cores = [m for m in model.modules() if isinstance(m, CoreAttention)]
+    assert len(cores) == 2 * cfg.model.resolved()["depth"]  # self + cross per block
+    recipe = cores[0].fp8_recipe
+    assert type(recipe).__name__ == "Float8CurrentScaling" and recipe.fp8_dpa
+    assert all(c.fp8_recipe is recipe for c in cores)
+    x = torch.randn(1, 4, 2, 4, 4)
+    model(x, torch.tensor([5.0]), torch.randn(1, 3, 32), torch.tensor([[True, True, False]]))
+    assert len(_ContractDPA.recipes) == len(cores) and all(r is recipe for r in _ContractDPA.recipes)
+
+
+def test_current_scaling_fp8_attention_needs_te_2_8(contract_te):
+    from sora_dist.models.fp8 import build_te_recipe
+
+    contract_te.__version__ = "2.5.0+cu12"
+    with pytest.raises(RuntimeError, match="fp8_recipe=delayed"):
+        build_te_recipe("current", fp8_dpa=True)
+    assert type(build_te_recipe("current")).__name__ == "Float8CurrentScaling"  # linears: >= 2.2
+    assert type(build_te_recipe("delayed", fp8_dpa=True)).__name__ == "DelayedScaling"
+    contract_te.__version__ = "2.1.0"
+    with pytest.raises(RuntimeError, match=">= 2.2"):
+        build_te_recipe("current")
