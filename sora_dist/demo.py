@@ -40,8 +40,10 @@ def run_demo(workdir: str, n_clips: int = 24, ranks: int = 1, images: int = 2) -
            f"vae_path={vae}", f"text_encoder_path={t5}", *DEMO_OVERRIDES]
     # Local data-parallel launch the way torchrun would: one process per rank, env-only.
     t0 = time.perf_counter()
+    run_id = f"demo-{os.getpid()}-{time.time_ns()}"  # what torchrun/srun would provide
     procs = [subprocess.Popen(cmd, env=dict(os.environ, RANK=str(r), WORLD_SIZE=str(ranks),
-                                            LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(ranks)))
+                                            LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(ranks),
+                                            SORA_ENCODE_RUN_ID=run_id))
              for r in range(ranks)]
     codes = [p.wait() for p in procs]
     if any(codes):

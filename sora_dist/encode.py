@@ -84,6 +84,19 @@ def _prefetch(items, fn, workers: int):
             yield head, fut.result()
 
 
+def _run_id() -> str:
+    """An id every rank of one launch shares, so rank 0 never mistakes a completion marker left
+    by an earlier run for this one (that matters when a rerun has new work, e.g. retry_rejects)."""
+    env = os.environ
+    if env.get("SORA_ENCODE_RUN_ID"):
+        return env["SORA_ENCODE_RUN_ID"]
+    if env.get("TORCHELASTIC_RUN_ID", "none") not in ("", "none"):
+        return env["TORCHELASTIC_RUN_ID"]
+    if env.get("SLURM_JOB_ID"):
+        return f"slurm-{env['SLURM_JOB_ID']}.{env.get('SLURM_STEP_ID', '')}"
+    return ""
+
+
 def run_encode(cfg: EncodeConfig) -> dict:
     """Encode this rank's share; on rank 0 also merge the manifest. Returns this rank's stats."""
     from sora_dist.data import shards as sh
@@ -104,6 +117,10 @@ def run_encode(cfg: EncodeConfig) -> dict:
         items = items[: cfg.limit]
     mine = items[rank::world]
     os.makedirs(cfg.output, exist_ok=True)
+    # This rank's marker from an earlier run is void until this run finishes its share.
+    stale = os.path.join(cfg.output, f"rank-r{rank:03d}.complete.json")
+    if os.path.exists(stale):
+        os.remove(stale)
     done = sh.DoneList(cfg.output)
     todo = [it for it in mine if not done.is_done(it.source, cfg.retry_rejects)]
 
@@ -157,9 +174,10 @@ def run_encode(cfg: EncodeConfig) -> dict:
              "rejected": dict(rejected), "seconds": dt, "videos_per_s": len(todo) / dt if dt > 0 else 0.0,
              # CPU time of this process (all its threads): comparable across loaded machines
              "cpu_seconds": time.process_time() - cpu0}
-    sh.mark_rank_complete(cfg.output, rank, sh.assignment_digest(i.source for i in mine), stats)
+    run_id = _run_id()
+    sh.mark_rank_complete(cfg.output, rank, sh.assignment_digest([run_id] + [i.source for i in mine]), stats)
     if rank == 0:
-        digests = {r: sh.assignment_digest(i.source for i in items[r::world]) for r in range(world)}
+        digests = {r: sh.assignment_digest([run_id] + [i.source for i in items[r::world]]) for r in range(world)}
         sh.wait_for_ranks(cfg.output, digests, cfg.wait_timeout_s)
         manifest = sh.write_manifest(cfg.output, {
             "latent_channels": vae.latent_channels, "text_dim": te.dim,

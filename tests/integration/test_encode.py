@@ -198,3 +198,16 @@ def test_config_errors_before_work(tmp_path, models):
     bad.write_text('{"caption": "no path"}\n')
     with pytest.raises(ConfigError, match="bad.jsonl:1"):
         run_encode(_cfg(models, bad, tmp_path / "out"))
+
+
+def test_marker_from_an_earlier_launch_is_not_trusted(tmp_path, models, monkeypatch):
+    man = _manifest(tmp_path / "m.jsonl", _clips(tmp_path / "v", 3))
+    out = tmp_path / "out"
+    monkeypatch.setenv("SORA_ENCODE_RUN_ID", "launch-A")
+    run_encode(_cfg(models, man, out, rank=1, world_size=2))
+    monkeypatch.setenv("SORA_ENCODE_RUN_ID", "launch-B")
+    with pytest.raises(TimeoutError, match=r"ranks \[1\]"):  # rank 1 of launch B has not finished
+        run_encode(_cfg(models, man, out, rank=0, world_size=2, wait_timeout_s=0.5))
+    run_encode(_cfg(models, man, out, rank=1, world_size=2))
+    s0 = run_encode(_cfg(models, man, out, rank=0, world_size=2, wait_timeout_s=5))
+    assert s0["manifest"]["num_samples"] == 3 and s0["encoded"] == 0  # nothing redone
