@@ -16,12 +16,14 @@ Every optional import is lazy and names the extra to install when it is missing.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import types
 from typing import Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from sora_dist.models.attention import CoreAttention, import_te, te_autocast
 
@@ -133,9 +135,11 @@ def convert_te(model: nn.Module, recipe_name: str) -> int:
     _check_cuda_fp8(model, "te")
     recipe = build_te_recipe(recipe_name)
 
+    linear_cls = te_row_padded_linear(te.Linear)
+
     def make(lin: nn.Linear) -> nn.Module:
-        new = te.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                        params_dtype=lin.weight.dtype, device=lin.weight.device)
+        new = linear_cls(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                         params_dtype=lin.weight.dtype, device=lin.weight.device)
         with torch.no_grad():
             new.weight.copy_(lin.weight)
             if lin.bias is not None:
@@ -147,6 +151,27 @@ def convert_te(model: nn.Module, recipe_name: str) -> int:
         blk._sora_fp8_recipe = recipe
         blk.forward = types.MethodType(_forward_in_te_autocast, blk)
     return n
+
+
+def te_row_padded_linear(base: type) -> type:
+    """A subclass of `base` (te.Linear) whose GEMM always sees a row count divisible by 8.
+    TE's FP8 GEMM asserts it, and ours vary: B * video tokens, B * caption tokens. Zero rows are
+    appended and their outputs dropped; they leave every amax unchanged and add nothing to the
+    weight/bias gradients (their output gradient is zero)."""
+
+    class RowPaddedLinear(base):
+        def forward(self, inp, *args, **kwargs):
+            lead = inp.shape[:-1]
+            n = math.prod(lead)
+            pad = (-n) % 8
+            if pad == 0:
+                return super().forward(inp, *args, **kwargs)
+            flat = F.pad(inp.reshape(n, inp.shape[-1]), (0, 0, 0, pad))
+            out = super().forward(flat, *args, **kwargs)
+            return out[:n].reshape(*lead, out.shape[-1])
+
+    RowPaddedLinear.__name__ = RowPaddedLinear.__qualname__ = f"RowPadded{base.__name__}"
+    return RowPaddedLinear
 
 
 def _swap_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> int:

@@ -256,3 +256,31 @@ def test_trainer_runs_fp8_and_resumes_exactly(tmp_path):
     first, _ = run(tmp_path / "b", stop_at=2)
     second, _ = run(tmp_path / "b")
     assert first + second == full
+
+
+def test_te_row_padding_keeps_values_and_grads():
+    """te.Linear's FP8 GEMM asserts rows % 8 == 0; the padded subclass must feed it such row
+    counts and give the unpadded result and gradients (a row-asserting nn.Linear stands in)."""
+    from sora_dist.models.fp8 import te_row_padded_linear
+
+    class RowAssertingLinear(nn.Linear):
+        def __init__(self, i, o, bias=True, params_dtype=None, device=None):
+            super().__init__(i, o, bias=bias, dtype=params_dtype, device=device)
+
+        def forward(self, x):
+            assert x.shape[:-1].numel() % 8 == 0, x.shape
+            return super().forward(x)
+
+    torch.manual_seed(0)
+    padded = te_row_padded_linear(RowAssertingLinear)(32, 48)
+    ref = nn.Linear(32, 48)
+    ref.load_state_dict(padded.state_dict())
+    assert padded.state_dict().keys() == {"weight", "bias"}
+    for shape in [(2, 27, 32), (1, 7, 32), (4, 8, 32)]:
+        x = torch.randn(*shape)
+        out, want = padded(x), ref(x)
+        assert out.shape == want.shape and torch.allclose(out, want, atol=1e-6)
+        g = torch.randn_like(want)
+        gp = torch.autograd.grad(out, list(padded.parameters()), g)
+        gr = torch.autograd.grad(want, list(ref.parameters()), g)
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(gp, gr))
