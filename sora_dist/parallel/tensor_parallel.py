@@ -124,11 +124,23 @@ def local_params(model: nn.Module):
             model._parameters[n] = p
 
 
+def check_tp_linears(model: nn.Module) -> None:
+    """DTensor TP shards torch (or torchao Float8) linears. transformer-engine's te.Linear does
+    its own tensor parallelism and cannot hold DTensor weights: refuse instead of failing deep
+    inside TE."""
+    for name, mod in model.named_modules():
+        if any(c.__module__.startswith("transformer_engine") for c in type(mod).__mro__):
+            raise NotImplementedError(
+                f"tensor parallel with transformer-engine linears ({name}) is not supported; "
+                f"use model.fp8_linears=torchao or none with parallel.tp > 1, or parallel.tp=1")
+
+
 def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool) -> nn.Module:
     """Shard a VideoDiT over `tp_mesh` in place. The embed/head seams (local direct params,
     moving tokens between the full sequence and SP/CP shards) are installed by parallelize.py."""
     a = model.args
     check_tp_divisible(a.num_heads, int(a.hidden_size * a.mlp_ratio), tp_mesh.size())
+    check_tp_linears(model)
     # Root modules run on the full, replicated sequence (the head after the SP gather).
     root = {
         "x_embedder.proj": ReplicateCompute(),

@@ -85,3 +85,17 @@ def test_tp_split_errors_name_the_fix():
         check_tp_divisible(6, 256, 4)
     with pytest.raises(ValueError, match="MLP width 90 is not divisible by tp=4"):
         check_tp_divisible(8, 90, 4)
+
+
+def test_tp_refuses_transformer_engine_linears():
+    import torch.nn as nn
+
+    from sora_dist.models import DiTArgs, VideoDiT
+    from sora_dist.parallel.tensor_parallel import check_tp_linears
+
+    model = VideoDiT(DiTArgs())
+    check_tp_linears(model)
+    fake_te = type("Linear", (nn.Linear,), {"__module__": "transformer_engine.pytorch.module.linear"})
+    model.blocks["0"].mlp.fc1 = fake_te(64, 256)
+    with pytest.raises(NotImplementedError, match="transformer-engine linears"):
+        check_tp_linears(model)
