@@ -29,13 +29,16 @@ def mp_policy(device_type: str, mixed_precision: str) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy()
 
 
-def apply_fsdp(model: nn.Module, mesh, policy: MixedPrecisionPolicy) -> nn.Module:
+def apply_fsdp(model: nn.Module, mesh, policy: MixedPrecisionPolicy, pipeline: bool = False) -> nn.Module:
     """One FSDP unit per block plus the root (embedders, final layer). Blocks free their
-    gathered weights after forward except the last one, whose backward starts right away."""
+    gathered weights after forward except the last one, whose backward starts right away.
+    Under pipeline parallelism nothing reshards after forward (torchtitan's default): every
+    microbatch would all-gather the stage's weights again."""
     blocks = list(model.blocks.items())
     for i, (name, blk) in enumerate(blocks):
-        fully_shard(blk, mesh=mesh, mp_policy=policy, reshard_after_forward=i < len(blocks) - 1)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+        reshard = not pipeline and i < len(blocks) - 1
+        fully_shard(blk, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=not pipeline)
     return model
 
 

@@ -75,7 +75,8 @@ def parallelize_dit(model: nn.Module, pdims, meshes, cfg) -> nn.Module:
 
     use_fsdp = bool(p.fsdp) and pdims.dp * cp > 1
     if use_fsdp:
-        apply_fsdp(model, fsdp_mesh(meshes, pdims.dp_replicate), mp_policy(device_type, t.mixed_precision))
+        apply_fsdp(model, fsdp_mesh(meshes, pdims.dp_replicate), mp_policy(device_type, t.mixed_precision),
+                   pipeline=pdims.pp > 1)
     if any(p_.is_meta for p_ in model.parameters()):
         materialize(model, device_type, t.seed)
     grad_mesh = meshes["dp_cp"] if not use_fsdp and pdims.dp * cp > 1 else None
