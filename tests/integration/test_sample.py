@@ -2,6 +2,7 @@
 image-to-video, backward extension). Checks shapes, decodability, reproducibility and that
 conditioning frames are kept."""
 import json
+import os
 
 import pytest
 import torch
@@ -98,3 +99,22 @@ def test_bad_requests_fail_early(run_dir, tmp_path):
 
         Image.new("RGB", (32, 32)).save(png)
         run_sample(_cfg(run_dir, tmp_path, cond_path=png, cond_latent_frames=2))
+
+
+def test_cli_through_hydra(run_dir, tmp_path):
+    """`python -m sora_dist.sample` composes hydra_configs/sample.yaml and writes the mp4 (1 frame)."""
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = tmp_path / "cli"
+    r = subprocess.run([sys.executable, "-m", "sora_dist.sample", f"run_dir={run_dir / 'run'}", f"output_dir={out}",
+                        "num_frames=1", "height=32", "width=32", "steps=2", "progress=false",
+                        "prompts=[a red square]"], env=dict(os.environ, PYTHONPATH=repo),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    info = probe(str(out / "sample_000.mp4"))
+    assert (info.num_frames, info.height, info.width) == (1, 32, 32)
+    bad = subprocess.run([sys.executable, "-m", "sora_dist.sample", f"run_dir={tmp_path}"],
+                         env=dict(os.environ, PYTHONPATH=repo), capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "config error" in bad.stderr and "config.yaml" in bad.stderr
