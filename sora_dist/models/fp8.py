@@ -6,8 +6,9 @@ self/cross-attention q/k/v/o and MLP fc1/fc2. Embedders, adaLN modulation and th
 stay in high precision: they are a small share of the FLOPs and the most sensitive to
 quantisation (adaLN scales every activation of a block; the head writes the prediction).
 FP8 GEMMs (cuBLASLt / torch._scaled_mm) want both weight dims divisible by 16, so a linear whose
-in/out features are not is skipped too. Parameter names (weight, bias) are kept, so FQNs and
-checkpoints do not change (te.Linear adds an `_extra_state` entry for its FP8 metadata).
+in/out features are not is skipped too. Parameter names (weight, bias) are kept: torchao
+checkpoints are interchangeable with unconverted ones; te.Linear adds an `_extra_state` key per
+layer (its FP8 metadata), so te <-> non-te checkpoints load only with strict=False.
 
 It also hands the transformer-engine recipe to any CoreAttention(backend="te") when FP8
 attention is asked for (model.fp8_attention), so the attention seam stays in attention.py.
