@@ -129,6 +129,7 @@ LAYOUTS = {
     "cp4_hybrid": (4, dict(cp=4, cp_mode="hybrid", ulysses_degree=2)),
     "hsdp_2x2": (4, dict(dp_replicate=2, activation_checkpointing="selective")),
     "tp2_dp2_nofsdp": (4, dict(tp=2, sequence_parallel=True, fsdp=False)),
+    "hsdp2_cp2_tp2": (8, dict(dp_replicate=2, tp=2, cp=2, cp_mode="ring", sequence_parallel=True)),
     "tp2_cp2_dp2": (8, dict(tp=2, cp=2, cp_mode="ulysses", sequence_parallel=True)),
 }
 
