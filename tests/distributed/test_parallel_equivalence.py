@@ -86,6 +86,8 @@ def equivalence_worker(rank: int, world: int, layout: dict, args_kw: dict) -> di
     ref_loss.backward()
     ref_grads = {n: p.grad.detach().clone() for n, p in ref.named_parameters()}
     ref_norm = torch.nn.utils.get_total_norm(list(ref_grads.values()))
+    zero = [n for n, g in ref_grads.items() if not g.abs().sum() > 0]
+    assert not zero, f"reference grads are zero (comparison would be vacuous): {zero}"
 
     meshes = pdims.build_mesh("cpu")
     model = parallelize_dit(build_model(args), pdims, meshes, cfg)
