@@ -156,11 +156,17 @@ def frames_available(info: VideoInfo, target_fps: float) -> tuple[int, float]:
 
 
 def choose_bucket(info: VideoInfo, buckets: Sequence[Bucket], target_fps: float) -> tuple[Bucket, float]:
-    """Nearest aspect ratio, then the longest frame count that fits. Raises BadInput(too_short)."""
+    """Nearest aspect ratio; among resolutions of that aspect the largest that needs no
+    upscaling (else the smallest); then the longest frame count that fits.
+    Raises BadInput(too_short)."""
     avail, fps = frames_available(info, target_fps)
     ar = math.log(info.height / info.width)
-    res = sorted({(b.height, b.width) for b in buckets},
-                 key=lambda hw: (abs(math.log(hw[0] / hw[1]) - ar), -hw[0] * hw[1]))[0]
+    dist = {hw: abs(math.log(hw[0] / hw[1]) - ar) for hw in {(b.height, b.width) for b in buckets}}
+    best = min(dist.values())
+    same_ar = sorted((hw for hw, d in dist.items() if d - best < 1e-9), key=lambda hw: hw[0] * hw[1])
+    # Upscaling invents no detail and costs compute: a 240p clip belongs in the 240p bucket.
+    no_up = [hw for hw in same_ar if hw[0] * hw[1] <= info.height * info.width]
+    res = no_up[-1] if no_up else same_ar[0]
     # Images only fit 1-frame buckets; videos take the longest count <= available frames, but
     # never the 1-frame bucket: a 3-frame clip silently becoming a still would hide bad data.
     same_res = [b for b in buckets if (b.height, b.width) == res]

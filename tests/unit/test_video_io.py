@@ -162,3 +162,14 @@ def test_truncated_faststart_mp4_detected_while_decoding(tmp_path):
     with pytest.raises(BadInput) as e:
         load_clip(path, parse_buckets([[32, 32]], [25]), 8)
     assert e.value.kind == "truncated"
+
+
+def test_resolution_choice_avoids_upscaling(tmp_path):
+    from sora_dist.data.video_io import VideoInfo
+
+    table = parse_buckets([[16, 16], [32, 32], [64, 64], [32, 64]], [5])
+    pick = lambda h, w: choose_bucket(VideoInfo("x.mp4", False, w, h, 8.0, 9, "h264"), table, 8)[0]
+    assert (pick(40, 40).height, pick(40, 40).width) == (32, 32)   # largest square not above 40x40
+    assert (pick(100, 90).height, pick(100, 90).width) == (64, 64)
+    assert (pick(10, 10).height, pick(10, 10).width) == (16, 16)   # smaller than all: smallest
+    assert (pick(30, 70).height, pick(30, 70).width) == (32, 64)   # only one wide bucket
