@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from sora_dist.diffusion.base import Objective, check_cond, guided, progress_iter, randn_like_cpu
+from sora_dist.diffusion.base import Objective, check_cond, guided, progress_iter
 
 
 class RectifiedFlow(Objective):

@@ -5,7 +5,7 @@ itself; pipeline stages hold disjoint parameters, so their squared norms are sum
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Iterable
 
 import torch
 import torch.distributed as dist

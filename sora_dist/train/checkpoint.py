@@ -17,7 +17,6 @@ import shutil
 import warnings
 from typing import Optional
 
-import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not Exception
