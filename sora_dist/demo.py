@@ -1,10 +1,12 @@
-"""Demo of the data path: synthetic clips -> tiny VAE + text encoder -> sora-encode shards.
+"""The main job on the embedded default, end to end on CPU (GPU when present):
+synthetic clips -> tiny VAE + text encoder -> sora-encode shards -> sora-train -> sora-sample mp4.
 
-  python -m sora_dist.demo --workdir /tmp/sora_demo [--ranks 2]
+  sora-demo                                  # = python -m sora_dist.demo --workdir runs/demo
+  sora-demo --ranks 2 --train-steps 200      # 2 encode ranks, longer training
 
-Everything is built locally with random weights (no downloads). The printed shard folder feeds
-`sora-train data.source=shards data.shards=<dir>`; the models match the trainer's tiny defaults
-(4 latent channels, text dim 32).
+Everything is built locally with random weights (no downloads): the models match the trainer's
+tiny defaults (4 latent channels, text dim 32). Every stage is the real command a cluster user
+runs (the printed lines), and each one resumes: rerunning the demo skips finished work.
 """
 from __future__ import annotations
 
@@ -49,18 +51,47 @@ def run_demo(workdir: str, n_clips: int = 24, ranks: int = 1, images: int = 2) -
     if any(codes):
         raise SystemExit(f"sora-encode failed (exit codes {codes}); rerun to resume")
     print(f"demo: encoded in {time.perf_counter() - t0:.1f}s; shards in {out}")
-    print(f"next: sora-train data.source=shards data.shards={out}")
+    return out
+
+
+def _run(cmd: list[str], what: str) -> None:
+    print("demo: $ " + " ".join(cmd[2:] if cmd[1] == "-m" else cmd), flush=True)
+    rc = subprocess.call(cmd)
+    if rc:
+        raise SystemExit(f"demo: {what} failed with exit code {rc}; fix the error above and rerun "
+                         "(finished stages are skipped)")
+
+
+def train_and_sample(workdir: str, shards: str, steps: int = 60, sample_steps: int = 20) -> str:
+    """sora-train on the shards, then sora-sample from the run. Returns the mp4 folder."""
+    workdir = os.path.abspath(workdir)
+    run = os.path.join(workdir, "run")
+    _run([sys.executable, "-m", "sora_dist.train.cli", "data.source=shards", f"data.shards={shards}",
+          f"train.run_dir={run}", f"train.steps={steps}", "train.ckpt_every=20", "optim.lr=3e-4",
+          "optim.warmup_steps=5", "logging.log_every=10"], "training")
+    out = os.path.join(workdir, "samples")
+    _run([sys.executable, "-m", "sora_dist.sample", f"run_dir={run}", f"output_dir={out}",
+          f"steps={sample_steps}", "batch_size=2",
+          'prompts=["a red square moving right","a blue circle bouncing"]'], "sampling")
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workdir", default="/tmp/sora_demo")
+    ap.add_argument("--workdir", default="runs/demo")
     ap.add_argument("--clips", type=int, default=24)
     ap.add_argument("--images", type=int, default=2)
     ap.add_argument("--ranks", type=int, default=1, help="local encode processes (data parallel)")
+    ap.add_argument("--train-steps", type=int, default=60)
+    ap.add_argument("--sample-steps", type=int, default=20)
+    ap.add_argument("--encode-only", action="store_true", help="stop after writing the shards")
     args = ap.parse_args()
-    run_demo(args.workdir, args.clips, args.ranks, args.images)
+    shards = run_demo(args.workdir, args.clips, args.ranks, args.images)
+    if args.encode_only:
+        print(f"next: sora-train data.source=shards data.shards={shards}")
+        return
+    out = train_and_sample(args.workdir, shards, args.train_steps, args.sample_steps)
+    print(f"demo: done; videos in {out}")
 
 
 if __name__ == "__main__":

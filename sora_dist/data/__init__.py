@@ -19,5 +19,5 @@ def build_loader(data_cfg, model_cfg, dp_rank: int = 0, dp_size: int = 1):
     if data_cfg.source == "shards":
         from sora_dist.data.loader import ShardLoader
 
-        return ShardLoader(data_cfg, dp_rank=dp_rank, dp_size=dp_size)
+        return ShardLoader(data_cfg, dp_rank=dp_rank, dp_size=dp_size, model_cfg=model_cfg)
     raise ValueError(f"data.source={data_cfg.source!r}: use 'synthetic' or 'shards'")
