@@ -1,7 +1,7 @@
 """The training run: steps, precision, checkpoints, logging."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 
@@ -47,3 +47,13 @@ class LoggingConfig:
     # Dense bf16 peak TFLOP/s of one device for MFU; 0 = known GPUs (H100/H200 989, A100 312),
     # no MFU on unknown devices or CPU.
     peak_tflops: float = 0.0
+    # Every N steps (0 = never), rank 0 samples `sample_prompts` from the checkpoint just saved
+    # (VAE/text encoder from the shard manifest, so data.source=shards) to run_dir/samples/
+    # step_XXXXXXXX/*.mp4 and logs them to wandb as videos.
+    sample_every: int = 0
+    sample_prompts: list[str] = field(default_factory=lambda: ["a red square moving right"])
+    # Sampler steps and video size (frames, height, width in pixels) of those samples.
+    sample_steps: int = 20
+    sample_num_frames: int = 17
+    sample_height: int = 64
+    sample_width: int = 64

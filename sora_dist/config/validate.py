@@ -77,6 +77,13 @@ def validate(cfg, world_size: Optional[int] = None) -> None:
     _check(0.0 <= t.ema_decay < 1.0, f"train.ema_decay={t.ema_decay} must be in [0, 1)")
     _check(t.ckpt_keep >= 1, f"train.ckpt_keep={t.ckpt_keep} must be >= 1")
 
+    lg = cfg.logging
+    _check(lg.sample_every >= 0, f"logging.sample_every={lg.sample_every} must be >= 0")
+    if lg.sample_every:
+        _check(d.source == "shards",
+               "logging.sample_every needs the run's VAE and text encoder, which come from the shard "
+               "manifest: use data.source=shards, or set logging.sample_every=0")
+        _check(len(lg.sample_prompts) > 0, "logging.sample_prompts is empty")
     _check(d.source in ("synthetic", "shards"), f"data.source={d.source!r}: use 'synthetic' or 'shards'")
     _check(d.batch_size >= 1, f"data.batch_size={d.batch_size} must be >= 1")
     if d.source == "shards":

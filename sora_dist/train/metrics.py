@@ -66,6 +66,15 @@ class MetricLogger:
                 if isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, step)
 
+    def log_videos(self, step: int, records: list[dict]) -> None:
+        """records: [{"prompt", "path"}] of mp4 files (from sora_dist.sample.run_sample)."""
+        if self.rank != 0 or self.wandb is None or not records:
+            return
+        import wandb
+
+        self.wandb.log({"samples": [wandb.Video(r["path"], caption=r["prompt"], format="mp4")
+                                    for r in records]}, step=step)
+
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()

@@ -270,8 +270,11 @@ class Trainer:
                 self.metrics.log(self.step, cfg.steps, m)
             if self.rank == 0:
                 self._append_metrics({"step": self.step, **{k: v for k, v in m.items() if k not in ("tokens", "flops")}})
-            if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == cfg.steps:
-                self.save_checkpoint()
+            sample_now = bool(self.cfg.logging.sample_every) and self.step % self.cfg.logging.sample_every == 0
+            if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == cfg.steps or sample_now:
+                path = self.save_checkpoint()
+                if sample_now:
+                    self.log_samples(path)
             elif self._should_stop():
                 self.save_checkpoint()
                 log.warning("stop signal %s: checkpoint saved at step %d, exiting with %d for requeue",
@@ -281,6 +284,27 @@ class Trainer:
         if self.rank == 0:
             ckpt.atomic_write_text(os.path.join(self.run_dir, "losses.json"), json.dumps(losses))
         return losses
+
+    def log_samples(self, ckpt_path: str) -> None:
+        """Rank 0 samples the fixed prompts from the checkpoint on disk (any training layout
+        loads into one process) and logs the videos; the other ranks wait at their next
+        collective. A failure here is logged, never fatal to training."""
+        if self.rank != 0:
+            return
+        from sora_dist.config.sample import SampleConfig
+        from sora_dist.sample import run_sample
+
+        lg = self.cfg.logging
+        out = os.path.join(self.run_dir, "samples", f"step_{self.step:08d}")
+        try:
+            res = run_sample(SampleConfig(
+                run_dir=self.run_dir, checkpoint=ckpt_path, prompts=list(lg.sample_prompts), output_dir=out,
+                steps=lg.sample_steps, num_frames=lg.sample_num_frames, height=lg.sample_height,
+                width=lg.sample_width, progress=False, device=self.device.type, batch_size=len(lg.sample_prompts)))
+            self.metrics.log_videos(self.step, res["records"])
+            log.info("step %d: %d sample videos in %s", self.step, len(res["records"]), out)
+        except Exception as e:  # noqa: BLE001 - a broken sampler must not stop training
+            log.warning("step %d: sampling for the log failed: %s: %s", self.step, type(e).__name__, e)
 
     def _append_metrics(self, row: dict) -> None:
         """run_dir/metrics.jsonl: one line per step, appended across restarts (a resumed run

@@ -45,3 +45,24 @@ def test_main_job_end_to_end(tmp_path):
         frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
     assert len(frames) >= 1 and frames[0].shape[:2] == (64, 64)
     assert os.path.isdir(tmp_path / "run" / "checkpoints" / "step_00000003")
+
+
+def test_training_logs_sample_videos_to_wandb(tmp_path):
+    """logging.sample_every: mp4s from the fixed prompts land in run_dir/samples and in the
+    offline wandb run."""
+    from sora_dist.config import JobConfig
+    from sora_dist.train.trainer import Trainer
+
+    shards = run_demo(str(tmp_path / "demo"), n_clips=3, ranks=1, images=0)
+    cfg = JobConfig()
+    cfg.data.source, cfg.data.shards, cfg.data.batch_size = "shards", shards, 1
+    cfg.train.run_dir, cfg.train.steps, cfg.train.ckpt_every = str(tmp_path / "run"), 2, 0
+    cfg.logging.wandb_mode, cfg.logging.sample_every, cfg.logging.sample_steps = "offline", 2, 2
+    cfg.logging.sample_num_frames = 5
+    tr = Trainer(cfg)
+    tr.train()
+    tr.close()
+    out = tmp_path / "run" / "samples" / "step_00000002"
+    assert sorted(os.listdir(out)) == ["sample_000.mp4", "samples.jsonl"]
+    media = [f for _, _, fs in os.walk(tmp_path / "run" / "wandb") for f in fs if f.endswith(".mp4")]
+    assert media, "no video in the wandb run"
