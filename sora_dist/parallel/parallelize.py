@@ -174,21 +174,6 @@ class SequenceSharding:
         self.cp_rank = self.cp_mesh.get_local_rank() if self.cp_mesh is not None else 0
         self.multiple = cp * (tp if self.tp_mesh is not None else 1)
 
-    def shard_cond(self, cond, batch: int):
-        """RoPE table and token mask of the full sequence -> this rank's (padded) CP chunk."""
-        S = cond.rope_SP2.shape[0]
-        pad = (-S) % self.multiple
-        rope, mask = cond.rope_SP2, cond.token_mask_BS
-        if pad:
-            rope = F.pad(rope, (0, 0, 0, 0, 0, pad))
-            if mask is None:
-                mask = torch.ones(batch, S, dtype=torch.bool, device=rope.device)
-            mask = F.pad(mask, (0, pad), value=False)
-        if self.cp_mesh is not None:
-            rope = rope.chunk(self.cp, 0)[self.cp_rank]
-            mask = None if mask is None else mask.chunk(self.cp, 1)[self.cp_rank].contiguous()
-        return cond.with_(rope_SP2=rope, token_mask_BS=mask)
-
     def shard(self, tokens: torch.Tensor, cond):
         """Full (B, S, D) tokens and their conditioning -> this rank's shard of both."""
         return self.shard_tokens(tokens), self.shard_cond(cond, tokens.shape[0])
