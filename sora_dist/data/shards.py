@@ -29,21 +29,14 @@ from typing import Iterable, Optional
 
 import numpy as np
 
+from sora_dist.fsutil import atomic_write_text  # noqa: F401  (re-exported for encode/sample)
+
 SHARD_RE = re.compile(r"^shard-r(\d{3})-(\d{6})\.tar$")
 
 
 def sample_key(source: str) -> str:
     """Stable key from the input's identity (webdataset keys must not contain dots)."""
     return hashlib.sha1(source.encode()).hexdigest()[:20]
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _npy_bytes(a: np.ndarray) -> bytes:

@@ -75,9 +75,9 @@ class RMSNorm(nn.Module):
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-class SelfAttention(nn.Module):
-    """Multi-head self-attention over video tokens with 3D RoPE.
-    Separate q/k/v projections so tensor parallel can split each by heads (column-wise)."""
+class _Attention(nn.Module):
+    """Projections shared by self- and cross-attention. Separate q/k/v (not one fused qkv) so
+    tensor parallel can split each by heads (column-wise); qk RMSNorm per head."""
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool, backend: str):
         super().__init__()
@@ -90,37 +90,32 @@ class SelfAttention(nn.Module):
         self.core_attention = CoreAttention(backend)
         self.wo = nn.Linear(dim, dim)
 
+    def _heads(self, x_BSD, proj, norm=None):
+        # -1 heads: under TP each rank holds num_heads/tp of them.
+        h = proj(x_BSD).view(x_BSD.shape[0], x_BSD.shape[1], -1, self.head_dim)
+        return (norm(h) if norm is not None else h).transpose(1, 2)
+
+
+class SelfAttention(_Attention):
+    """Multi-head self-attention over video tokens with 3D RoPE."""
+
     def forward(self, x_BSD, rope_SP2, token_mask_BS=None):
         B, S, _ = x_BSD.shape
-        # -1 heads: under TP each rank holds num_heads/tp of them.
-        q = self.q_norm(self.wq(x_BSD).view(B, S, -1, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.wk(x_BSD).view(B, S, -1, self.head_dim)).transpose(1, 2)
-        v = self.wv(x_BSD).view(B, S, -1, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, rope_SP2), apply_rope(k, rope_SP2)
+        q = apply_rope(self._heads(x_BSD, self.wq, self.q_norm), rope_SP2)
+        k = apply_rope(self._heads(x_BSD, self.wk, self.k_norm), rope_SP2)
+        v = self._heads(x_BSD, self.wv)
         o = self.core_attention(q, k, v, token_mask_BS)
         return self.wo(o.transpose(1, 2).reshape(B, S, -1))
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(_Attention):
     """Video tokens attend to caption tokens (masked). Sequence-local: no CP communication."""
-
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool, backend: str):
-        super().__init__()
-        self.head_dim = dim // num_heads
-        self.wq = nn.Linear(dim, dim)
-        self.wk = nn.Linear(dim, dim)
-        self.wv = nn.Linear(dim, dim)
-        self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
-        self.core_attention = CoreAttention(backend)
-        self.wo = nn.Linear(dim, dim)
 
     def forward(self, x_BSD, text_BLD, text_mask_BL):
         B, S, _ = x_BSD.shape
-        L = text_BLD.shape[1]
-        q = self.q_norm(self.wq(x_BSD).view(B, S, -1, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.wk(text_BLD).view(B, L, -1, self.head_dim)).transpose(1, 2)
-        v = self.wv(text_BLD).view(B, L, -1, self.head_dim).transpose(1, 2)
+        q = self._heads(x_BSD, self.wq, self.q_norm)
+        k = self._heads(text_BLD, self.wk, self.k_norm)
+        v = self._heads(text_BLD, self.wv)
         o = self.core_attention(q, k, v, text_mask_BL)
         return self.wo(o.transpose(1, 2).reshape(B, S, -1))
 

@@ -25,6 +25,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from sora_dist.fsutil import atomic_write_text  # noqa: F401,E402  (used by the trainer too)
+
 MARKER = "COMPLETE"
 # One process without a process group is a supported layout, not a mistake.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -41,15 +43,6 @@ def _rank() -> int:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def step_dir(root: str, step: int) -> str:
