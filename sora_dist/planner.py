@@ -257,9 +257,9 @@ def block_activations(m: ModelDims, attn_backend: str, prec: Precision, kv_len: 
 
 
 def outer_activations(m: ModelDims, prec: Precision, seq: int, samples: int) -> tuple[float, float]:
-    """(embed side, head side) saved bytes for `samples` samples of the full `seq` tokens.
-    Under CP the head runs on the gathered sequence on every CP rank (parallelize.py), and the
-    embedder's token tensor stays whole (block 0 keeps a view of it), so neither divides by cp."""
+    """(embed side, head side) saved bytes for `samples` samples of `seq` tokens. The embedders
+    run on the whole sequence before it is sharded; the final layer runs on each rank's CP
+    chunk (parallelize.py gathers its narrow output), so callers pass the chunk for the head."""
     D, C, P, L, p = m.hidden, m.in_channels, m.patch_vol, m.text_len, prec
     blocks = m.depth > 0  # the RoPE table and projected caption are saved by blocks only
     embed = (seq * C * P * p.act                                 # latents (conv input)
@@ -292,24 +292,21 @@ def saved_bytes_parts(
     sp: bool = True, recompute: str = "none", attn_backend: str = "flash",
     layers: Optional[int] = None, embed: bool = True, head: bool = True,
 ) -> dict[str, float]:
-    """saved_bytes_per_microbatch by part: blocks, embedders, whole-sequence view, final layer."""
+    """saved_bytes_per_microbatch by part: blocks, embedders, final layer."""
     tp_seq = tp if sp else 1  # token sharding of the residual stream over TP
     padded = math.ceil(seq / (cp * tp_seq)) * cp * tp_seq
     local = padded // cp
     layers = m.depth if layers is None else layers
     acts = block_activations(m, attn_backend, prec, kv_len=padded)
     n_rec = round(recomputed_fraction(layers, recompute) * layers)
-    embed_b, head_b = outer_activations(m, prec, padded, batch)
+    embed_b, _ = outer_activations(m, prec, padded, batch)
+    _, head_b = outer_activations(m, prec, local, batch)
     parts = {
         "blocks": (layers - n_rec) * acts.bytes(local * batch, batch, tp, sp)
         + n_rec * checkpoint_input_bytes(m, prec, local * batch, tp_seq, batch),
         "embed": embed_b if embed else 0.0,
-        # Block 0 saves its CP chunk as a view of the whole embedded sequence (chunk()), which
-        # keeps all of it alive; under SP the DTensor redistribute copies instead.
-        "embed_full_seq_view": (padded - local) * batch * m.hidden * prec.act
-        if embed and cp > 1 and tp_seq == 1 else 0.0,
-        # The final layer runs on the gathered, whole sequence on every CP and TP rank.
-        "head_full_seq": head_b if head else 0.0,
+        # The final layer runs on this rank's CP chunk (gathered over TP under SP).
+        "head": head_b if head else 0.0,
     }
     return parts
 

@@ -241,8 +241,11 @@ class VideoDiT(nn.Module):
         return tokens_BSD, cond
 
     def head(self, tokens_BSD: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        out = self.final_layer(tokens_BSD, cond.c_BD)
-        return unpatchify(out, cond.grid, self.args.patch_size, self.args.in_channels, cond.shape_THW)
+        return self.to_latents(self.final_layer(tokens_BSD, cond.c_BD), cond)
+
+    def to_latents(self, out_BSP: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """Final-layer tokens (B, S, pt*ph*pw*C) -> latents (B, C, T, H, W), padding cropped."""
+        return unpatchify(out_BSP, cond.grid, self.args.patch_size, self.args.in_channels, cond.shape_THW)
 
     def forward(self, x_BCTHW, t_B, text_BLD, text_mask_BL, drop_text_B=None):
         tokens, cond = self.embed(x_BCTHW, t_B, text_BLD, text_mask_BL, drop_text_B)

@@ -184,6 +184,9 @@ class SequenceSharding:
             tokens = F.pad(tokens, (0, 0, 0, pad))
         if self.cp_mesh is not None:
             tokens = tokens.chunk(self.cp, 1)[self.cp_rank]
+            if self.tp_mesh is None:
+                # A view would keep the whole embedded sequence alive through the first block.
+                tokens = tokens.clone()
         if self.tp_mesh is not None:
             # Backward all-gathers the token grads, so the embedders' grads stay whole per rank.
             tokens = DTensor.from_local(tokens, self.tp_mesh, (Replicate(),), run_check=False)
@@ -207,13 +210,20 @@ class SequenceSharding:
         return cond.with_(rope_SP2=rope, token_mask_BS=mask)
 
     def gather(self, tokens: torch.Tensor, cond) -> torch.Tensor:
+        return self.gather_cp(self.gather_tp(tokens), cond)
+
+    def gather_tp(self, tokens: torch.Tensor) -> torch.Tensor:
+        """SP token shards -> this rank's whole CP chunk."""
         if self.tp_mesh is not None:
             tokens = DTensor.from_local(tokens, self.tp_mesh, (Shard(1),), run_check=False)
             tokens = tokens.redistribute(self.tp_mesh, (Replicate(),)).to_local()
+        return tokens
+
+    def gather_cp(self, x: torch.Tensor, cond) -> torch.Tensor:
+        """CP chunks -> the whole sequence, padding dropped (backward: see _GatherTokens)."""
         if self.cp_mesh is not None:
-            tokens = _GatherTokens.apply(tokens, 1, self.cp_mesh.get_group(), self.cp_rank,
-                                         self.cp, float(self.cp))
-        return tokens[:, : math.prod(cond.grid)]
+            x = _GatherTokens.apply(x, 1, self.cp_mesh.get_group(), self.cp_rank, self.cp, float(self.cp))
+        return x[:, : math.prod(cond.grid)]
 
 
 def install_seams(model: nn.Module, meshes, tp: int, sp: bool, cp: int) -> None:
@@ -222,7 +232,7 @@ def install_seams(model: nn.Module, meshes, tp: int, sp: bool, cp: int) -> None:
     if tp == 1 and cp == 1:
         return
     seq = SequenceSharding(meshes, tp, sp, cp)
-    orig_embed, orig_head = model.embed, model.head
+    orig_embed = model.embed
 
     def embed(*args, **kwargs):
         with local_params(model):
@@ -230,7 +240,11 @@ def install_seams(model: nn.Module, meshes, tp: int, sp: bool, cp: int) -> None:
         return seq.shard(tokens, cond)
 
     def head(tokens, cond):
-        return orig_head(seq.gather(tokens, cond), cond.with_(token_mask_BS=None))
+        # The final layer is per token: run it on this rank's CP chunk and gather its narrow
+        # output (pt*ph*pw*C wide) rather than the D-wide tokens, so no rank ever holds the
+        # whole sequence at model width (at 460k tokens that is GiBs per GPU).
+        out = model.final_layer(seq.gather_tp(tokens), cond.c_BD)
+        return model.to_latents(seq.gather_cp(out, cond), cond.with_(token_mask_BS=None))
 
     # Instance attributes shadow the methods; forward() calls self.embed/self.head.
     model.embed = embed

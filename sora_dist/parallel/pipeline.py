@@ -65,6 +65,7 @@ class DiTStage(nn.Module):
     # The same seams as VideoDiT, so parallelize_dit's sequence sharding wraps them the same way.
     embed = VideoDiT.embed
     head = VideoDiT.head
+    to_latents = VideoDiT.to_latents
     seq = None  # SequenceSharding under SP/CP: set by PipelineRunner after parallelize_dit
 
     def set_shape(self, shape_THW: tuple[int, int, int]) -> None:

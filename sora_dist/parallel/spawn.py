@@ -44,16 +44,21 @@ def _worker(rank, world_size, port, fn, args, out_dir):
             dist.destroy_process_group()
 
 
-def run_distributed(fn: Callable[..., Any], world_size: int, *args) -> Any:
+def run_distributed(fn: Callable[..., Any], world_size: int, *args, attempts: int = 3) -> Any:
     """Call fn(rank, world_size, *args) on world_size gloo ranks; return rank 0's result.
-    fn must be importable (module-level) for spawn."""
-    with tempfile.TemporaryDirectory() as out_dir:
-        try:
-            mp.spawn(_worker, args=(world_size, free_port(), fn, args, out_dir),
-                     nprocs=world_size, join=True)
-        except Exception as e:
-            errs = [open(os.path.join(out_dir, f)).read() for f in sorted(os.listdir(out_dir))
-                    if f.startswith("error")]
-            raise RuntimeError("distributed run failed:\n" + "\n".join(errs)) from e
-        path = os.path.join(out_dir, "result.pt")
-        return torch.load(path, weights_only=True) if os.path.exists(path) else None
+    fn must be importable (module-level) for spawn. free_port() can race with another process
+    taking the port before rank 0 binds it: that one failure is retried on a new port."""
+    for attempt in range(attempts):
+        with tempfile.TemporaryDirectory() as out_dir:
+            try:
+                mp.spawn(_worker, args=(world_size, free_port(), fn, args, out_dir),
+                         nprocs=world_size, join=True)
+            except Exception as e:
+                errs = [open(os.path.join(out_dir, f)).read() for f in sorted(os.listdir(out_dir))
+                        if f.startswith("error")]
+                text = "\n".join(errs) or str(e)
+                if "address already in use" in text.lower() and attempt + 1 < attempts:
+                    continue
+                raise RuntimeError("distributed run failed:\n" + text) from e
+            path = os.path.join(out_dir, "result.pt")
+            return torch.load(path, weights_only=True) if os.path.exists(path) else None

@@ -186,8 +186,8 @@ def test_recommended_7b_at_460k_on_64x80_fits_and_validates():
     cfg.data.batch_size = lay.microbatches
     cfg.train.activation_checkpointing = lay.recompute
     validate(cfg, world_size=64)
-    # Keeping every activation of a 460k-token sample does not fit anywhere on 64 x 80 GiB.
-    assert not any(p.ok and p.layout.recompute == "none" for p in plans)
+    # Without recompute only the widest CP fits: at cp=32 the blocks' activations alone overflow.
+    assert not any(p.ok and p.layout.recompute == "none" and p.layout.cp < 64 for p in plans)
 
 
 def test_plan_cli_prints_a_recommendation(capsys):
