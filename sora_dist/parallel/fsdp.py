@@ -8,6 +8,8 @@ of the full-sequence gradient.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -35,9 +37,13 @@ def apply_fsdp(model: nn.Module, mesh, policy: MixedPrecisionPolicy, pipeline: b
     Under pipeline parallelism nothing reshards after forward (torchtitan's default): every
     microbatch would all-gather the stage's weights again."""
     blocks = list(model.blocks.items())
+    # Blocks do not cast their inputs: the root already cast the batch, block activations come
+    # out of bf16 modules, and a cast would also turn the fp32 RoPE table inside Conditioning
+    # (FSDP casts dataclass fields) into bf16, losing rotary precision at long positions.
+    block_policy = dataclasses.replace(policy, cast_forward_inputs=False)
     for i, (name, blk) in enumerate(blocks):
         reshard = not pipeline and i < len(blocks) - 1
-        fully_shard(blk, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+        fully_shard(blk, mesh=mesh, mp_policy=block_policy, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=not pipeline)
     return model
 
