@@ -119,7 +119,7 @@ def _cond_latent(cfg: SampleConfig, vae, shape_BCTHW, device):
 def run_sample(cfg: SampleConfig) -> dict:
     import torch
 
-    from sora_dist.data.shards import atomic_write_text
+    from sora_dist.fsutil import atomic_write_text
     from sora_dist.data.video_io import write_mp4
     from sora_dist.diffusion import build_diffusion
     from sora_dist.models.text import TextEncoder

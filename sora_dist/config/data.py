@@ -16,7 +16,8 @@ class DataConfig:
     batch_size: int = 2
     # Seed for the data order (shuffle of shards and samples); order is a function of it.
     seed: int = 1234
-    # Shuffle buffer size per rank (samples); 0 = file order.
+    # Shuffle buffer size per rank (samples); 0 = samples in shard order (the shards themselves
+    # are still dealt to DP ranks in a seeded order per epoch).
     shuffle_buffer: int = 64
     # Synthetic source: number of distinct samples in one epoch.
     synthetic_samples: int = 64

@@ -18,7 +18,8 @@ class ParallelConfig:
     ulysses_degree: int = 1
     # Pipeline-parallel degree (blocks split into stages).
     pp: int = 1
-    # Pipeline schedule: "1f1b", "interleaved_1f1b" or "zbv".
+    # Pipeline schedule: "gpipe", "1f1b" (one stage per rank), "interleaved_1f1b",
+    # "interleaved_zb" (pp_virtual_stages per rank) or "zbv" (always 2 stages per rank, V-shape).
     pp_schedule: str = "1f1b"
     # Microbatches per step for PP (must be >= pp).
     pp_microbatches: int = 1

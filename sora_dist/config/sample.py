@@ -36,7 +36,8 @@ class SampleConfig:
     sampler: Optional[str] = None
     steps: Optional[int] = None
     guidance_scale: Optional[float] = None
-    # Seed of the initial noise (and stochastic sampler steps); prompt i uses seed + i.
+    # Seed of the initial noise (and stochastic sampler steps); the batch that starts at prompt i
+    # uses seed + i (so a prompt's video depends on batch_size).
     seed: int = 0
     # Prompts per sampler call.
     batch_size: int = 4

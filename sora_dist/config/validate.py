@@ -108,13 +108,23 @@ def validate(cfg, world_size: Optional[int] = None) -> None:
            f"change parallel.tp / parallel.cp (Ulysses degree) or model.num_heads")
     mlp = int(hidden * m.mlp_ratio)
     _check(mlp % p.tp == 0, f"MLP width {mlp} (hidden*mlp_ratio) is not divisible by parallel.tp={p.tp}")
+    schedules = ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv")
+    _check(p.pp_schedule in schedules, f"parallel.pp_schedule={p.pp_schedule!r}: use one of {list(schedules)}")
     if p.pp > 1:
-        stages = p.pp * p.pp_virtual_stages
+        virtual = 2 if p.pp_schedule == "zbv" else p.pp_virtual_stages
+        _check(not (p.pp_schedule in ("gpipe", "1f1b") and virtual != 1),
+               f"parallel.pp_schedule={p.pp_schedule} runs one stage per rank; set "
+               f"parallel.pp_virtual_stages=1 or use interleaved_1f1b")
+        _check(not (p.pp_schedule in ("interleaved_1f1b", "interleaved_zb") and virtual < 2),
+               f"parallel.pp_schedule={p.pp_schedule} needs parallel.pp_virtual_stages >= 2")
+        stages = p.pp * virtual
         _check(depth >= stages, f"model depth={depth} < pp*pp_virtual_stages={stages}: fewer stages")
         _check(p.pp_microbatches >= p.pp,
                f"parallel.pp_microbatches={p.pp_microbatches} must be >= parallel.pp={p.pp}")
-        _check(d.batch_size % p.pp_microbatches == 0,
-               f"data.batch_size={d.batch_size} must divide into parallel.pp_microbatches={p.pp_microbatches}")
+        for key, bs in [("", d.batch_size)] + sorted(getattr(d, "bucket_batch_size", {}).items()):
+            _check(bs % p.pp_microbatches == 0,
+                   f"data.{'bucket_batch_size[' + key + ']' if key else 'batch_size'}={bs} must divide "
+                   f"into parallel.pp_microbatches={p.pp_microbatches}")
     if world_size is not None:
         check_world(p, world_size)
 

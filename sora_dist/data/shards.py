@@ -29,7 +29,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from sora_dist.fsutil import atomic_write_text  # noqa: F401  (re-exported for encode/sample)
+from sora_dist.fsutil import atomic_write_text
 
 SHARD_RE = re.compile(r"^shard-r(\d{3})-(\d{6})\.tar$")
 

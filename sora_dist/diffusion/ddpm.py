@@ -23,6 +23,21 @@ def make_betas(schedule: str, T: int) -> torch.Tensor:
     raise ValueError(f"unknown beta schedule {schedule!r}; use 'linear' or 'cosine'")
 
 
+def posterior_coefs(ab, ab_prev):
+    """q(x_prev | x_t, x0) for one chain step from abar_t = ab to abar_prev (Ho et al. eq. 7):
+    mean = c0 * x0 + ct * x_t, variance var. On a respaced chain the step's beta is
+    1 - ab / ab_prev. Works on floats and on tensors (whole tables)."""
+    beta = 1 - ab / ab_prev
+    c0 = beta * ab_prev ** 0.5 / (1 - ab)
+    ct = (1 - ab_prev) * (1 - beta) ** 0.5 / (1 - ab)
+    return c0, ct, beta * (1 - ab_prev) / (1 - ab)
+
+
+def x0_from_eps(x_t, eps, ab):
+    """Invert q(x_t | x0): x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)."""
+    return (x_t - (1 - ab) ** 0.5 * eps) / ab ** 0.5
+
+
 def _gather(a: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """a[t] broadcast to x's rank, in x's dtype/device."""
     dt = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -36,9 +51,8 @@ class GaussianDiffusion(Objective):
         self.betas = make_betas(beta_schedule, num_timesteps)
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, 0)
         self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
-        self.posterior_variance = self.betas * (1 - self.alphas_cumprod_prev) / (1 - self.alphas_cumprod)
-        self.posterior_mean_coef1 = self.betas * self.alphas_cumprod_prev.sqrt() / (1 - self.alphas_cumprod)
-        self.posterior_mean_coef2 = (1 - self.alphas_cumprod_prev) * (1 - self.betas).sqrt() / (1 - self.alphas_cumprod)
+        self.posterior_mean_coef1, self.posterior_mean_coef2, self.posterior_variance = posterior_coefs(
+            self.alphas_cumprod, self.alphas_cumprod_prev)
 
     # ---- forward process -------------------------------------------------------------------
     def sample_t(self, B: int, generator: torch.Generator) -> torch.Tensor:
@@ -58,8 +72,7 @@ class GaussianDiffusion(Objective):
         return mean, _gather(self.posterior_variance, t, x_t)
 
     def predict_x0(self, x_t, t, eps):
-        ab = _gather(self.alphas_cumprod, t, x_t)
-        return (x_t - (1 - ab).sqrt() * eps) / ab.sqrt()
+        return x0_from_eps(x_t, eps, _gather(self.alphas_cumprod, t, x_t))
 
     # ---- samplers --------------------------------------------------------------------------
     def timesteps(self, steps: int) -> list[int]:
@@ -90,13 +103,11 @@ class GaussianDiffusion(Objective):
             prev = ts[i + 1] if i + 1 < len(ts) else -1
             ab = float(ab_all[t_int])
             ab_prev = float(ab_all[prev]) if prev >= 0 else 1.0
-            x0 = (x - math.sqrt(1 - ab) * eps) / math.sqrt(ab)
+            x0 = x0_from_eps(x, eps, ab)
             if sampler == "ddpm":
-                # Respaced chain: beta' = 1 - abar_t / abar_prev; posterior q(x_prev | x_t, x0).
-                beta = 1 - ab / ab_prev
-                var = beta * (1 - ab_prev) / (1 - ab)
-                mean = (beta * math.sqrt(ab_prev) / (1 - ab)) * x0 + ((1 - ab_prev) * math.sqrt(1 - beta) / (1 - ab)) * x
-                sigma = math.sqrt(var)
+                # Alg. 2 on the (respaced) chain: sample the posterior q(x_prev | x_t, x0_hat).
+                c0, ct, var = posterior_coefs(ab, ab_prev)
+                mean, sigma = c0 * x0 + ct * x, math.sqrt(var)
             else:
                 sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
                 mean = math.sqrt(ab_prev) * x0 + math.sqrt(max(1 - ab_prev - sigma**2, 0.0)) * eps

@@ -10,8 +10,8 @@ How gradients come out right:
   * CP: each CP rank back-propagates only its own tokens, so block/embedder grads are partial
     over CP. FSDP (or finalize_grads) *averages* over DP x CP; to turn that into
     sum-over-CP / mean-over-DP, the CP gather before the head scales the token gradient by
-    cp in backward. The head itself runs on the gathered sequence on every CP rank; its grads
-    are already complete on each and the average leaves them unchanged. This relies on every
+    cp in backward. The final layer runs on each rank's chunk before that gather, so its grads
+    are partial over CP like the blocks' and the same scaling completes them. This relies on every
     CP rank computing the same loss from the gathered output (the trainer's contract).
   * The sequence is padded to a multiple of cp (x tp under SP); `token_mask` hides the padding
     from attention keys and the head drops it, so padding changes nothing.

@@ -88,9 +88,14 @@ def save(root: str, step: int, model, optimizer=None, ema=None, rank_state: Opti
     if _rank() == 0:
         world = dist.get_world_size() if dist.is_initialized() else 1
         atomic_write_text(os.path.join(tmp, MARKER), json.dumps({"step": step, "world_size": world, **(meta or {})}))
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        if os.path.exists(final):  # re-saving a step: move the old one aside, never delete first
+            old = final + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
         for _, old in list_complete(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
@@ -121,6 +126,17 @@ def load(path: str, model, optimizer=None, ema=None, strict: bool = True) -> dic
         with open(rs_path) as f:
             return json.load(f)
     return {}
+
+
+def find_rank_state(path: str, match) -> Optional[dict]:
+    """The first saved per-rank state for which match(state) is true (e.g. same DP rank)."""
+    folder = os.path.join(path, "rank_state")
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        with open(os.path.join(folder, name)) as f:
+            state = json.load(f)
+        if match(state):
+            return state
+    return None
 
 
 def load_model_only(path: str, model) -> None:

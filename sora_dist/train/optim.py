@@ -40,18 +40,28 @@ def set_lr(optimizer: torch.optim.Optimizer, step: int, cfg, total_steps: int) -
     return lr
 
 
+def clean_fqn(name: str) -> str:
+    """Parameter name without activation-checkpoint / compile wrapper prefixes, i.e. the name
+    torch.distributed.checkpoint's get_model_state_dict uses, so EMA keys match any layout."""
+    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+
+
+def named_params(model: torch.nn.Module) -> dict:
+    return {clean_fqn(n): p for n, p in model.named_parameters()}
+
+
 class EMA:
     """Exponential moving average of the weights, kept in fp32 with the parameters' own
     sharding (plain tensors or DTensors), so it is checkpointed and resharded like them."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
-        self.shadow = {n: p.detach().clone().float() for n, p in model.named_parameters()}
+        self.shadow = {n: p.detach().clone().float() for n, p in named_params(model).items()}
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
         names = list(self.shadow)
-        params = dict(model.named_parameters())
+        params = named_params(model)
         ema = [self.shadow[n] for n in names]
         cur = [params[n].detach().float() for n in names]
         torch._foreach_lerp_(ema, cur, 1.0 - self.decay)
@@ -65,5 +75,5 @@ class EMA:
 
     @torch.no_grad()
     def copy_to(self, model: torch.nn.Module) -> None:
-        for n, p in model.named_parameters():
+        for n, p in named_params(model).items():
             p.copy_(self.shadow[n].to(p.dtype))

@@ -51,17 +51,6 @@ def step_generator(seed: int, step: int, dp_rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 65_537 + dp_rank) % (2**63))
 
 
-def apply_activation_checkpointing(model, mode: str) -> None:
-    """Recompute block activations in backward: every block ("full") or every other ("selective")."""
-    if mode == "none":
-        return
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
-    for i, (name, blk) in enumerate(list(model.blocks.items())):
-        if mode == "full" or i % 2 == 0:
-            model.blocks[name] = checkpoint_wrapper(blk, preserve_rng_state=True)
-
-
 class Trainer:
     def __init__(self, cfg: JobConfig):
         self.cfg = cfg
@@ -101,10 +90,15 @@ class Trainer:
 
             model = parallelize_dit(model, self.pdims, self.meshes, cfg)
         else:
-            apply_activation_checkpointing(model, t.activation_checkpointing)
+            # One process: only recompute/compile apply, the same way parallelize_dit does them.
+            from sora_dist.parallel.parallelize import apply_activation_checkpointing
+            from sora_dist.parallel.rng import build_rng_tracker
+
+            apply_activation_checkpointing(model, t.activation_checkpointing,
+                                           build_rng_tracker(t.seed, 0, 0, self.device.type))
             if t.compile:
-                for name, blk in list(model.blocks.items()):
-                    model.blocks[name] = torch.compile(blk)
+                for blk in model.blocks.values():
+                    blk.compile()  # in place: no "_orig_mod." in parameter names
         self.model = model
         self.optimizer = build_optimizer(model, cfg.optim)
         self.ema = EMA(model, t.ema_decay) if t.ema_decay > 0 else None
@@ -114,6 +108,7 @@ class Trainer:
         self.nonfinite_streak = 0
         self.skipped = 0
         self._stop_signal = 0
+        self._samplers: list = []  # sora-sample processes started by log_samples (rank 0)
         self._install_signal_handlers()
         self._save_config()
         self._maybe_resume()
@@ -137,8 +132,15 @@ class Trainer:
             step, path = found
             state = ckpt.load(path, self.model, self.optimizer, self.ema)
             self.step = step
-            if "data" in state:
-                self.loader.load_state_dict(state["data"])
+            # The data position belongs to a DP rank, not a global rank: a new layout (other
+            # tp/cp/pp) maps global ranks differently, so look it up by DP coordinate.
+            data = ckpt.find_rank_state(path, lambda s: s.get("dp_rank") == self.dp_rank
+                                        and s.get("dp_size") == self.dp_size)
+            if data is not None:
+                self.loader.load_state_dict(data["data"])
+            else:
+                log.warning("data position not restored: %s was saved with another DP size; the data "
+                            "stream restarts from its beginning (model/optimizer state is restored)", path)
             if "rng" in state:
                 torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))
             self.skipped = state.get("skipped", 0)
@@ -168,8 +170,8 @@ class Trainer:
         return bool(flag.item())
 
     def save_checkpoint(self) -> str:
-        rank_state = {"data": self.loader.state_dict(), "rng": torch.get_rng_state().tolist(),
-                      "step": self.step, "skipped": self.skipped}
+        rank_state = {"data": self.loader.state_dict(), "dp_rank": self.dp_rank, "dp_size": self.dp_size,
+                      "rng": torch.get_rng_state().tolist(), "step": self.step, "skipped": self.skipped}
         path = ckpt.save(self.ckpt_dir, self.step, self.model, self.optimizer, self.ema,
                          rank_state=rank_state, keep=self.cfg.train.ckpt_keep)
         log.info("saved checkpoint %s", path)
@@ -269,6 +271,7 @@ class Trainer:
                 m.update(memory_stats(self.device))
                 self.metrics.log(self.step, cfg.steps, m)
             if self.rank == 0:
+                self._poll_samples()
                 self._append_metrics({"step": self.step, **{k: v for k, v in m.items() if k not in ("tokens", "flops")}})
             sample_now = bool(self.cfg.logging.sample_every) and self.step % self.cfg.logging.sample_every == 0
             if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == cfg.steps or sample_now:
@@ -283,28 +286,53 @@ class Trainer:
             t0 = time.perf_counter()
         if self.rank == 0:
             ckpt.atomic_write_text(os.path.join(self.run_dir, "losses.json"), json.dumps(losses))
+            self._poll_samples(wait=True)
         return losses
 
     def log_samples(self, ckpt_path: str) -> None:
-        """Rank 0 samples the fixed prompts from the checkpoint on disk (any training layout
-        loads into one process) and logs the videos; the other ranks wait at their next
-        collective. A failure here is logged, never fatal to training."""
+        """Rank 0 starts `sora-sample` on the checkpoint just saved, in its own process (no
+        process group: any training layout loads into one process) and goes on training; the
+        videos are logged when that process has finished (`_poll_samples`). Training never
+        waits on sampling, and a failed sampler is reported, never fatal."""
         if self.rank != 0:
             return
-        from sora_dist.config.sample import SampleConfig
-        from sora_dist.sample import run_sample
+        import subprocess
+        import sys
 
         lg = self.cfg.logging
         out = os.path.join(self.run_dir, "samples", f"step_{self.step:08d}")
-        try:
-            res = run_sample(SampleConfig(
-                run_dir=self.run_dir, checkpoint=ckpt_path, prompts=list(lg.sample_prompts), output_dir=out,
-                steps=lg.sample_steps, num_frames=lg.sample_num_frames, height=lg.sample_height,
-                width=lg.sample_width, progress=False, device=self.device.type, batch_size=len(lg.sample_prompts)))
-            self.metrics.log_videos(self.step, res["records"])
-            log.info("step %d: %d sample videos in %s", self.step, len(res["records"]), out)
-        except Exception as e:  # noqa: BLE001 - a broken sampler must not stop training
-            log.warning("step %d: sampling for the log failed: %s: %s", self.step, type(e).__name__, e)
+        os.makedirs(out, exist_ok=True)
+        prompts = "[" + ",".join(json.dumps(p) for p in lg.sample_prompts) + "]"
+        cmd = [sys.executable, "-m", "sora_dist.sample", f"run_dir={self.run_dir}", f"checkpoint={ckpt_path}",
+               f"prompts={prompts}", f"output_dir={out}", f"steps={lg.sample_steps}",
+               f"num_frames={lg.sample_num_frames}", f"height={lg.sample_height}", f"width={lg.sample_width}",
+               f"batch_size={len(lg.sample_prompts)}", "progress=false", f"device={self.device.type}"]
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                            "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS")}
+        log_file = open(os.path.join(out, "sample.log"), "w")
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+        self._samplers.append((proc, self.step, out, log_file))
+
+    def _poll_samples(self, wait: bool = False) -> None:
+        """Log the videos of finished sampler processes (all of them when `wait`)."""
+        pending = []
+        for proc, step, out, log_file in self._samplers:
+            if wait:
+                proc.wait()
+            if proc.poll() is None:
+                pending.append((proc, step, out, log_file))
+                continue
+            log_file.close()
+            jsonl = os.path.join(out, "samples.jsonl")
+            if proc.returncode == 0 and os.path.exists(jsonl):
+                records = [json.loads(line) for line in open(jsonl)]
+                self.metrics.log_videos(step, records)
+                log.info("step %d: %d sample videos in %s", step, len(records), out)
+            else:
+                log.warning("step %d: sampling for the log failed (exit %s); see %s/sample.log",
+                            step, proc.returncode, out)
+        self._samplers = pending
 
     def _append_metrics(self, row: dict) -> None:
         """run_dir/metrics.jsonl: one line per step, appended across restarts (a resumed run

@@ -47,22 +47,30 @@ def test_main_job_end_to_end(tmp_path):
     assert os.path.isdir(tmp_path / "run" / "checkpoints" / "step_00000003")
 
 
-def test_training_logs_sample_videos_to_wandb(tmp_path):
-    """logging.sample_every: mp4s from the fixed prompts land in run_dir/samples and in the
-    offline wandb run."""
+def _sampling_worker(rank, world, shards, run_dir):
     from sora_dist.config import JobConfig
     from sora_dist.train.trainer import Trainer
 
-    shards = run_demo(str(tmp_path / "demo"), n_clips=3, ranks=1, images=0)
     cfg = JobConfig()
     cfg.data.source, cfg.data.shards, cfg.data.batch_size = "shards", shards, 1
-    cfg.train.run_dir, cfg.train.steps, cfg.train.ckpt_every = str(tmp_path / "run"), 2, 0
+    cfg.parallel.cp = world  # a process group exists: sampling must not join it
+    cfg.train.run_dir, cfg.train.steps, cfg.train.ckpt_every = run_dir, 2, 0
     cfg.logging.wandb_mode, cfg.logging.sample_every, cfg.logging.sample_steps = "offline", 2, 2
     cfg.logging.sample_num_frames = 5
     tr = Trainer(cfg)
     tr.train()
     tr.close()
+    return True
+
+
+def test_training_logs_sample_videos_to_wandb(tmp_path):
+    """logging.sample_every in a 2-rank run: rank 0 samples the fixed prompts in a separate
+    process from the new checkpoint; the mp4s land in run_dir/samples and in the wandb run."""
+    from sora_dist.parallel.spawn import run_distributed
+
+    shards = run_demo(str(tmp_path / "demo"), n_clips=3, ranks=1, images=0)
+    assert run_distributed(_sampling_worker, 2, shards, str(tmp_path / "run"))
     out = tmp_path / "run" / "samples" / "step_00000002"
-    assert sorted(os.listdir(out)) == ["sample_000.mp4", "samples.jsonl"]
+    assert {"sample_000.mp4", "samples.jsonl"} <= set(os.listdir(out))
     media = [f for _, _, fs in os.walk(tmp_path / "run" / "wandb") for f in fs if f.endswith(".mp4")]
     assert media, "no video in the wandb run"

@@ -109,3 +109,13 @@ def test_cli_runs_and_rejects_bad_config(tmp_path):
     assert bad.returncode != 0
     assert "model.hidden_size=64 is not divisible by model.num_heads=5" in bad.stderr
     assert not os.path.exists(f"{tmp_path}/x/checkpoints")  # failed before any work
+
+
+def test_resume_across_recompute_settings_keeps_ema(tmp_path):
+    # Activation checkpointing wraps blocks; EMA and checkpoint keys must not depend on it.
+    full, _ = run(make_cfg(tmp_path / "a"))
+    cfg_b = make_cfg(tmp_path / "b", activation_checkpointing="full")
+    first, _ = run(cfg_b, stop_at=3)
+    second, tr = run(make_cfg(tmp_path / "b"))  # resumed without recompute
+    assert first + second == full
+    assert set(tr.ema.shadow) == {n for n, _ in tr.model.named_parameters()}

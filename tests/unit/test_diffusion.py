@@ -154,3 +154,20 @@ def test_tiny_model_overfits_one_batch(objective):
         opt.step()
     end = eval_loss()
     assert end < bound * start, (start, end)
+
+
+def test_respaced_posterior_is_bayes_over_a_jump():
+    # The sampler's step from t to s < t (respaced chain): q(x_t|x_s) = N(sqrt(ab_t/ab_s) x_s,
+    # 1 - ab_t/ab_s) times q(x_s|x0) gives the posterior posterior_coefs must return.
+    from sora_dist.diffusion.ddpm import posterior_coefs
+
+    d = GaussianDiffusion(1000, "cosine")
+    x0, xt = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    for t, s in [(999, 899), (500, 250), (40, 0)]:
+        ab_t, ab_s = float(d.alphas_cumprod[t]), float(d.alphas_cumprod[s])
+        a, b = ab_t / ab_s, 1 - ab_t / ab_s
+        prec = a / b + 1 / (1 - ab_s)
+        ref_mean = (math.sqrt(a) * xt / b + math.sqrt(ab_s) * x0 / (1 - ab_s)) / prec
+        c0, ct, var = posterior_coefs(ab_t, ab_s)
+        assert abs(var - 1 / prec) < 1e-12
+        assert torch.allclose(c0 * x0 + ct * xt, ref_mean, atol=1e-12)
