@@ -71,7 +71,11 @@ class Trainer:
 
         # Same seed on every rank -> identical initial weights before any sharding.
         torch.manual_seed(t.seed)
-        model = build_dit(cfg.model).to(self.device)
+        if t.meta_init:  # shapes only; parallelize_dit allocates and initialises the shards
+            with torch.device("meta"):
+                model = build_dit(cfg.model)
+        else:
+            model = build_dit(cfg.model).to(self.device)
         apply_fp8(model, cfg)  # model.fp8_linears / fp8_attention; before any sharding (torchtitan order)
         self.n_params = count_params(model)
         self.pipeline = None

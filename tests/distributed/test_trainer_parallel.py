@@ -94,3 +94,23 @@ def test_pp2_checkpoint_resumes_in_pp1(tmp_path):
                             {"pp": 2, "pp_schedule": "1f1b", "pp_microbatches": 2}, 2)
     second = train(cfg4(tmp_path / "run"))  # one process holds every stage's FQNs
     close(first + second, ref)
+
+
+def _meta_worker(rank, world, run_dir):
+    import torch.distributed as dist
+
+    cfg = make_cfg(run_dir, tp=2)
+    cfg.train.meta_init = True
+    tr = Trainer(cfg)
+    on_meta = any(p.is_meta for p in tr.model.parameters())
+    losses = tr.train()
+    tr.close()
+    gathered = [None] * world
+    dist.all_gather_object(gathered, losses)
+    return {"losses": losses, "same_on_all_ranks": all(g == losses for g in gathered), "on_meta": on_meta}
+
+
+def test_meta_init_trains_without_a_full_model_copy(tmp_path):
+    out = run_distributed(_meta_worker, 2, str(tmp_path / "meta"))
+    assert not out["on_meta"] and out["same_on_all_ranks"]
+    assert all(x == x and x < 10 for x in out["losses"])  # finite
