@@ -112,6 +112,7 @@ class Trainer:
         self.nonfinite_streak = 0
         self.skipped = 0
         self._stop_signal = 0
+        self._stop_agreed = False
         self._samplers: list = []  # sora-sample processes started by log_samples (rank 0)
         self._install_signal_handlers()
         self._save_config()
@@ -165,14 +166,6 @@ class Trainer:
             except ValueError:  # not the main thread (e.g. embedded use): no preemption hook
                 pass
 
-    def _should_stop(self) -> bool:
-        """True on every rank when any rank got a stop signal (ranks may get it at different
-        steps; they must agree, or the one that stops leaves the others hanging)."""
-        flag = torch.tensor([1.0 if self._stop_signal else 0.0], device=self.device)
-        if self.world > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
     def save_checkpoint(self) -> str:
         rank_state = {"data": self.loader.state_dict(), "dp_rank": self.dp_rank, "dp_size": self.dp_size,
                       "rng": torch.get_rng_state().tolist(), "step": self.step, "skipped": self.skipped}
@@ -182,12 +175,18 @@ class Trainer:
         return path
 
     # ---- one step ----------------------------------------------------------------------------
-    def _all_reduce_mean(self, x: torch.Tensor, mesh_name: str = "dp") -> torch.Tensor:
-        if self.meshes is None or self.pdims.dp == 1:
-            return x
-        x = x.detach().clone()
-        dist.all_reduce(x, group=self.meshes[mesh_name].get_group())
-        return x / self.pdims.dp
+    def _reduce_step_stats(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> tuple[float, float, bool]:
+        """One all-reduce and one host sync per step: (mean loss over DP, grad norm, stop?).
+        Every rank of a DP group holds the same full loss and every rank the same global grad
+        norm, so sums over the world divided by its size give the DP mean and the norm. The
+        stop flag (a SIGUSR1/SIGTERM on any rank) is agreed on here: ranks may get the signal
+        at different steps, and the one that stopped alone would leave the others hanging."""
+        stats = torch.stack([loss.detach().float().reshape(()), grad_norm.detach().float().reshape(()).to(loss.device),
+                             torch.tensor(1.0 if self._stop_signal else 0.0, device=loss.device)])
+        if self.world > 1:
+            dist.all_reduce(stats)
+        loss_avg, norm, stop = stats.tolist()
+        return loss_avg / self.world, norm / self.world, stop > 0
 
     def train_step(self, batch: dict) -> dict:
         cfg = self.cfg
@@ -212,9 +211,8 @@ class Trainer:
                 finalize_grads(part)
         pp_mesh = self.meshes["pp"] if (self.meshes is not None and self.pdims.pp > 1) else None
         grad_norm = clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip, pp_mesh)
-        loss_avg = self._all_reduce_mean(loss.detach().float())
-        finite = bool(torch.isfinite(loss_avg)) and bool(torch.isfinite(grad_norm))
-        if finite:
+        loss_avg, grad_norm, self._stop_agreed = self._reduce_step_stats(loss, grad_norm)
+        if math.isfinite(loss_avg) and math.isfinite(grad_norm):
             self.optimizer.step()
             if self.ema is not None:
                 self.ema.update(self.model)
@@ -225,7 +223,7 @@ class Trainer:
             self.skipped += 1
             self.nonfinite_streak += 1
             log.warning("step %d: non-finite loss/grad norm (%s, %s); update skipped (%d in a row)",
-                        self.step, float(loss_avg), float(grad_norm), self.nonfinite_streak)
+                        self.step, loss_avg, grad_norm, self.nonfinite_streak)
             if self.nonfinite_streak >= cfg.train.max_nonfinite_streak:
                 raise NonFiniteLossError(
                     f"{self.nonfinite_streak} consecutive non-finite losses at step {self.step}: "
@@ -233,7 +231,7 @@ class Trainer:
         p = cfg.model.patch_size
         T, H, W = x0.shape[-3:]
         tokens = x0.shape[0] * math.ceil(T / p[0]) * math.ceil(H / p[1]) * math.ceil(W / p[2]) * self.dp_size
-        return {"loss": float(loss_avg), "grad_norm": float(grad_norm), "lr": lr, "tokens": tokens,
+        return {"loss": loss_avg, "grad_norm": grad_norm, "lr": lr, "tokens": tokens,
                 "skipped": self.skipped, "flops": self._model_flops(x0.shape, text.shape[1])}
 
     def _model_flops(self, shape, text_len: int) -> float:
@@ -282,7 +280,7 @@ class Trainer:
                 path = self.save_checkpoint()
                 if sample_now:
                     self.log_samples(path)
-            elif self._should_stop():
+            elif self._stop_agreed:
                 self.save_checkpoint()
                 log.warning("stop signal %s: checkpoint saved at step %d, exiting with %d for requeue",
                             self._stop_signal or "(other rank)", self.step, REQUEUE_EXIT_CODE)
