@@ -32,20 +32,15 @@ register_encode_config()
 def _setup_torch(cfg: EncodeConfig, world: int):
     import torch
 
-    from sora_dist.parallel.state import read_launch_env, resolve_device_type
+    from sora_dist.parallel.state import read_launch_env, select_device
 
     _, _, local_rank = read_launch_env()
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     # Ranks on one node share its cores; oversubscribing threads makes every rank slower.
     threads = cfg.num_threads or max(1, (os.cpu_count() or 1) // max(1, local_world))
     torch.set_num_threads(threads)
-    dev_type = resolve_device_type(cfg.device)
-    if dev_type == "cuda":
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        device = torch.device("cuda", torch.cuda.current_device())
-    else:
-        device = torch.device("cpu")
-    if cfg.dtype == "bf16" and dev_type != "cuda":
+    device = select_device(cfg.device, local_rank)
+    if cfg.dtype == "bf16" and device.type != "cuda":
         raise ConfigError("encode.dtype=bf16 needs a CUDA device; use dtype=fp32 on CPU")
     return device, torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
 
@@ -121,7 +116,7 @@ def run_encode(cfg: EncodeConfig) -> dict:
     stale = os.path.join(cfg.output, f"rank-r{rank:03d}.complete.json")
     if os.path.exists(stale):
         os.remove(stale)
-    done = sh.DoneList(cfg.output)
+    done = sh.DoneList(cfg.output, rank=rank)
     todo = [it for it in mine if not done.is_done(it.source, cfg.retry_rejects)]
 
     from tqdm import tqdm

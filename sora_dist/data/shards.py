@@ -80,10 +80,13 @@ def read_shard_meta(path: str) -> list[dict]:
 class DoneList:
     """Which inputs are finished (encoded into a closed shard, or rejected), over all ranks.
 
-    Reading every rank's list lets a rerun with a different world size still skip work.
+    Reading every rank's list lets a rerun with a different world size still skip work. A
+    shard renamed into place whose done-list line is missing (killed in between) is recovered
+    from the tar itself; only its own rank (`rank`) writes that line back, so no two processes
+    append to one file (O_APPEND is not atomic on NFS/Lustre). rank=None: recover in memory.
     """
 
-    def __init__(self, out_dir: str):
+    def __init__(self, out_dir: str, rank: Optional[int] = None):
         self.out_dir = out_dir
         self.shards: dict[str, dict] = {}    # shard name -> {"inputs", "buckets", "samples"}
         self.rejects: dict[str, dict] = {}   # source -> reject record
@@ -97,9 +100,10 @@ class DoneList:
         for path in list_shards(out_dir):
             name = os.path.basename(path)
             if name not in self.shards:
-                rank = int(SHARD_RE.match(name).group(1))
+                owner = int(SHARD_RE.match(name).group(1))
                 rec = shard_record(name, read_shard_meta(path))
-                _append_line(os.path.join(out_dir, f"done-r{rank:03d}.jsonl"), rec)
+                if owner == rank:
+                    _append_line(os.path.join(out_dir, f"done-r{owner:03d}.jsonl"), rec)
                 self.shards[name] = rec
         self.encoded = {s for rec in self.shards.values() for s in rec["inputs"]}
         # An input rejected once and encoded by a later retry is no longer a reject.

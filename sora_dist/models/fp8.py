@@ -202,7 +202,9 @@ def _check_cuda_fp8(model: nn.Module, what: str) -> None:
                 f"model.fp8_linears=te needs the model on a CUDA device (it is on {dev}); "
                 f"use model.fp8_linears=torchao or none")
         return
-    cap = torch.cuda.get_device_capability(p.device)
+    from sora_dist.parallel.state import device_capability
+
+    cap = device_capability(p.device)
     if cap < (8, 9):
         raise RuntimeError(
             f"model.fp8_linears={what} needs a GPU with compute capability >= 8.9 "

@@ -43,15 +43,24 @@ def read_launch_env() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
+def select_device(device_pref: str = "auto", local_rank: int = 0) -> torch.device:
+    """This process's device: its node-local GPU (made current), or the CPU."""
+    if resolve_device_type(device_pref) == "cuda":
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def device_capability(device: torch.device) -> tuple[int, int]:
+    """(major, minor) compute capability of a CUDA device; (0, 0) for anything else."""
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
+
+
 def init_distributed(device_pref: str = "auto", backend: str = "auto", timeout_s: int = 600) -> DistEnv:
     """Start the default process group when launched with >1 process; pick the device."""
     rank, world, local_rank = read_launch_env()
-    dtype = resolve_device_type(device_pref)
-    if dtype == "cuda":
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        device = torch.device("cuda", torch.cuda.current_device())
-    else:
-        device = torch.device("cpu")
+    device = select_device(device_pref, local_rank)
+    dtype = device.type
     if world > 1 and not dist.is_initialized():
         if backend == "auto":
             backend = "nccl" if dtype == "cuda" else "gloo"
@@ -75,11 +84,14 @@ def shutdown_distributed(clean: bool = True) -> None:
 
 
 def is_comm_failure(err: BaseException) -> bool:
-    """A collective that failed because a peer died, hung past the timeout or reset."""
+    """A collective that failed because a peer died, hung past the timeout or lost its link
+    (not any error that merely mentions NCCL, such as an out-of-memory inside it)."""
     text = str(err).lower()
-    return isinstance(err, getattr(dist, "DistError", ())) or any(
-        s in text for s in ("connection reset", "connection closed", "timed out", "timeout",
-                            "broken pipe", "nccl", "gloo"))
+    if "out of memory" in text:
+        return False
+    return isinstance(err, getattr(dist, "DistNetworkError", ())) or any(
+        s in text for s in ("connection reset", "connection closed", "connection refused", "broken pipe",
+                            "timed out", "collective operation timeout", "remote process exited"))
 
 
 def autocast(device: torch.device, mixed_precision: str):

@@ -50,10 +50,13 @@ def test_donelist_recovers_shard_missing_from_its_list(tmp_path):
     w.reject("/s/bad.mp4", "corrupt", "noise")
     w.close()
     os.remove(tmp_path / "done-r000.jsonl")  # as if killed right after the renames
-    done = DoneList(str(tmp_path))
+    assert len(DoneList(str(tmp_path), rank=1).shards) == 2  # another rank: recovered in memory
+    assert not os.path.exists(tmp_path / "done-r000.jsonl")  # ... and never writes rank 0's list
+    done = DoneList(str(tmp_path), rank=0)
     assert all(done.is_done(f"/s/{i}.mp4") for i in range(4)) and done.is_done("/s/bad.mp4")
     assert not done.is_done("/s/other.mp4")
-    assert len(DoneList(str(tmp_path)).shards) == 2  # recovery written back, not duplicated
+    assert len(open(tmp_path / "done-r000.jsonl").readlines()) == 2  # the owner wrote it back
+    assert len(DoneList(str(tmp_path), rank=0).shards) == 2  # and does not duplicate it
 
 
 def test_failed_write_discards_the_open_shard(tmp_path):
