@@ -92,17 +92,19 @@ def _local_slice(x: torch.Tensor, dim: int, group) -> torch.Tensor:
 
 
 class _GatherSequence(torch.autograd.Function):
-    """All-gather along the sequence; backward keeps this rank's slice of the grad, which is
-    right when whatever consumes the gathered tensor is computed identically on every CP rank."""
+    """All-gather along the sequence; backward keeps this rank's slice of the grad (times
+    `grad_scale`), which is right when whatever consumes the gathered tensor is computed
+    identically on every CP rank."""
 
     @staticmethod
-    def forward(ctx, x, dim, group):
-        ctx.dim, ctx.group = dim, group
+    def forward(ctx, x, dim, group, grad_scale):
+        ctx.dim, ctx.group, ctx.scale = dim, group, grad_scale
         return _gather_along(x, dim, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _local_slice(grad, ctx.dim, ctx.group).contiguous(), None, None
+        g = _local_slice(grad, ctx.dim, ctx.group).contiguous()
+        return (g * ctx.scale if ctx.scale != 1.0 else g), None, None, None
 
 
 def shard_sequence(x: Optional[torch.Tensor], dim: int, cp_mesh) -> Optional[torch.Tensor]:
@@ -111,9 +113,10 @@ def shard_sequence(x: Optional[torch.Tensor], dim: int, cp_mesh) -> Optional[tor
     return None if x is None else _local_slice(x, dim, cp_mesh.get_group())
 
 
-def gather_sequence(x: torch.Tensor, dim: int, cp_mesh) -> torch.Tensor:
-    """Inverse of shard_sequence: the whole sequence on every CP rank (backward slices)."""
-    return _GatherSequence.apply(x, dim, cp_mesh.get_group())
+def gather_sequence(x: torch.Tensor, dim: int, cp_mesh, grad_scale: float = 1.0) -> torch.Tensor:
+    """Inverse of shard_sequence: the whole sequence on every CP rank (backward slices and
+    multiplies by grad_scale)."""
+    return _GatherSequence.apply(x, dim, cp_mesh.get_group(), grad_scale)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -141,22 +140,6 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, tracker: RNGStat
             )
 
 
-class _GatherTokens(torch.autograd.Function):
-    """All-gather token shards over CP. Backward: this rank's slice of the (identical on every
-    CP rank) output gradient, times `scale` (= cp, see module docstring)."""
-
-    @staticmethod
-    def forward(ctx, x, dim: int, group, rank: int, world: int, scale: float):
-        ctx.dim, ctx.rank, ctx.world, ctx.scale = dim, rank, world, scale
-        parts = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts, dim)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g.chunk(ctx.world, ctx.dim)[ctx.rank] * ctx.scale, None, None, None, None, None
-
-
 class SequenceSharding:
     """Where this rank's tokens sit in the sequence, and the two moves between layouts.
 
@@ -220,9 +203,12 @@ class SequenceSharding:
         return tokens
 
     def gather_cp(self, x: torch.Tensor, cond) -> torch.Tensor:
-        """CP chunks -> the whole sequence, padding dropped (backward: see _GatherTokens)."""
+        """CP chunks -> the whole sequence, padding dropped. Backward: this rank's slice of the
+        (identical on every CP rank) gradient times cp, see the module docstring."""
         if self.cp_mesh is not None:
-            x = _GatherTokens.apply(x, 1, self.cp_mesh.get_group(), self.cp_rank, self.cp, float(self.cp))
+            from sora_dist.parallel.context import gather_sequence
+
+            x = gather_sequence(x, 1, self.cp_mesh, grad_scale=float(self.cp))
         return x[:, : math.prod(cond.grid)]
 
 
