@@ -577,3 +577,18 @@ def build_model(m: ModelDims, recompute: str = "none"):
                              text_dim=m.text_dim, qk_norm=m.qk_norm))
     apply_activation_checkpointing(model, recompute)
     return model
+
+
+def cpu_peak_bytes(step) -> int:
+    """Allocator high-water mark (CPU profiler memory events) of running step() above what
+    was live before it; step does its own backward. Used by tools/bench_step.py and bench_cp.py."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    cur = peak = 0
+    mem = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    for e in sorted(mem, key=lambda e: e.start_ns()):
+        cur += e.nbytes()
+        peak = max(peak, cur)
+    return peak

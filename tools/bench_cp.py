@@ -21,7 +21,6 @@ import time
 
 import torch
 import torch.distributed as dist
-from torch.profiler import ProfilerActivity, profile
 
 from sora_dist.models.attention import CoreAttention
 from sora_dist.models.dit import Conditioning, DiTArgs, DiTBlock
@@ -30,6 +29,7 @@ from sora_dist.parallel.context import (
     COMM_COUNTER, DEFAULT_MAX_SCORE_ELEMS, build_cp_attention, shard_sequence,
 )
 from sora_dist.parallel.dims import ParallelDims
+from sora_dist.planner import cpu_peak_bytes
 from sora_dist.parallel.spawn import run_distributed
 
 LAYOUTS = [  # (label, mode, cp_ring, cp_ulysses)
@@ -51,17 +51,6 @@ def _saved_bytes(step) -> int:
         loss = step()
     loss.backward()
     return sum(seen.values())
-
-
-def _peak_bytes(step) -> int:
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step().backward()
-    cur = peak = 0
-    mem = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    for e in sorted(mem, key=lambda e: e.start_ns()):
-        cur += e.nbytes()
-        peak = max(peak, cur)
-    return peak
 
 
 def _worker(rank, world, mode, ring, ulysses, what, B, H, S, D, iters, max_score_elems):
@@ -98,7 +87,7 @@ def _worker(rank, world, mode, ring, ulysses, what, B, H, S, D, iters, max_score
         step().backward()
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
-    stats = torch.tensor([statistics.median(times), statistics.median(cpu), _peak_bytes(step),
+    stats = torch.tensor([statistics.median(times), statistics.median(cpu), cpu_peak_bytes(lambda: step().backward()),
                           _saved_bytes(step), sent], dtype=torch.float64)
     dist.all_reduce(stats, op=dist.ReduceOp.MAX)  # the slowest / fullest rank bounds the step
     return stats.tolist()

@@ -111,20 +111,6 @@ def make_inputs(a, device, dtype):
     return x, cond
 
 
-def cpu_peak_bytes(step) -> int:
-    """Allocator high-water mark of one fwd+bwd above what was live before it."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    cur = peak = 0
-    mem = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    for e in sorted(mem, key=lambda e: e.start_ns()):
-        cur += e.nbytes()
-        peak = max(peak, cur)
-    return peak
-
-
 def run(a, device, attn: str) -> dict:
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -172,7 +158,7 @@ def run(a, device, attn: str) -> dict:
             t0 = time.perf_counter()
             step()
             times.append(time.perf_counter() - t0)
-        peak = cpu_peak_bytes(step)
+        peak = P.cpu_peak_bytes(step)
     return {"s": statistics.median(times), "peak": peak, "saved": P.saved_bytes_of(fwd, model.parameters()),
             "grad_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
 

@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+from media import unknown_codec_mkv
 
 from sora_dist.config.encode import EncodeConfig
 from sora_dist.config.validate import ConfigError
@@ -53,23 +54,6 @@ def _cfg(models, inp, out, **kw):
     return EncodeConfig(**base)
 
 
-def _unknown_codec_mkv(path):
-    """A real mkv whose codec id is rewritten to one FFmpeg has no decoder for."""
-    import av
-
-    with av.open(path, "w") as c:
-        s = c.add_stream("mpeg4", rate=8)
-        s.width, s.height, s.pix_fmt = 32, 32, "yuv420p"
-        for _ in range(9):
-            for pkt in s.encode(av.VideoFrame.from_ndarray(np.zeros((32, 32, 3), np.uint8), format="rgb24")):
-                c.mux(pkt)
-        for pkt in s.encode():
-            c.mux(pkt)
-    data = open(path, "rb").read()
-    open(path, "wb").write(data.replace(b"V_MPEG4/ISO/ASP", b"V_SORA/UNKNOWNX"))
-    return path
-
-
 def _all_sources(out):
     srcs = []
     for p in sh.list_shards(str(out)):
@@ -87,7 +71,7 @@ def test_bad_inputs_rejected_good_kept(tmp_path, models):
     (bad / "noise.mp4").write_bytes(np.random.default_rng(0).bytes(3000))
     short = write_mp4(render_clip(16, 16, 3, 0)[0], str(bad / "short.mp4"), 8)
     big = write_mp4(render_clip(64, 96, 9, 0)[0], str(bad / "big.mp4"), 8)  # over max_side=80
-    odd = _unknown_codec_mkv(str(bad / "odd.mkv"))
+    odd = unknown_codec_mkv(str(bad / "odd.mkv"))
     nocap = rows[1]["path"]
     rows = [rows[0], rows[2], {"path": nocap, "caption": "  "}] + [
         {"path": str(bad / n), "caption": "x"} for n in ("empty.mp4", "cut.mp4", "noise.mp4")] + [

@@ -3,6 +3,7 @@ import os
 
 import numpy as np
 import pytest
+from media import unknown_codec_mkv
 import torch
 
 from sora_dist.data.demo_clips import render_clip
@@ -75,24 +76,6 @@ def test_image_is_one_frame(tmp_path):
     assert info.is_image and bucket == Bucket(32, 64, 1) and frames.shape == (1, 3, 32, 64)
 
 
-def _unknown_codec_mkv(path):
-    """A real mkv whose codec id is rewritten to one FFmpeg has no decoder for."""
-    import av
-
-    with av.open(path, "w") as c:
-        s = c.add_stream("mpeg4", rate=8)
-        s.width, s.height, s.pix_fmt = 32, 32, "yuv420p"
-        for _ in range(9):
-            for pkt in s.encode(av.VideoFrame.from_ndarray(np.zeros((32, 32, 3), np.uint8), format="rgb24")):
-                c.mux(pkt)
-        for pkt in s.encode():
-            c.mux(pkt)
-    data = open(path, "rb").read()
-    assert data.count(b"V_MPEG4/ISO/ASP") == 1
-    open(path, "wb").write(data.replace(b"V_MPEG4/ISO/ASP", b"V_SORA/UNKNOWNX"))
-    return path
-
-
 @pytest.mark.parametrize("kind", ["zero_length", "truncated", "corrupt", "too_short", "huge_resolution",
                                   "missing", "unsupported_codec"])
 def test_bad_inputs_classified(tmp_path, kind):
@@ -115,7 +98,7 @@ def test_bad_inputs_classified(tmp_path, kind):
     elif kind == "missing":
         path = str(tmp_path / "nope.mp4")
     elif kind == "unsupported_codec":
-        path = _unknown_codec_mkv(str(tmp_path / "odd.mkv"))
+        path = unknown_codec_mkv(str(tmp_path / "odd.mkv"))
     with pytest.raises(BadInput) as e:
         load_clip(path, parse_buckets([[32, 32]], [5, 9]), 8, max_side=max_side)
     assert e.value.kind == kind and path in str(e.value)
