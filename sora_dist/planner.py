@@ -570,12 +570,13 @@ def tiny_inputs(m: ModelDims, grid_thw: tuple[int, int, int], batch: int, seed: 
 def build_model(m: ModelDims, recompute: str = "none"):
     """The real VideoDiT for dims `m`, with the trainer's activation checkpointing."""
     from sora_dist.models.dit import DiTArgs, VideoDiT
-    from sora_dist.train.trainer import apply_activation_checkpointing
+    from sora_dist.parallel.parallelize import apply_activation_checkpointing
+    from sora_dist.parallel.rng import build_rng_tracker
 
     model = VideoDiT(DiTArgs(in_channels=m.in_channels, hidden_size=m.hidden, depth=m.depth,
                              num_heads=m.heads, mlp_ratio=m.mlp_ratio, patch_size=m.patch,
                              text_dim=m.text_dim, qk_norm=m.qk_norm))
-    apply_activation_checkpointing(model, recompute)
+    apply_activation_checkpointing(model, recompute, build_rng_tracker(0, 0, 0, "cpu"))
     return model
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Data-path throughput in one run: sora-encode videos/s with 1 vs 2 DP ranks (spawned
-processes, each with its share of the cores) and ShardLoader samples/s, printed as ratios.
+processes, each with its share of the cores), ShardLoader samples/s and the samples/s the real
+trainer consumes from the same shards, printed as ratios.
 
   python tools/bench_data.py [--clips 24] [--size 64] [--frames 17]
 
@@ -56,6 +57,25 @@ def bench_loader(shards: str, batch_size: int, batches: int) -> dict:
     return {"samples": n, "seconds": dt, "samples_per_s": n / dt}
 
 
+def bench_trainer(shards: str, batch_size: int, steps: int, flavor: str, work: str) -> dict:
+    """Samples/s the real trainer consumes from the same shards (model.flavor, this device)."""
+    from sora_dist.config import JobConfig
+    from sora_dist.train.trainer import Trainer
+
+    cfg = JobConfig()
+    cfg.model.flavor = flavor
+    cfg.data.source, cfg.data.shards, cfg.data.batch_size = "shards", shards, batch_size
+    cfg.train.run_dir, cfg.train.steps, cfg.train.ckpt_every = os.path.join(work, "train"), steps + 2, 0
+    cfg.train.resume, cfg.logging.wandb_mode, cfg.logging.log_every = False, "disabled", 10**9
+    tr = Trainer(cfg)
+    tr.train(stop_at=2)  # warm-up steps
+    t0 = time.perf_counter()
+    tr.train(stop_at=steps + 1)
+    dt = time.perf_counter() - t0
+    tr.close()
+    return {"samples": (steps - 1) * batch_size, "seconds": dt, "samples_per_s": (steps - 1) * batch_size / dt}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clips", type=int, default=24)
@@ -67,6 +87,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2,
                     help="alternate 1/2-rank runs this many times, keep each one's best (shared machines are noisy)")
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--train-flavor", default="tiny", help="model the trainer consumption is measured with")
+    ap.add_argument("--train-steps", type=int, default=20)
     args = ap.parse_args()
 
     from sora_dist.data.demo_clips import make_demo_clips
@@ -91,8 +113,9 @@ def main() -> None:
             runs[(world, threads)].append(bench_encode(base, os.path.join(work, f"out{world}"), world, threads))
     one, two, one_mt = (max(runs[lay], key=lambda r: r["videos_per_s"]) for lay in layouts)
     load = bench_loader(os.path.join(work, "out2"), batch_size=4, batches=args.batches)
+    train = bench_trainer(os.path.join(work, "out2"), 4, args.train_steps, args.train_flavor, work)
     print(json.dumps({f"encode_{w}rank_x{t}thread": r for (w, t), r in runs.items()}
-                     | {"loader": load, "cores": cores, "load_avg": os.getloadavg()}))
+                     | {"loader": load, "trainer": train, "cores": cores, "load_avg": os.getloadavg()}))
     print(f"encode: 1 rank x 1 thread {one['videos_per_s']:.2f} videos/s, 2 ranks x 1 thread "
           f"{two['videos_per_s']:.2f} videos/s -> DP speedup x{two['videos_per_s'] / one['videos_per_s']:.2f} "
           f"(ideal x2 with >= 2 free cores; {cores} cores here, load avg {os.getloadavg()[0]:.1f})")
@@ -103,6 +126,8 @@ def main() -> None:
           f"x{two['videos_per_s'] / one_mt['videos_per_s']:.2f} of that")
     print(f"loader: {load['samples_per_s']:.0f} samples/s = x{load['samples_per_s'] / two['videos_per_s']:.0f} "
           f"the 2-rank encode rate")
+    print(f"trainer ({args.train_flavor}, this device) consumes {train['samples_per_s']:.1f} samples/s -> the "
+          f"loader is x{load['samples_per_s'] / train['samples_per_s']:.0f} faster than the trainer needs")
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
 
