@@ -42,6 +42,14 @@ def _worker(rank, world_size, port, fn, args, out_dir):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    # Leave without interpreter teardown: gloo's background threads can still be joinable when
+    # C++ static destructors run, which aborts the process ("terminate called without an
+    # active exception") after the work has succeeded.
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_distributed(fn: Callable[..., Any], world_size: int, *args, attempts: int = 3) -> Any:
