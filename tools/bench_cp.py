@@ -11,6 +11,7 @@ RoPE table and key mask sharded with shard_sequence). Per rank (max over ranks) 
   * step time, wall and CPU (median; process CPU time is less disturbed by other load, and CP=4
     on a 2-core machine is oversubscribed, so its wall time is not scaling);
   * bytes sent (the CommCounter in parallel/context.py), against Ulysses at the same CP.
+Ring runs twice: fused CPU flash blocks with LSE (the default) and the fp32 math blocks.
 A tenth of the tokens is padding (key mask), as in bucketed video batches.
 """
 from __future__ import annotations
@@ -32,10 +33,12 @@ from sora_dist.parallel.dims import ParallelDims
 from sora_dist.planner import cpu_peak_bytes
 from sora_dist.parallel.spawn import run_distributed
 
-LAYOUTS = [  # (label, mode, cp_ring, cp_ulysses)
-    ("cp1", None, 1, 1),
-    ("cp2 ulysses", "ulysses", 1, 2), ("cp2 ring", "ring", 2, 1),
-    ("cp4 ulysses", "ulysses", 1, 4), ("cp4 ring", "ring", 4, 1), ("cp4 hybrid 2x2", "hybrid", 2, 2),
+LAYOUTS = [  # (label, mode, cp_ring, cp_ulysses, ring block kernel)
+    ("cp1", None, 1, 1, "auto"),
+    ("cp2 ulysses", "ulysses", 1, 2, "auto"), ("cp2 ring", "ring", 2, 1, "auto"),
+    ("cp2 ring math", "ring", 2, 1, "math"),
+    ("cp4 ulysses", "ulysses", 1, 4, "auto"), ("cp4 ring", "ring", 4, 1, "auto"),
+    ("cp4 ring math", "ring", 4, 1, "math"), ("cp4 hybrid 2x2", "hybrid", 2, 2, "auto"),
 ]
 
 
@@ -53,11 +56,11 @@ def _saved_bytes(step) -> int:
     return sum(seen.values())
 
 
-def _worker(rank, world, mode, ring, ulysses, what, B, H, S, D, iters, max_score_elems):
+def _worker(rank, world, mode, ring, ulysses, kernel, what, B, H, S, D, iters, max_score_elems):
     meshes = ParallelDims(1, 1, 1, ring, ulysses, 1, world).build_mesh("cpu")
     cp = meshes["cp"]
     attn = (CoreAttention() if mode is None
-            else build_cp_attention(meshes, mode, max_score_elems=max_score_elems))
+            else build_cp_attention(meshes, mode, max_score_elems=max_score_elems, ring_kernel=kernel))
     torch.manual_seed(0)
     mask = torch.ones(B, S, dtype=torch.bool)
     mask[:, S - S // 10:] = False
@@ -102,7 +105,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--what", choices=["attn", "block", "both"], default="both")
     ap.add_argument("--max-score-elems", type=int, default=DEFAULT_MAX_SCORE_ELEMS,
-                    help="ring score-tile budget (smaller: less memory, more, smaller matmuls)")
+                    help="math ring kernel's score-tile budget (smaller: less memory, more, "
+                         "smaller matmuls)")
     a = ap.parse_args()
     MiB = 2**20
     for what in (["attn", "block"] if a.what == "both" else [a.what]):
@@ -110,8 +114,8 @@ def main() -> None:
         print(f"{'layout':16} {'wall ms':>8} {'x cp1':>6} {'cpu ms':>8} {'x cp1':>6} {'peak MiB':>9} "
               f"{'x cp1':>6} {'saved MiB':>9} {'x cp1':>6} {'sent MiB':>9} {'x ulysses':>9}")
         res = {}
-        for label, mode, ring, uly in LAYOUTS:
-            res[label] = run_distributed(_worker, ring * uly, mode, ring, uly, what, a.batch,
+        for label, mode, ring, uly, kernel in LAYOUTS:
+            res[label] = run_distributed(_worker, ring * uly, mode, ring, uly, kernel, what, a.batch,
                                          a.heads, a.seq, a.head_dim, a.iters, a.max_score_elems)
             t, c, peak, saved, sent = res[label]
             t1, c1, peak1, saved1, _ = res["cp1"]

@@ -16,6 +16,9 @@ class ParallelConfig:
     cp_mode: str = "ulysses"
     # For cp_mode=hybrid: the Ulysses (inner, intra-node) degree; ring degree = cp / ulysses_degree.
     ulysses_degree: int = 1
+    # Ring attention block kernel: "auto" (fused SDPA kernel returning the log-sum-exp where the
+    # device has one, else math), "fused" (error if none) or "math" (fp32 torch, reference).
+    ring_kernel: str = "auto"
     # Pipeline-parallel degree (blocks split into stages).
     pp: int = 1
     # Pipeline schedule: "gpipe", "1f1b" (one stage per rank), "interleaved_1f1b",

@@ -106,6 +106,8 @@ def validate(cfg, world_size: Optional[int] = None) -> None:
     _check(p.dp == -1 or p.dp >= 1, f"parallel.dp={p.dp} must be >= 1 or -1 (fill the world)")
     _check(p.cp_mode in ("ulysses", "ring", "hybrid"),
            f"parallel.cp_mode={p.cp_mode!r}: use ulysses, ring or hybrid")
+    _check(p.ring_kernel in ("auto", "fused", "math"),
+           f"parallel.ring_kernel={p.ring_kernel!r}: use auto, fused or math")
     _check(p.backend in ("auto", "gloo", "nccl"), f"parallel.backend={p.backend!r}: use auto, gloo or nccl")
     ulysses = {"ulysses": p.cp, "ring": 1, "hybrid": p.ulysses_degree}[p.cp_mode]
     if p.cp_mode == "hybrid":

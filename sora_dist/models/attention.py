@@ -134,3 +134,102 @@ class CoreAttention(nn.Module):
         else:
             o = core(q, k, v, **kw)
         return o.reshape(B, Sq, H, D).transpose(1, 2)
+
+
+# ---- blockwise attention with log-sum-exp (ring context parallelism) --------------------------
+#
+# A ring rank attends its queries to one K/V block at a time and merges the blocks by their
+# log-sum-exp, so it needs kernels that return the LSE, and in backward ones that take the
+# *final* output and LSE (FlashAttention-2: dS = P * (dP - rowsum(dO * O)), P = exp(S - lse)).
+# torch exposes those as aten ops under SDPA; which op exists depends on the device, so the
+# choice lives here, at the attention seam. Call conventions checked on meta tensors
+# (tests/unit/test_attention_backends.py); numerics on CPU against plain math.
+
+BLOCK_KERNELS = ("auto", "fused", "math")
+
+
+def fused_block_kernel(device_type: str, dtype: torch.dtype, head_dim: int,
+                       has_mask: bool) -> Optional[str]:
+    """The fused aten kernel for a block on this device/dtype/mask, or None (use math).
+    CPU: flash (any float dtype, additive mask). CUDA: flash for bf16/fp16 without a mask
+    (head_dim <= 256, multiple of 8), memory-efficient otherwise (takes a bias, fp32 too)."""
+    if device_type == "cpu":
+        return "cpu_flash"
+    if device_type == "cuda":
+        if (not has_mask and dtype in (torch.bfloat16, torch.float16)
+                and head_dim <= 256 and head_dim % 8 == 0):
+            return "cuda_flash"
+        return "cuda_efficient"
+    return None
+
+
+def _additive_bias(kv_mask_BS: torch.Tensor, dtype, H: int, Sq: int, align: int) -> torch.Tensor:
+    """Key mask (B, S; True = valid) -> additive bias broadcast to (B, H, Sq, S) without
+    materialising it. The memory-efficient kernel needs the bias row stride aligned to 16
+    elements, so the storage is padded and sliced (what SDPA itself does)."""
+    B, S = kv_mask_BS.shape
+    Sp = -(-S // align) * align
+    bias = torch.zeros(B, 1, 1, Sp, dtype=dtype, device=kv_mask_BS.device)
+    bias[..., :S].masked_fill_(~kv_mask_BS.bool()[:, None, None, :], float("-inf"))
+    return bias[..., :S].expand(B, H, Sq, S)
+
+
+def _empty_rows(kv_mask_BS: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """(B, 1, 1, 1) bool: batch rows whose keys in this block are all masked, or None."""
+    return None if kv_mask_BS is None else ~kv_mask_BS.bool().any(1)[:, None, None, None]
+
+
+def block_attention(q, k, v, kv_mask_BS, scale: float, kernel: str):
+    """Attention of q (B, H, Sq, D) to one K/V block with a fused kernel: (out in q's dtype,
+    lse fp32 (B, H, Sq, 1)). Rows with every key of the block masked get out = 0, lse = -inf
+    (kernels disagree on those rows: CPU flash returns lse = 0), so the merge ignores them."""
+    B, H, Sq, _ = q.shape
+    if kernel == "cpu_flash":
+        bias = None if kv_mask_BS is None else _additive_bias(kv_mask_BS, q.dtype, H, Sq, 1)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, attn_mask=bias, scale=scale)
+    elif kernel == "cuda_flash":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
+            q, k, v, 0.0, False, False, scale=scale)[:2]
+    elif kernel == "cuda_efficient":
+        bias = None if kv_mask_BS is None else _additive_bias(kv_mask_BS, q.dtype, H, Sq, 16)
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, bias, True, 0.0, False, scale=scale)[:2]
+        lse = lse[..., :Sq]  # the kernel pads the LSE rows to a multiple of 32
+    else:
+        raise ValueError(f"unknown fused block kernel {kernel!r}")
+    lse = lse.float().unsqueeze(-1)
+    empty = _empty_rows(kv_mask_BS)
+    if empty is not None:
+        out = out.masked_fill(empty, 0.0)
+        lse = lse.masked_fill(empty, float("-inf"))
+    return out, lse
+
+
+def block_attention_backward(dout, q, k, v, out, lse, kv_mask_BS, scale: float, kernel: str):
+    """Gradients of one block given the final (merged) out and lse (B, H, Sq, 1; finite): this
+    block's share of dq and its dk, dv, all in q's dtype."""
+    B, H, Sq, _ = q.shape
+    lse = lse.squeeze(-1).contiguous()
+    if kernel == "cpu_flash":
+        bias = None if kv_mask_BS is None else _additive_bias(kv_mask_BS, q.dtype, H, Sq, 1)
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k, v, out, lse, 0.0, False, attn_mask=bias, scale=scale)
+    if kernel == "cuda_flash":
+        # No dropout: the philox seed/offset are never read, but must be tensors.
+        seed = torch.zeros(2, dtype=torch.uint64, device=q.device)
+        offset = torch.zeros((), dtype=torch.uint64, device=q.device)
+        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            dout, q, k, v, out, lse, None, None, Sq, k.shape[2], 0.0, False, seed, offset,
+            scale=scale)
+    if kernel == "cuda_efficient":
+        bias = None if kv_mask_BS is None else _additive_bias(kv_mask_BS, q.dtype, H, Sq, 16)
+        Sp = -(-Sq // 32) * 32
+        lse_p = lse.new_zeros(B, H, Sp)
+        lse_p[..., :Sq] = lse
+        seed = torch.zeros((), dtype=torch.int64, device=q.device)
+        dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+            dout, q, k, v, bias, out, lse_p, seed, seed, 0.0, [True, True, True, False],
+            False, scale=scale)
+        return dq, dk, dv
+    raise ValueError(f"unknown fused block kernel {kernel!r}")

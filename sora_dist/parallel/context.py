@@ -11,6 +11,8 @@ built here has CoreAttention's signature, takes this rank's q/k/v (B, H, S/cp, D
 * Ring: K/V blocks travel around the ring over P2P while every rank attends its queries to the
   block it holds; blocks merge by log-sum-exp. Backward sends dK/dV around with K/V (the
   FlashAttention-2 backward, blockwise). Any head count, but traffic grows with the ring size.
+  Each block runs a fused SDPA kernel that returns the log-sum-exp (models/attention.py picks
+  it per device; plain fp32 math where none applies, or with parallel.ring_kernel=math).
 * Hybrid: Ulysses inside (mesh dim cp_ulysses, intra-node all-to-all), ring outside (cp_ring).
   The flattened cp rank is ring_rank * ulysses + ulysses_rank, so after the Ulysses all-to-all
   ring rank r holds the contiguous tokens [r*S/ring, (r+1)*S/ring), as the ring expects.
@@ -27,11 +29,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from sora_dist.models.attention import CoreAttention
+from sora_dist.models.attention import (BLOCK_KERNELS, CoreAttention, block_attention,
+                                         block_attention_backward, fused_block_kernel)
 
 MODES = ("ulysses", "ring", "hybrid")
-# Ring blocks materialise fp32 score tiles of at most this many elements (128 MiB): a few live
-# at once in backward. Bounds memory for long video sequences; fused kernels would remove it.
+# The math ring kernel materialises fp32 score tiles of at most this many elements (128 MiB): a
+# few live at once in backward. Fused kernels (the default where one exists) need no tile.
 DEFAULT_MAX_SCORE_ELEMS = 2**25
 
 
@@ -209,7 +212,8 @@ def _scores(qs, k32, mask_BS):
     return s
 
 
-# Blockwise math is plain torch (SDPA returns no log-sum-exp). It walks `rows` query rows at a
+# Blockwise math is plain torch: the fallback where no fused kernel applies (and the reference the
+# fused kernels are tested against). It walks `rows` query rows at a
 # time so the fp32 score tile stays at most B*H*rows*S_local elements whatever the sequence,
 # works in place on that tile (one live tile in forward, two in backward), and takes queries
 # pre-multiplied by the softmax scale (qs) so no tile-sized op is spent on scaling.
@@ -242,23 +246,31 @@ def _block_backward(qs, k32, v32, do32, delta, lse, mask_BS, rows):
 
 
 class _RingAttention(torch.autograd.Function):
-    """Non-causal ring attention, fp32 math whatever the input dtype. Memory: the saved q, k, v,
-    out and lse of this rank, one K/V (and dK/dV) block in flight, and bounded score tiles."""
+    """Non-causal ring attention. Blocks run a fused aten kernel that returns the LSE
+    (kernel = "cpu_flash" / "cuda_flash" / "cuda_efficient", block output in the input dtype)
+    or fp32 torch math (kernel = "math"); merging and the dq/dK/dV accumulators are fp32 either
+    way. Memory: the saved q, k, v, out and lse of this rank, one K/V (and dK/dV) block in
+    flight, and (math only) bounded score tiles."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mask_BS, group, scale, rows):
+    def forward(ctx, q, k, v, mask_BS, group, scale, rows, kernel):
         R, r = dist.get_world_size(group), dist.get_rank(group)
         S = k.shape[2]
-        qs = q.float() * scale
-        out = torch.zeros_like(qs)
-        lse = qs.new_full((*q.shape[:3], 1), float("-inf"))
+        math = kernel == "math"
+        qs = q.float() * scale if math else None
+        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        lse = out.new_full((*q.shape[:3], 1), float("-inf"))
         kv = torch.stack([k, v])  # one message per step instead of two
         for step in range(R):
             if step + 1 < R:  # next block is in flight while this one is computed
                 kv_next, works = _ring_shift(kv, group)
             src = (r - step) % R  # which rank's tokens this block holds
             m = None if mask_BS is None else mask_BS[:, src * S:(src + 1) * S]
-            o_b, lse_b = _block_forward(qs, kv[0].float(), kv[1].float(), m, rows)
+            if math:
+                o_b, lse_b = _block_forward(qs, kv[0].float(), kv[1].float(), m, rows)
+            else:
+                o_b, lse_b = block_attention(q, kv[0], kv[1], m, scale, kernel)
+                o_b = o_b.float()
             # out = (e^lse out + e^lse_b o_b) / e^new, safe when both are -inf (all masked).
             new = torch.logaddexp(lse, lse_b)
             new_safe = _finite(new)
@@ -269,27 +281,37 @@ class _RingAttention(torch.autograd.Function):
                 kv = kv_next
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse, mask_BS)
-        ctx.group, ctx.scale, ctx.rows = group, scale, rows
+        ctx.group, ctx.scale, ctx.rows, ctx.kernel = group, scale, rows, kernel
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, mask_BS = ctx.saved_tensors
-        group, scale, rows = ctx.group, ctx.scale, ctx.rows
+        group, scale, rows, kernel = ctx.group, ctx.scale, ctx.rows, ctx.kernel
         R, r = dist.get_world_size(group), dist.get_rank(group)
         S = k.shape[2]
-        qs, do32 = q.float() * scale, dout.float()
-        delta = (do32 * out.float()).sum(-1, keepdim=True)
+        math = kernel == "math"
+        if math:
+            qs, do32 = q.float() * scale, dout.float()
+            delta = (do32 * out.float()).sum(-1, keepdim=True)
+        else:
+            dout = dout.contiguous()
         lse = _finite(lse)
-        dq = torch.zeros_like(qs)
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         kv = torch.stack([k, v])
         for step in range(R):
             if step + 1 < R:
                 kv_next, kv_works = _ring_shift(kv, group)
             src = (r - step) % R
             m = None if mask_BS is None else mask_BS[:, src * S:(src + 1) * S]
-            dq_b, dkv = _block_backward(qs, kv[0].float(), kv[1].float(), do32, delta, lse, m, rows)
-            dq += dq_b
+            if math:
+                dq_b, dkv = _block_backward(qs, kv[0].float(), kv[1].float(), do32, delta, lse, m, rows)
+                dq += dq_b
+            else:
+                dq_b, dk_b, dv_b = block_attention_backward(dout, q, kv[0], kv[1], out, lse, m,
+                                                            scale, kernel)
+                dq += dq_b
+                dkv = torch.stack([dk_b, dv_b]).float()
             # dK/dV of block src travel with it: add what the previous ranks computed for it
             # (sent during our compute), then pass the sum on. fp32 on the wire, so bf16 grads
             # are rounded once, at the end.
@@ -306,17 +328,41 @@ class _RingAttention(torch.autograd.Function):
         # R shifts of the accumulators bring every block's full dK/dV home.
         _wait(dkv_works)
         del dkv_sent
-        return (dq * scale).to(q.dtype), dkv_in[0].to(k.dtype), dkv_in[1].to(v.dtype), None, None, None, None
+        dq = dq * scale if math else dq  # math works on pre-scaled queries
+        return (dq.to(q.dtype), dkv_in[0].to(k.dtype), dkv_in[1].to(v.dtype),
+                None, None, None, None, None)
+
+
+def resolve_block_kernel(kernel: str, q: torch.Tensor, has_mask: bool) -> str:
+    """"auto" -> the fused kernel for q's device/dtype/mask, else "math"; "fused" -> that
+    kernel or an error; "math" -> "math"."""
+    if kernel not in BLOCK_KERNELS:
+        raise ValueError(f"parallel.ring_kernel={kernel!r}: use one of {BLOCK_KERNELS}")
+    if kernel == "math":
+        return "math"
+    fused = fused_block_kernel(q.device.type, q.dtype, q.shape[-1], has_mask)
+    if fused is None and kernel == "fused":
+        raise ValueError(f"parallel.ring_kernel=fused: no fused attention kernel with LSE on "
+                         f"{q.device.type}/{q.dtype}; use parallel.ring_kernel=auto or math")
+    return fused or "math"
 
 
 def ring_attention(q_BHSD, k_BHSD, v_BHSD, kv_mask_BS, ring_group,
-                   max_score_elems: int = DEFAULT_MAX_SCORE_ELEMS) -> torch.Tensor:
+                   max_score_elems: int = DEFAULT_MAX_SCORE_ELEMS, kernel: str = "auto") -> torch.Tensor:
     """Attention of local queries to the whole ring's keys. kv_mask_BS is the mask of all the
-    ring's keys (B, R * S_local), in ring-rank order, or None. max_score_elems bounds the fp32
-    score tile (query rows are processed in chunks)."""
+    ring's keys (B, R * S_local), in ring-rank order, or None. kernel: auto | fused | math (see
+    resolve_block_kernel). max_score_elems bounds the math kernel's fp32 score tile (query rows
+    are processed in chunks)."""
     B, H, _, D = q_BHSD.shape
     rows = max(1, max_score_elems // (B * H * k_BHSD.shape[2]))
-    return _RingAttention.apply(q_BHSD, k_BHSD, v_BHSD, kv_mask_BS, ring_group, D ** -0.5, rows)
+    # One dtype for the block kernels: under autocast q/k can come out fp32 (qk-norm) while v is
+    # bf16; use the autocast dtype, as SDPA does. The math kernel upcasts to fp32 anyway.
+    dev = q_BHSD.device.type
+    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else q_BHSD.dtype
+    q_BHSD, k_BHSD, v_BHSD = (t.to(dt).contiguous() for t in (q_BHSD, k_BHSD, v_BHSD))
+    kernel = resolve_block_kernel(kernel, q_BHSD, kv_mask_BS is not None)
+    return _RingAttention.apply(q_BHSD, k_BHSD, v_BHSD, kv_mask_BS, ring_group, D ** -0.5, rows,
+                                kernel)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -330,9 +376,12 @@ class ContextParallelAttention(nn.Module):
     SDPA does not return, so they use torch math)."""
 
     def __init__(self, mode: str, cp_group, ulysses_group=None, ring_group=None,
-                 inner: Optional[nn.Module] = None, max_score_elems: int = DEFAULT_MAX_SCORE_ELEMS):
+                 inner: Optional[nn.Module] = None, max_score_elems: int = DEFAULT_MAX_SCORE_ELEMS,
+                 ring_kernel: str = "auto"):
         super().__init__()
-        self.mode, self.max_score_elems = mode, max_score_elems
+        if ring_kernel not in BLOCK_KERNELS:
+            raise ValueError(f"parallel.ring_kernel={ring_kernel!r}: use one of {BLOCK_KERNELS}")
+        self.mode, self.max_score_elems, self.ring_kernel = mode, max_score_elems, ring_kernel
         self.inner = inner if inner is not None else CoreAttention("sdpa")
         # Size-1 groups need no communication; drop them so forward does no empty collectives.
         big = lambda g: g if g is not None and dist.get_world_size(g) > 1 else None  # noqa: E731
@@ -340,7 +389,8 @@ class ContextParallelAttention(nn.Module):
 
     def extra_repr(self) -> str:
         size = lambda g: 1 if g is None else dist.get_world_size(g)  # noqa: E731
-        return f"mode={self.mode}, ulysses={size(self.ulysses_group)}, ring={size(self.ring_group)}"
+        return (f"mode={self.mode}, ulysses={size(self.ulysses_group)}, "
+                f"ring={size(self.ring_group)}, ring_kernel={self.ring_kernel}")
 
     def forward(self, q_BHSD, k_BHSD, v_BHSD, kv_mask_BS=None):
         ug, rg = self.ulysses_group, self.ring_group
@@ -360,14 +410,16 @@ class ContextParallelAttention(nn.Module):
         # Hybrid: this rank now holds ring shard ring_rank (U cp shards) for H/U heads, and the
         # ring wants the whole sequence's key mask in ring order, which `mask` already is.
         if rg is not None:
-            o = ring_attention(q_BHSD, k_BHSD, v_BHSD, mask, rg, self.max_score_elems)
+            o = ring_attention(q_BHSD, k_BHSD, v_BHSD, mask, rg, self.max_score_elems,
+                               self.ring_kernel)
         else:
             o = self.inner(q_BHSD, k_BHSD, v_BHSD, mask)
         return _HeadsToSeq.apply(o, ug) if ug is not None else o
 
 
 def build_cp_attention(meshes, mode: str, inner: Optional[nn.Module] = None, *,
-                       max_score_elems: int = DEFAULT_MAX_SCORE_ELEMS) -> ContextParallelAttention:
+                       max_score_elems: int = DEFAULT_MAX_SCORE_ELEMS,
+                       ring_kernel: str = "auto") -> ContextParallelAttention:
     """The CoreAttention replacement for a sequence sharded over meshes["cp"] (`inner`, default
     SDPA, does the local attention of Ulysses). ulysses / ring use the whole flattened cp group;
     hybrid runs Ulysses over meshes["cp_ulysses"] and the ring over meshes["cp_ring"]."""
@@ -377,4 +429,5 @@ def build_cp_attention(meshes, mode: str, inner: Optional[nn.Module] = None, *,
     groups = {"ulysses": dict(ulysses_group=cp), "ring": dict(ring_group=cp),
               "hybrid": dict(ulysses_group=meshes["cp_ulysses"].get_group(),
                              ring_group=meshes["cp_ring"].get_group())}[mode]
-    return ContextParallelAttention(mode, cp, inner=inner, max_score_elems=max_score_elems, **groups)
+    return ContextParallelAttention(mode, cp, inner=inner, max_score_elems=max_score_elems,
+                                    ring_kernel=ring_kernel, **groups)

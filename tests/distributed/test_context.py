@@ -62,10 +62,13 @@ def _compare_both(rank, world, mode, ring, ulysses, heads, build_kw):
 
 @pytest.mark.parametrize("mode,ring,ulysses,heads,build_kw", [
     ("ulysses", 1, 2, 4, {}),
-    # ring needs no head divisibility; a tiny score budget (3 rows x B x H x 4 local keys)
-    # makes it walk 3 of the 4 local query rows at a time: uneven chunks
-    ("ring", 2, 1, 3, {"max_score_elems": 3 * 2 * 3 * 4}),
+    # ring needs no head divisibility; default = fused CPU flash blocks. The math kernel with a
+    # tiny score budget (3 rows x B x H x 4 local keys) walks 3 of the 4 local query rows at a
+    # time: uneven chunks
+    ("ring", 2, 1, 3, {}),
+    ("ring", 2, 1, 3, {"max_score_elems": 3 * 2 * 3 * 4, "ring_kernel": "math"}),
     ("ring", 4, 1, 2, {}),
+    ("ring", 4, 1, 2, {"ring_kernel": "math"}),
     ("hybrid", 2, 2, 2, {}),
     # CP inside a larger world: the CP groups must be the right sub-groups of the mesh
     ("ulysses", 1, 2, 2, {"dp": 2}),
@@ -103,8 +106,8 @@ def _helpers_and_errors(rank, world):
         out["shard_error"] = ""
     except ValueError as e:
         out["shard_error"] = str(e)
-    # bf16 through the ring (fp32 math inside) against fp32 SDPA on the same bf16 values, with
-    # the byte counter switched on.
+    # bf16 through the ring (fused bf16 blocks, fp32 merge) against fp32 SDPA on the same bf16
+    # values, with the byte counter switched on.
     from sora_dist.parallel.context import COMM_COUNTER
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, 8, 8).bfloat16() for _ in range(3))
