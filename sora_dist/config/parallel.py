@@ -19,6 +19,10 @@ class ParallelConfig:
     # Ring attention block kernel: "auto" (fused SDPA kernel returning the log-sum-exp where the
     # device has one, else math), "fused" (error if none) or "math" (fp32 torch, reference).
     ring_kernel: str = "auto"
+    # With model.attention_backend=te and cp > 1: transformer-engine's own CP attention (p2p /
+    # a2a / a2a+p2p for ring / ulysses / hybrid; FP8 when enabled) for unmasked batches. False:
+    # sora_dist's CP around TE's local attention.
+    te_context_parallel: bool = True
     # Pipeline-parallel degree (blocks split into stages).
     pp: int = 1
     # Pipeline schedule: "gpipe", "1f1b" (one stage per rank), "interleaved_1f1b",

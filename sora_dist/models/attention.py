@@ -72,7 +72,10 @@ class CoreAttention(nn.Module):
     backend="te": transformer_engine.pytorch.DotProductAttention (cuDNN fused / flash kernels,
     FP8 when `fp8_recipe` is set by models/fp8.py:apply_fp8). TE fixes the head count at
     construction, and that is only known at call time (TP and Ulysses change the local heads),
-    so one TE module per (heads, head_dim) is built on first use. They are kept out of the
+    so one TE module per (heads, head_dim) is built on first use. With context parallelism the
+    CP wrapper (parallel/context.py) can hand TE its CP groups (`set_te_context_parallel`) and
+    call `forward_te_cp` on the local sequence shard: TE's own CP attention (ring "p2p",
+    Ulysses "a2a" or hierarchical "a2a+p2p") then runs, FP8 included. They are kept out of the
     module tree: they hold no parameters (vanilla softmax) and their FP8 metadata is not worth
     a checkpoint key that would differ between backends (a delayed-scaling amax history
     restarts after a resume; the default current-scaling recipe keeps none).
@@ -88,7 +91,9 @@ class CoreAttention(nn.Module):
                 import_te()
             except ImportError as e:
                 raise ImportError(f"model.attention_backend=te: {e}") from e
-            self._te_cores: dict[tuple[int, int], nn.Module] = {}
+            self._te_cores: dict[tuple[int, int, bool], nn.Module] = {}
+            # (cp_group or [a2a_group, p2p_group], cp_global_ranks, cp_stream, cp_comm_type)
+            self._te_cp: Optional[tuple] = None
         elif backend != "sdpa":
             raise ValueError(f"unknown attention backend {backend!r}; use 'sdpa' or 'te'")
 
@@ -100,21 +105,41 @@ class CoreAttention(nn.Module):
             return sdpa_attention(q_BHSD, k_BHSD, v_BHSD, kv_mask_BS)
         return self._te_forward(q_BHSD, k_BHSD, v_BHSD, kv_mask_BS)
 
-    def _te_core(self, heads: int, head_dim: int) -> nn.Module:
-        core = self._te_cores.get((heads, head_dim))
+    def set_te_context_parallel(self, cp_group, cp_global_ranks, cp_stream, cp_comm_type: str) -> None:
+        """TE's DotProductAttention.set_context_parallel_group arguments for forward_te_cp."""
+        if self.backend != "te":
+            raise ValueError("TE context parallelism needs model.attention_backend=te")
+        self._te_cp = (cp_group, cp_global_ranks, cp_stream, cp_comm_type)
+        self._te_cores = {key: c for key, c in self._te_cores.items() if not key[2]}
+
+    def forward_te_cp(self, q_BHSD, k_BHSD, v_BHSD):
+        """Full (unmasked) attention over the sequence sharded on the CP group, through TE's CP
+        implementation: takes and returns this rank's contiguous shard (B, H, S/cp, D). For
+        non-causal attention TE's load-balancing chunk order does not matter (keys are order-
+        free, and its a2a reorders queries back), so our contiguous split is valid as is."""
+        if self._te_cp is None:
+            raise RuntimeError("forward_te_cp before set_te_context_parallel")
+        return self._te_forward(q_BHSD, k_BHSD, v_BHSD, None, cp=True)
+
+    def _te_core(self, heads: int, head_dim: int, cp: bool = False) -> nn.Module:
+        core = self._te_cores.get((heads, head_dim, cp))
         if core is None:
             te = import_te()
             # "bshd": TE takes (B, S, H, D); our (B, H, S, D) is a transpose away.
             # attention_type="cross": padding masks then come as a (q, kv) pair, so self- and
             # cross-attention share one path (see te_padding_masks). The default mask type
             # is "causal"; ours is full attention, so "no_mask" unless a key mask is passed.
+            # TE's CP path is used for self-attention only, never with a padding mask.
             core = te.DotProductAttention(
                 num_attention_heads=heads, kv_channels=head_dim, qkv_format="bshd",
-                attn_mask_type="no_mask", attention_type="cross", attention_dropout=0.0)
-            self._te_cores[(heads, head_dim)] = core
+                attn_mask_type="no_mask", attention_type="self" if cp else "cross",
+                attention_dropout=0.0)
+            if cp:
+                core.set_context_parallel_group(*self._te_cp)
+            self._te_cores[(heads, head_dim, cp)] = core
         return core
 
-    def _te_forward(self, q_BHSD, k_BHSD, v_BHSD, kv_mask_BS):
+    def _te_forward(self, q_BHSD, k_BHSD, v_BHSD, kv_mask_BS, cp: bool = False):
         B, H, Sq, D = q_BHSD.shape
         # TE wants one dtype for q/k/v; under autocast q/k can come out of the fp32 qk-norm
         # weight while v is bf16. Use the autocast dtype, as SDPA does under autocast.
@@ -127,7 +152,7 @@ class CoreAttention(nn.Module):
             torch._assert_async(is_right_padded(kv_mask_BS),
                                 "attention_backend=te needs right-padded key masks (valid keys first)")
             kw = dict(attn_mask_type="padding", attention_mask=te_padding_masks(kv_mask_BS, Sq))
-        core = self._te_core(H, D)
+        core = self._te_core(H, D, cp)
         if self.fp8_recipe is not None:
             with te_autocast(self.fp8_recipe):
                 o = core(q, k, v, **kw)

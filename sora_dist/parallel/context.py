@@ -21,6 +21,7 @@ No process group is global: everything is handed DeviceMeshes (see ParallelDims.
 """
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from contextlib import contextmanager
 from typing import Optional
@@ -29,10 +30,15 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from sora_dist.parallel.state import side_stream
 from sora_dist.models.attention import (BLOCK_KERNELS, CoreAttention, block_attention,
                                          block_attention_backward, fused_block_kernel)
 
+log = logging.getLogger(__name__)
+
 MODES = ("ulysses", "ring", "hybrid")
+# transformer-engine's name for each of our CP modes (DotProductAttention.set_context_parallel_group)
+TE_COMM_TYPES = {"ring": "p2p", "ulysses": "a2a", "hybrid": "a2a+p2p"}
 # The math ring kernel materialises fp32 score tiles of at most this many elements (128 MiB): a
 # few live at once in backward. Fused kernels (the default where one exists) need no tile.
 DEFAULT_MAX_SCORE_ELEMS = 2**25
@@ -377,7 +383,7 @@ class ContextParallelAttention(nn.Module):
 
     def __init__(self, mode: str, cp_group, ulysses_group=None, ring_group=None,
                  inner: Optional[nn.Module] = None, max_score_elems: int = DEFAULT_MAX_SCORE_ELEMS,
-                 ring_kernel: str = "auto"):
+                 ring_kernel: str = "auto", te_context_parallel: bool = False):
         super().__init__()
         if ring_kernel not in BLOCK_KERNELS:
             raise ValueError(f"parallel.ring_kernel={ring_kernel!r}: use one of {BLOCK_KERNELS}")
@@ -386,13 +392,43 @@ class ContextParallelAttention(nn.Module):
         # Size-1 groups need no communication; drop them so forward does no empty collectives.
         big = lambda g: g if g is not None and dist.get_world_size(g) > 1 else None  # noqa: E731
         self.cp_group, self.ulysses_group, self.ring_group = cp_group, big(ulysses_group), big(ring_group)
+        # TE's own CP attention (inner must be the TE backend): its groups are handed over on the
+        # first call, when the device (for TE's side stream) is known.
+        self.te_cp = te_context_parallel and getattr(self.inner, "backend", None) == "te"
+        self._te_cp_groups = ([ulysses_group, ring_group] if mode == "hybrid" else cp_group)
+        self._te_cp_ready, self._te_cp_fallback_logged = False, False
 
     def extra_repr(self) -> str:
         size = lambda g: 1 if g is None else dist.get_world_size(g)  # noqa: E731
         return (f"mode={self.mode}, ulysses={size(self.ulysses_group)}, "
-                f"ring={size(self.ring_group)}, ring_kernel={self.ring_kernel}")
+                f"ring={size(self.ring_group)}, ring_kernel={self.ring_kernel}"
+                + (", te_context_parallel" if self.te_cp else ""))
+
+    def _use_te_cp(self, q_BHSD, kv_mask_BS) -> bool:
+        """TE's CP attention applies to unmasked sequences whose local shard has an even length
+        (TE's p2p splits it in halves); otherwise this module's own CP runs, still with TE as
+        the local attention. Every CP rank decides the same (equal shards, shared mask-ness)."""
+        if not self.te_cp:
+            return False
+        if kv_mask_BS is not None or q_BHSD.shape[2] % 2:
+            if not self._te_cp_fallback_logged:
+                log.warning("TE context-parallel attention needs an unmasked sequence with an even "
+                            "local length (got %d tokens per rank%s): using sora_dist's %s CP "
+                            "around TE attention for such batches. Pick buckets whose token count "
+                            "divides by 2*cp.", q_BHSD.shape[2],
+                            ", padded" if kv_mask_BS is not None else "", self.mode)
+                self._te_cp_fallback_logged = True
+            return False
+        if not self._te_cp_ready:
+            self.inner.set_te_context_parallel(
+                self._te_cp_groups, dist.get_process_group_ranks(self.cp_group),
+                side_stream(q_BHSD.device), TE_COMM_TYPES[self.mode])
+            self._te_cp_ready = True
+        return True
 
     def forward(self, q_BHSD, k_BHSD, v_BHSD, kv_mask_BS=None):
+        if self._use_te_cp(q_BHSD, kv_mask_BS):
+            return self.inner.forward_te_cp(q_BHSD, k_BHSD, v_BHSD)
         ug, rg = self.ulysses_group, self.ring_group
         if ug is not None and q_BHSD.shape[1] % dist.get_world_size(ug):
             U, H = dist.get_world_size(ug), q_BHSD.shape[1]
@@ -419,10 +455,13 @@ class ContextParallelAttention(nn.Module):
 
 def build_cp_attention(meshes, mode: str, inner: Optional[nn.Module] = None, *,
                        max_score_elems: int = DEFAULT_MAX_SCORE_ELEMS,
-                       ring_kernel: str = "auto") -> ContextParallelAttention:
+                       ring_kernel: str = "auto",
+                       te_context_parallel: bool = True) -> ContextParallelAttention:
     """The CoreAttention replacement for a sequence sharded over meshes["cp"] (`inner`, default
     SDPA, does the local attention of Ulysses). ulysses / ring use the whole flattened cp group;
-    hybrid runs Ulysses over meshes["cp_ulysses"] and the ring over meshes["cp_ring"]."""
+    hybrid runs Ulysses over meshes["cp_ulysses"] and the ring over meshes["cp_ring"]. With a TE
+    `inner` and te_context_parallel, unmasked batches go through TE's own CP attention instead
+    (p2p / a2a / a2a+p2p for ring / ulysses / hybrid, same groups)."""
     if mode not in MODES:
         raise ValueError(f"unknown context-parallel mode {mode!r}; use one of {MODES}")
     cp = meshes["cp"].get_group()
@@ -430,4 +469,5 @@ def build_cp_attention(meshes, mode: str, inner: Optional[nn.Module] = None, *,
               "hybrid": dict(ulysses_group=meshes["cp_ulysses"].get_group(),
                              ring_group=meshes["cp_ring"].get_group())}[mode]
     return ContextParallelAttention(mode, cp, inner=inner, max_score_elems=max_score_elems,
-                                    ring_kernel=ring_kernel, **groups)
+                                    ring_kernel=ring_kernel, te_context_parallel=te_context_parallel,
+                                    **groups)

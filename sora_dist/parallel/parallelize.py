@@ -62,7 +62,7 @@ def parallelize_dit(model: nn.Module, pdims, meshes, cfg) -> nn.Module:
     if tp > 1:
         apply_tp(model, meshes["tp"], sp)
     if cp > 1:
-        apply_cp_attention(model, meshes, p.cp_mode, p.ring_kernel)
+        apply_cp_attention(model, meshes, p.cp_mode, p.ring_kernel, p.te_context_parallel)
     install_seams(model, meshes, tp, sp, cp)
     if model.args.dropout > 0 and (sp or cp > 1):
         # Dropout acts on the residual stream, which is token-sharded here: one stream per shard.
@@ -115,14 +115,16 @@ def finalize_grads(model: nn.Module) -> None:
         allreduce_grads(params, info.grad_mesh.get_group())
 
 
-def apply_cp_attention(model: nn.Module, meshes, mode: str, ring_kernel: str = "auto") -> None:
+def apply_cp_attention(model: nn.Module, meshes, mode: str, ring_kernel: str = "auto",
+                       te_context_parallel: bool = True) -> None:
     """Swap each self-attention core for the context-parallel one (cross-attention is
     sequence-local: queries are local tokens, keys the whole caption)."""
     from sora_dist.parallel.context import build_cp_attention
 
     for blk in model.blocks.values():
         blk.attn.core_attention = build_cp_attention(meshes, mode, blk.attn.core_attention,
-                                                     ring_kernel=ring_kernel)
+                                                     ring_kernel=ring_kernel,
+                                                     te_context_parallel=te_context_parallel)
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str, tracker: RNGStatesTracker) -> None:

@@ -74,6 +74,12 @@ def init_distributed(device_pref: str = "auto", backend: str = "auto", timeout_s
     return DistEnv(rank, world, local_rank, device)
 
 
+def side_stream(device: torch.device):
+    """A second stream on `device` for communication that overlaps compute (transformer-engine's
+    context-parallel attention takes one), or None where there are no streams (CPU)."""
+    return torch.cuda.Stream(device) if device.type == "cuda" else None
+
+
 def shutdown_distributed(clean: bool = True) -> None:
     """Barrier (clean exit, so no rank leaves a peer mid-collective) then destroy the group.
     After a failure the peers may be gone: skip the barrier, it would only raise again."""

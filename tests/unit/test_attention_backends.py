@@ -205,3 +205,13 @@ def test_ring_kernel_choice_errors():
         resolve_block_kernel("flash", q, False)
     with pytest.raises(ValueError, match="no fused attention kernel"):
         resolve_block_kernel("fused", torch.zeros(1, 1, 2, 8, device="meta"), False)
+
+
+def test_te_context_parallel_needs_the_te_backend():
+    """TE's own CP path is taken only with a TE inner attention; SDPA keeps sora_dist's CP."""
+    with pytest.raises(ValueError, match="attention_backend=te"):
+        CoreAttention("sdpa").set_te_context_parallel(None, [0], None, "p2p")
+    from sora_dist.parallel.context import TE_COMM_TYPES, ContextParallelAttention
+    cpa = ContextParallelAttention("ring", None, inner=CoreAttention("sdpa"), te_context_parallel=True)
+    assert not cpa.te_cp and "te_context_parallel" not in repr(cpa)
+    assert TE_COMM_TYPES == {"ring": "p2p", "ulysses": "a2a", "hybrid": "a2a+p2p"}
