@@ -101,6 +101,9 @@ class ShardLoader:
         self.epoch, self.block, self.offset = 0, 0, 0
         self.pending: dict[str, list[dict]] = {}
         self.batches_done = 0
+        # After a DP resize (load_elastic_state): (epoch, names of the shards that epoch still
+        # has to deliver, in global order), split over the new DP ranks instead of the full list.
+        self.epoch_override: Optional[tuple[int, list[str]]] = None
         self._block_key: Optional[tuple[int, int]] = None
         self._block_samples: list[tuple[str, dict]] = []
         # Background read of the next block (bytes only); costs one more block of memory.
@@ -109,13 +112,25 @@ class ShardLoader:
         self._prefetch = None
 
     # ---- order ------------------------------------------------------------------------------
-    def rank_shards(self, epoch: int) -> list[tuple[str, int]]:
+    def epoch_shards(self, epoch: int, override=None) -> list[tuple[str, int]]:
+        """Every shard the epoch delivers, in global order (a seeded permutation; after a DP
+        resize, the override's remaining shards for its epoch)."""
+        override = self.epoch_override if override is None else override
+        if override is not None and int(override[0]) == epoch:
+            counts = dict(self.shards)
+            return [(n, counts[n]) for n in override[1]]
         perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
-        return [self.shards[i] for i in perm[self.dp_rank::self.dp_size]]
+        return [self.shards[i] for i in perm]
+
+    def rank_shards(self, epoch: int) -> list[tuple[str, int]]:
+        return self.epoch_shards(epoch)[self.dp_rank::self.dp_size]
 
     def blocks(self, epoch: int) -> list[list[str]]:
+        return self._group_blocks(self.rank_shards(epoch))
+
+    def _group_blocks(self, rank_shards: list[tuple[str, int]]) -> list[list[str]]:
         out, cur, n = [], [], 0
-        for name, count in self.rank_shards(epoch):
+        for name, count in rank_shards:
             cur.append(name)
             n += count
             if n >= max(1, self.shuffle_buffer):
@@ -137,10 +152,14 @@ class ShardLoader:
         return (epoch, block + 1) if block + 1 < n_blocks else (epoch + 1, 0)
 
     def _read_block(self, epoch: int, block: int) -> list[tuple[str, dict]]:
-        return self._read(self.blocks(epoch)[block])
+        blocks = self.blocks(epoch)
+        return self._read(blocks[block]) if block < len(blocks) else []
 
     def _load_block(self) -> None:
         blocks = self.blocks(self.epoch)
+        while not blocks:  # a resized epoch can leave a rank nothing: go on to the next one
+            self.epoch, self.block, self.offset = self.epoch + 1, 0, 0
+            blocks = self.blocks(self.epoch)
         key = (self.epoch, self.block)
         if self._prefetch is not None and self._prefetch[0] == key:
             samples = self._prefetch[1].result()  # read in the background while we trained
@@ -199,7 +218,10 @@ class ShardLoader:
                 "pending": {b: [[s["shard"], s["key"]] for s in acc] for b, acc in self.pending.items()},
                 "batches_done": self.batches_done, "dp_rank": self.dp_rank, "dp_size": self.dp_size,
                 "seed": self.seed, "shuffle_buffer": self.shuffle_buffer, "batch_size": self.batch_size,
-                "shards_digest": self._shards_digest()}
+                "shards_digest": self._shards_digest(),
+                # only while it still matters (the epoch in progress is the overridden one)
+                "epoch_override": (list(self.epoch_override) if self.epoch_override is not None
+                                   and self.epoch_override[0] >= self.epoch else None)}
 
     def _shards_digest(self) -> str:
         # A digest, not the list: the state is saved per rank per checkpoint, shard lists can be long.
@@ -215,6 +237,7 @@ class ShardLoader:
                              "resume against the same sora-encode output")
         self.epoch, self.block, self.offset = int(sd["epoch"]), int(sd["block"]), int(sd["offset"])
         self.batches_done = int(sd["batches_done"])
+        self.epoch_override = sd.get("epoch_override")
         self._block_key = None
         # Re-read just the waiting samples, in their original accumulator order.
         wanted = {(sh, k) for acc in sd["pending"].values() for sh, k in acc}
@@ -227,3 +250,44 @@ class ShardLoader:
             raise ValueError(f"{len(wanted) - len(found)} pending samples from the checkpoint are not in "
                              f"the shards of {self.folder}; the shards changed since the checkpoint")
         self.pending = {b: [found[(sh, k)] for sh, k in acc] for b, acc in sd["pending"].items()}
+
+    def load_elastic_state(self, states: list[dict]) -> str:
+        """Continue a stream saved with another DP size, from every old DP rank's state_dict.
+
+        Per-rank positions cannot carry over exactly (the old ranks read disjoint shard lists),
+        so the carry-over is at shard granularity: the epoch the slowest old rank was in goes on
+        with the shards no old rank had finished a read block of, split over the new ranks;
+        later epochs are normal. The blocks old ranks were partway through are read again
+        (each repeats at most one shuffle buffer of samples) and their read-but-unbatched
+        samples are dropped (fewer than one batch per bucket per old rank): nothing is skipped
+        and little repeats. Returns a line for the log."""
+        old = int(states[0]["dp_size"])
+        ranks = sorted(int(s["dp_rank"]) for s in states)
+        if ranks != list(range(old)):
+            raise ValueError(f"data states of DP ranks {ranks} cannot describe a dp_size={old} run")
+        for sd in states:
+            for name in ("seed", "shuffle_buffer"):
+                if sd[name] != getattr(self, name):
+                    raise ValueError(f"data state was saved with {name}={sd[name]}, now "
+                                     f"{getattr(self, name)}; keep it unchanged to resume")
+            if sd["shards_digest"] != self._shards_digest():
+                raise ValueError(f"the shard set in {self.folder} changed since the checkpoint; "
+                                 "resume against the same sora-encode output")
+        epoch = min(int(sd["epoch"]) for sd in states)
+        override = states[0].get("epoch_override")
+        everything = self.epoch_shards(epoch, override or (-1, []))
+        done: set[str] = set()
+        for sd in states:
+            mine = everything[int(sd["dp_rank"])::old]
+            if int(sd["epoch"]) > epoch:  # finished its share of this epoch
+                done.update(n for n, _ in mine)
+            else:
+                for block in self._group_blocks(mine)[:int(sd["block"])]:
+                    done.update(block)
+        remaining = [n for n, _ in everything if n not in done]
+        self.epoch_override = (epoch, remaining)
+        self.epoch, self.block, self.offset = epoch, 0, 0
+        self.pending, self._block_key, self._prefetch = {}, None, None
+        self.batches_done = max(int(sd["batches_done"]) for sd in states)
+        return (f"data stream carried over from dp_size={old} to {self.dp_size} at shard granularity: "
+                f"epoch {epoch} continues with {len(remaining)} of its {len(everything)} shards")

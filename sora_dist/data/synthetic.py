@@ -24,17 +24,38 @@ class SyntheticLatents:
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.buckets = [tuple(int(v) for v in b) for b in cfg.synthetic_buckets]
         self.batches_done = 0  # the whole resumable state: batches are a function of this
+        # Where this DP layout's stream starts in the global one (non-zero after a DP resize):
+        # global sample ids and the bucket cycle continue across the change.
+        self.base_samples, self.base_batches = 0, 0
 
     def state_dict(self) -> dict:
-        return {"batches_done": self.batches_done, "dp_rank": self.dp_rank, "dp_size": self.dp_size}
+        return {"batches_done": self.batches_done, "dp_rank": self.dp_rank, "dp_size": self.dp_size,
+                "batch_size": self.cfg.batch_size, "base_samples": self.base_samples,
+                "base_batches": self.base_batches}
 
     def load_state_dict(self, sd: dict) -> None:
         if sd.get("dp_size", self.dp_size) != self.dp_size:
             raise ValueError(
                 f"synthetic data state was saved with dp_size={sd['dp_size']}, now {self.dp_size}; "
-                "the data order cannot be continued exactly across a DP change"
+                "use load_elastic_state for a DP change"
             )
         self.batches_done = int(sd["batches_done"])
+        self.base_samples = int(sd.get("base_samples", 0))
+        self.base_batches = int(sd.get("base_batches", 0))
+
+    def load_elastic_state(self, states: list[dict]) -> str:
+        """Continue a stream saved with another DP size (every old DP rank's state): exactly, as
+        the global sample ids the old ranks consumed are contiguous. Returns a log line."""
+        done = {int(s["batches_done"]) for s in states}
+        if len(done) != 1:
+            raise ValueError(f"old DP ranks disagree on batches done ({sorted(done)}); not one step's checkpoint")
+        s0 = states[0]
+        b = done.pop()
+        self.base_samples = int(s0.get("base_samples", 0)) + b * int(s0.get("batch_size", self.cfg.batch_size)) * int(s0["dp_size"])
+        self.base_batches = int(s0.get("base_batches", 0)) + b
+        self.batches_done = 0
+        return (f"synthetic stream continues exactly at global sample {self.base_samples} "
+                f"(dp_size {s0['dp_size']} -> {self.dp_size})")
 
     def __iter__(self):
         return self
@@ -64,9 +85,9 @@ class SyntheticLatents:
     def __next__(self) -> dict:
         b = self.batches_done
         B = self.cfg.batch_size
-        bucket = self.buckets[b % len(self.buckets)]
+        bucket = self.buckets[(self.base_batches + b) % len(self.buckets)]
         n = self.cfg.synthetic_samples
-        ids = [((b * B + j) * self.dp_size + self.dp_rank) % n for j in range(B)]
+        ids = [(self.base_samples + (b * B + j) * self.dp_size + self.dp_rank) % n for j in range(B)]
         samples = [self._sample(i, bucket) for i in ids]
         self.batches_done += 1
         return {

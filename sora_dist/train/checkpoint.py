@@ -139,6 +139,16 @@ def find_rank_state(path: str, match) -> Optional[dict]:
     return None
 
 
+def rank_states(path: str) -> list[dict]:
+    """Every saved per-rank state of a checkpoint, in file order."""
+    folder = os.path.join(path, "rank_state")
+    out = []
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        with open(os.path.join(folder, name)) as f:
+            out.append(json.load(f))
+    return out
+
+
 def load_model_only(path: str, model) -> None:
     """Weights only (fine-tuning / sampling): the optimizer and EMA entries are skipped."""
     load(path, model, None, None)

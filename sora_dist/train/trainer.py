@@ -144,8 +144,13 @@ class Trainer:
             if data is not None:
                 self.loader.load_state_dict(data["data"])
             else:
-                log.warning("data position not restored: %s was saved with another DP size; the data "
-                            "stream restarts from its beginning (model/optimizer state is restored)", path)
+                # Another DP size: carry the stream over from every old DP rank's position (each
+                # DP rank's state is saved by all its TP/CP/PP peers: keep one per DP rank).
+                by_dp = {s["dp_rank"]: s["data"] for s in ckpt.rank_states(path) if "data" in s}
+                if not by_dp:
+                    raise ckpt.CheckpointError(f"{path} holds no data position (rank_state/ missing); "
+                                               "restore the folder or start with train.init_from")
+                log.info("%s", self.loader.load_elastic_state(list(by_dp.values())))
             if "rng" in state:
                 torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))
             self.skipped = state.get("skipped", 0)

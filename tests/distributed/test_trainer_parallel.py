@@ -56,6 +56,22 @@ def test_checkpoint_from_tp2_resumes_in_one_process(tmp_path):
     close(first + second, ref)
 
 
+def test_dp2_checkpoint_resumes_in_one_process_with_the_data_stream_carried_over(tmp_path):
+    """A DP size change continues the data stream instead of restarting it: the synthetic
+    stream exactly at the next global sample (the shard loader at shard granularity, see
+    tests/unit/test_loader.py)."""
+    run_distributed(_worker, 2, str(tmp_path / "run"), {"dp": 2}, 2)  # saves step 2
+    cfg = make_cfg(tmp_path / "run")
+    tr = Trainer(cfg)  # resumes with dp=1
+    try:
+        assert tr.step == 2
+        ids = next(tr.loader)["ids"]
+    finally:
+        tr.close()
+    B = cfg.data.batch_size
+    assert ids == list(range(2 * B * 2, 2 * B * 2 + B))
+
+
 @pytest.mark.parametrize("parallel", [
     {"pp": 2, "pp_schedule": "1f1b", "pp_microbatches": 2},
     {"pp": 2, "pp_schedule": "interleaved_1f1b", "pp_microbatches": 2, "pp_virtual_stages": 2},
