@@ -5,6 +5,11 @@ stream, seeded identically everywhere). Dropout on sharded activations (heads in
 region, token shards under SP/CP) must draw different masks per shard, or all shards repeat
 one pattern. Like Megatron's CudaRNGStatesTracker, but device-agnostic: states are plain
 generator states of the default CPU or accelerator generator, swapped in by `fork()`.
+
+Every stream, the default one included, is re-seeded at the start of each training step from
+(seed, step, DP rank) (`seed_step`): DP ranks draw different masks for their different samples,
+TP/CP/PP peers of one DP rank draw the same default-stream masks, and a resumed run draws what
+the uninterrupted one would have, on any device, with no generator state in the checkpoint.
 """
 from __future__ import annotations
 
@@ -41,6 +46,14 @@ def _seeded_state(device_type: str, seed: int) -> torch.Tensor:
     return torch.Generator(device=dev).manual_seed(seed).get_state()
 
 
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (order matters); stable across processes and versions."""
+    h = 0x5D0A
+    for p in parts:
+        h = (h * 1_000_003 + int(p) + 0x9E3779B9) % (2**63)
+    return h
+
+
 class RNGStatesTracker:
     """Named generator states; `with tracker.fork(name):` runs on that stream and saves where
     it stopped, leaving the default stream exactly as it was."""
@@ -48,11 +61,18 @@ class RNGStatesTracker:
     def __init__(self, device_type: str = "cpu"):
         self.device_type = device_type
         self._states: dict[str, torch.Tensor] = {}
+        self._seeds: dict[str, int] = {}
 
     def add(self, name: str, seed: int) -> None:
         if name in self._states:
             raise ValueError(f"RNG stream {name!r} already exists")
+        self._seeds[name] = seed
         self._states[name] = _seeded_state(self.device_type, seed)
+
+    def reseed(self, *salt: int) -> None:
+        """Restart every stream from its seed mixed with `salt` (e.g. step, DP rank)."""
+        for name, seed in self._seeds.items():
+            self._states[name] = _seeded_state(self.device_type, mix_seed(seed, *salt))
 
     def get_states(self) -> dict[str, torch.Tensor]:
         return {k: v.clone() for k, v in self._states.items()}
@@ -80,6 +100,14 @@ def build_rng_tracker(seed: int, tp_rank: int, shard_rank: int, device_type: str
     tracker.add("tp", seed + TP_SEED_OFFSET + tp_rank)
     tracker.add("seq", seed + SEQ_SEED_OFFSET + shard_rank)
     return tracker
+
+
+def seed_step(seed: int, step: int, dp_rank: int, trackers=()) -> None:
+    """Randomness of one training step as a function of (seed, step, DP rank): the default
+    generators (CPU and accelerator: torch.manual_seed seeds all) and every tracked stream."""
+    torch.manual_seed(mix_seed(seed, step, dp_rank))
+    for tracker in trackers:
+        tracker.reseed(step, dp_rank)
 
 
 class TrackedDropout(nn.Module):

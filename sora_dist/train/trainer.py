@@ -21,6 +21,7 @@ from sora_dist.models.dit import build_dit, count_params
 from sora_dist.models.fp8 import apply_fp8
 from sora_dist.parallel.dims import ParallelDims
 from sora_dist.parallel.grad import clip_grad_norm_
+from sora_dist.parallel.rng import seed_step
 from sora_dist.parallel.state import autocast, init_distributed, memory_stats, peak_tflops
 from sora_dist.train import checkpoint as ckpt
 from sora_dist.train.metrics import MetricLogger, setup_console
@@ -98,12 +99,19 @@ class Trainer:
             from sora_dist.parallel.parallelize import apply_activation_checkpointing
             from sora_dist.parallel.rng import build_rng_tracker
 
-            apply_activation_checkpointing(model, t.activation_checkpointing,
-                                           build_rng_tracker(t.seed, 0, 0, self.device.type))
+            self._rng_trackers = [build_rng_tracker(t.seed, 0, 0, self.device.type)]
+            apply_activation_checkpointing(model, t.activation_checkpointing, self._rng_trackers[0])
             if t.compile:
                 for blk in model.blocks.values():
                     blk.compile()  # in place: no "_orig_mod." in parameter names
         self.model = model
+        if self.world > 1:  # the streams parallelize_dit made (one per pipeline stage)
+            parts = [model]
+            if self.pipeline is not None:
+                from sora_dist.parallel.pipeline import _unwrap
+
+                parts = [_unwrap(st) for st in self.pipeline.stages]
+            self._rng_trackers = [p._sora_parallel.rng_tracker for p in parts]
         self.optimizer = build_optimizer(model, cfg.optim)
         self.ema = EMA(model, t.ema_decay) if t.ema_decay > 0 else None
         self.loader = build_loader(cfg.data, cfg.model, self.dp_rank, self.dp_size)
@@ -151,8 +159,6 @@ class Trainer:
                     raise ckpt.CheckpointError(f"{path} holds no data position (rank_state/ missing); "
                                                "restore the folder or start with train.init_from")
                 log.info("%s", self.loader.load_elastic_state(list(by_dp.values())))
-            if "rng" in state:
-                torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))
             self.skipped = state.get("skipped", 0)
             log.info("resumed from %s (step %d)", path, step)
         elif self.cfg.train.init_from:
@@ -173,7 +179,7 @@ class Trainer:
 
     def save_checkpoint(self) -> str:
         rank_state = {"data": self.loader.state_dict(), "dp_rank": self.dp_rank, "dp_size": self.dp_size,
-                      "rng": torch.get_rng_state().tolist(), "step": self.step, "skipped": self.skipped}
+                      "step": self.step, "skipped": self.skipped}
         path = ckpt.save(self.ckpt_dir, self.step, self.model, self.optimizer, self.ema,
                          rank_state=rank_state, keep=self.cfg.train.ckpt_keep)
         log.info("saved checkpoint %s", path)
@@ -198,6 +204,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         lr = set_lr(self.optimizer, self.step, cfg.optim, cfg.train.steps)
         gen = step_generator(cfg.train.seed, self.step, self.dp_rank)
+        seed_step(cfg.train.seed, self.step, self.dp_rank, self._rng_trackers)  # dropout streams
         x0 = batch["latent"].to(self.device, non_blocking=True)
         text = batch["text"].to(self.device, non_blocking=True)
         mask = batch["text_mask"].to(self.device, non_blocking=True)

@@ -18,7 +18,7 @@ def make_cfg(run_dir, steps=6, **train):
     cfg.train.ckpt_every = 3
     cfg.train.ckpt_keep = 2
     cfg.optim.warmup_steps = 2
-    cfg.model.dropout = 0.1  # exercises the RNG state in the checkpoint
+    cfg.model.dropout = 0.1  # dropout masks must be a function of (seed, step, dp rank)
     cfg.logging.wandb_mode = "disabled"
     for k, v in train.items():
         setattr(cfg.train, k, v)

@@ -61,3 +61,21 @@ def test_dropout_masks_replay_under_activation_checkpointing():
     got = [p.grad for p in net.parameters()] + [x.grad]
     assert all(torch.equal(a, b) for a, b in zip(ref, got))
     assert TrackedDropout(0.5, tr, "seq").eval()(x) is x
+
+
+def test_seed_step_is_a_function_of_seed_step_and_dp_rank():
+    from sora_dist.parallel.rng import seed_step
+    tr = build_rng_tracker(0, tp_rank=0, shard_rank=1, device_type="cpu")
+
+    def draw(step, dp_rank):
+        seed_step(7, step, dp_rank, [tr])
+        with tr.fork("seq"):
+            a = torch.rand(4)
+        return torch.cat([torch.rand(4), a])
+
+    first = draw(3, 0)
+    draw(4, 0)  # advancing the streams in between changes nothing
+    assert torch.equal(draw(3, 0), first)
+    assert not torch.equal(draw(3, 1), first)   # DP ranks differ
+    assert not torch.equal(draw(4, 0), first)   # steps differ
+    assert not torch.equal(first[:4], first[4:])  # tracked stream != default stream
