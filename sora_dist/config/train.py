@@ -22,8 +22,9 @@ class TrainConfig:
     # torch.compile each block.
     compile: bool = False
     # Build the model on the meta device and allocate only each rank's shards, initialised after
-    # parallelize (no rank ever holds the full fp32 model: needed for 7B/30B). Multi-process
-    # only, without pipeline parallelism. The init draw differs from a one-process init.
+    # parallelize (no rank ever holds the full fp32 model: needed for 7B/30B); with PP each rank
+    # allocates only its stages. Multi-process only; FP8 with torchao (not te). The init draw
+    # differs from a one-process init.
     meta_init: bool = False
     # EMA decay of the weights (0 = no EMA).
     ema_decay: float = 0.999

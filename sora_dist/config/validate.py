@@ -77,10 +77,9 @@ def validate(cfg, world_size: Optional[int] = None) -> None:
     _check(0.0 <= t.ema_decay < 1.0, f"train.ema_decay={t.ema_decay} must be in [0, 1)")
     _check(t.ckpt_keep >= 1, f"train.ckpt_keep={t.ckpt_keep} must be >= 1")
     if t.meta_init:
-        _check(p.pp == 1, "train.meta_init=true is not supported with parallel.pp > 1 yet; "
-                          "set train.meta_init=false")
-        _check(m.fp8_linears == "none", "train.meta_init=true does not combine with model.fp8_linears; "
-                                        "set one of them off")
+        _check(m.fp8_linears != "te", "train.meta_init=true does not combine with model.fp8_linears=te "
+                                      "(te.Linear is not materialised by the DiT init); use "
+                                      "model.fp8_linears=torchao or train.meta_init=false")
         if world_size is not None:
             _check(world_size > 1, "train.meta_init=true needs a multi-process launch (parallelize "
                                    "allocates the shards); set train.meta_init=false for one process")

@@ -170,6 +170,33 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm(x_BSD), shift, scale))
 
 
+def init_dit_weights(module: nn.Module, zero_init: bool = True) -> None:
+    """VideoDiT's init on the whole model or any part holding its submodules under the same
+    names (a pipeline stage: some blocks, with or without the embedders / final layer)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv3d)):
+            nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.LayerNorm, RMSNorm)) and getattr(m, "weight", None) is not None:
+            nn.init.ones_(m.weight)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+    if hasattr(module, "t_embedder"):
+        for lin in (module.t_embedder.mlp[0], module.t_embedder.mlp[2]):
+            nn.init.normal_(lin.weight, std=0.02)
+    if getattr(module, "null_text", None) is not None:
+        nn.init.normal_(module.null_text, std=0.02)
+    if zero_init:
+        for blk in module.blocks.values():
+            nn.init.zeros_(blk.adaLN_modulation[-1].weight)
+            nn.init.zeros_(blk.adaLN_modulation[-1].bias)
+        if hasattr(module, "final_layer"):
+            fl = module.final_layer
+            for t in (fl.adaLN_modulation[-1].weight, fl.adaLN_modulation[-1].bias,
+                      fl.linear.weight, fl.linear.bias):
+                nn.init.zeros_(t)
+
+
 class VideoDiT(nn.Module):
     """Predicts epsilon (DDPM) or velocity (flow) for latents x (B, C, T, H, W) at time t,
     conditioned on caption embeddings (B, L, text_dim) with a mask. T/H/W may differ between
@@ -194,25 +221,7 @@ class VideoDiT(nn.Module):
     def init_weights(self, zero_init: bool = True) -> None:
         """DiT init: xavier linears, N(0, .02) embedders; adaLN and output zeroed (adaLN-Zero).
         zero_init=False keeps every weight random (used by gradient-equivalence tests)."""
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Conv3d)):
-                nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, (nn.LayerNorm, RMSNorm)) and getattr(m, "weight", None) is not None:
-                nn.init.ones_(m.weight)
-                if getattr(m, "bias", None) is not None:
-                    nn.init.zeros_(m.bias)
-        for lin in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
-            nn.init.normal_(lin.weight, std=0.02)
-        nn.init.normal_(self.null_text, std=0.02)
-        if zero_init:
-            for blk in self.blocks.values():
-                nn.init.zeros_(blk.adaLN_modulation[-1].weight)
-                nn.init.zeros_(blk.adaLN_modulation[-1].bias)
-            nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-            nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-            nn.init.zeros_(self.final_layer.linear.weight)
-            nn.init.zeros_(self.final_layer.linear.bias)
+        init_dit_weights(self, zero_init)
 
     def embed(
         self, x_BCTHW: torch.Tensor, t_B: torch.Tensor, text_BLD: torch.Tensor,

@@ -47,15 +47,16 @@ def fp8_eligible(fqn: str, module: nn.Module) -> bool:
     )
 
 
-def apply_fp8(model: nn.Module, cfg) -> nn.Module:
+def apply_fp8(model: nn.Module, cfg, device=None) -> nn.Module:
     """Convert the model's block linears per `cfg.model.fp8_linears` (in place; returns the
-    model) and configure FP8 attention per `cfg.model.fp8_attention`. A no-op for "none"."""
+    model) and configure FP8 attention per `cfg.model.fp8_attention`. A no-op for "none".
+    `device`: where the model will run, for a model still on the meta device (train.meta_init)."""
     m = cfg.model
     mode = m.fp8_linears
     if mode not in FP8_LINEARS:
         raise ValueError(f"model.fp8_linears={mode!r}: use one of {list(FP8_LINEARS)}")
     if mode == "torchao":
-        n = convert_torchao(model)
+        n = convert_torchao(model, device)
     elif mode == "te":
         n = convert_te(model, m.fp8_recipe)
     else:
@@ -79,7 +80,7 @@ def apply_fp8(model: nn.Module, cfg) -> nn.Module:
 
 # ---- torchao -----------------------------------------------------------------------------------
 
-def convert_torchao(model: nn.Module) -> int:
+def convert_torchao(model: nn.Module, device=None) -> int:
     """Swap eligible linears for torchao's Float8Linear (dynamic tensorwise scaling: e4m3 for
     inputs/weights, e5m2 for output grads). Returns how many were converted."""
     try:
@@ -88,7 +89,7 @@ def convert_torchao(model: nn.Module) -> int:
         raise ImportError(
             "model.fp8_linears=torchao needs torchao: pip install torchao "
             "(or use model.fp8_linears=none)") from e
-    _check_cuda_fp8(model, "torchao")
+    _check_cuda_fp8(model, "torchao", device)
     picked: list[str] = []
 
     def keep(mod: nn.Module, fqn: str) -> bool:
@@ -190,12 +191,15 @@ def _forward_in_te_autocast(self, *args, **kwargs):
         return type(self).forward(self, *args, **kwargs)
 
 
-def _check_cuda_fp8(model: nn.Module, what: str) -> None:
+def _check_cuda_fp8(model: nn.Module, what: str, device=None) -> None:
     """FP8 GEMMs need compute capability >= 8.9 (Ada/Hopper/Blackwell); fail before the first
     step rather than inside a kernel. On CPU torchao runs torch's reference FP8 kernels;
     transformer-engine has no CPU path at all."""
     p = next(model.parameters(), None)
-    dev = p.device.type if p is not None else "cpu"
+    where = p.device if p is not None else torch.device("cpu")
+    if where.type == "meta" and device is not None:
+        where = torch.device(device)
+    dev = where.type
     if dev != "cuda":
         if what == "te":
             raise RuntimeError(
@@ -204,7 +208,7 @@ def _check_cuda_fp8(model: nn.Module, what: str) -> None:
         return
     from sora_dist.parallel.state import device_capability
 
-    cap = device_capability(p.device)
+    cap = device_capability(where)
     if cap < (8, 9):
         raise RuntimeError(
             f"model.fp8_linears={what} needs a GPU with compute capability >= 8.9 "

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from sora_dist.parallel.fsdp import allreduce_grads, apply_fsdp, fsdp_mesh, mp_policy, reduce_partial_grads
-from sora_dist.parallel.rng import RNGStatesTracker, TrackedDropout, build_rng_tracker, checkpoint_context_fn
+from sora_dist.parallel.rng import (RNGStatesTracker, TrackedDropout, build_rng_tracker, checkpoint_context_fn,
+                                   mix_seed)
 from sora_dist.parallel.tensor_parallel import apply_tp, local_params
 
 
@@ -98,8 +99,11 @@ def materialize(model: nn.Module, device_type: str, seed: int) -> None:
         device = torch.device(device_type, torch.get_device_module(device_type).current_device())
         devices = [device]
     model.to_empty(device=device)
+    # A pipeline stage draws from its own seed (mixed with its first block id), or stages would
+    # repeat one another's weights; the whole model (first block 0) uses `seed` itself.
+    first = min(int(k) for k in model.blocks.keys()) if len(model.blocks) else 0
     with torch.random.fork_rng(devices=devices, device_type=device_type), torch.no_grad():
-        torch.manual_seed(seed)
+        torch.manual_seed(seed if first == 0 else mix_seed(seed, first))
         model.init_weights()
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sora_dist.models.dit import Conditioning, VideoDiT
+from sora_dist.models.dit import Conditioning, VideoDiT, init_dit_weights
 from sora_dist.models.embeddings import build_rope_3d
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv")
@@ -61,6 +61,10 @@ class DiTStage(nn.Module):
         if is_last:
             self.final_layer = model.final_layer
         self.shape_THW = self.grid = None
+
+    def init_weights(self, zero_init: bool = True) -> None:
+        """VideoDiT's init of this stage's parts (train.meta_init materialises stages)."""
+        init_dit_weights(self, zero_init)
 
     # The same seams as VideoDiT, so parallelize_dit's sequence sharding wraps them the same way.
     embed = VideoDiT.embed

@@ -77,7 +77,7 @@ class Trainer:
                 model = build_dit(cfg.model)
         else:
             model = build_dit(cfg.model).to(self.device)
-        apply_fp8(model, cfg)  # model.fp8_linears / fp8_attention; before any sharding (torchtitan order)
+        apply_fp8(model, cfg, self.device)  # model.fp8_linears / fp8_attention; before any sharding (torchtitan order)
         self.n_params = count_params(model)
         self.pipeline = None
         if self.pdims.pp > 1:
