@@ -12,8 +12,13 @@ step-time estimate assumes. MFU = achieved / peak:
     torch.cuda.max_memory_allocated.
   * CPU: fp32; the peak is a measured fp32 matmul rate on this machine (not a datasheet), and
     memory is the allocator high-water mark from the profiler's memory events.
-FP8 attention runs only through the model's attention seam (CoreAttention("te")); when that
-backend cannot be built the reason is printed and only bf16/fp32 is measured.
+Variants, each timed in the same run and printed with its speed-up over the first:
+  * bf16 (fp32 on CPU): SDPA, kernel per --sdpa-kernel (model.sdpa_kernel);
+  * fp8-lin: the block linears as torchao Float8Linear (model.fp8_linears=torchao), CUDA with
+    compute capability >= 8.9 and torchao installed; MFU still against the bf16 peak;
+  * fp8: FP8 attention + linears through transformer-engine (CoreAttention("te")).
+A variant that cannot run here prints why; none is ever a relabelled bf16 run.
+--compile compiles each block (train.compile).
 Also printed: bytes saved for backward (saved_tensors_hooks) against the planner's estimate.
 """
 from __future__ import annotations
@@ -50,6 +55,9 @@ def parse_args(argv=None):
                     help="bf16 peak to compute MFU against (CUDA default 989; CPU: measured)")
     ap.add_argument("--peak-tflops-fp8", type=float, default=None, help="CUDA default 1979")
     ap.add_argument("--recompute", action="store_true", help="activation checkpoint each block")
+    ap.add_argument("--compile", action="store_true", help="torch.compile each block (train.compile)")
+    ap.add_argument("--sdpa-kernel", default="auto", choices=("auto", "cudnn", "flash", "efficient", "math"),
+                    help="SDPA kernel tried first (model.sdpa_kernel)")
     return ap.parse_args(argv)
 
 
@@ -63,6 +71,19 @@ def fp8_attention_status(device: torch.device) -> str:
         return "transformer-engine is not installed (pip install 'sora_dist[gpu]')"
     except NotImplementedError as e:
         return f"transformer-engine is installed but {e}"
+    return ""
+
+
+def fp8_linears_status(device: torch.device) -> str:
+    """'' when torchao FP8 linears can run here at FP8 speed, else why not."""
+    if device.type != "cuda":
+        return "torchao FP8 linears only emulate FP8 on CPU (no speed to measure)"
+    if torch.cuda.get_device_capability(device) < (8, 9):
+        return "FP8 GEMMs need compute capability >= 8.9"
+    try:
+        import torchao.float8  # noqa: F401
+    except ImportError:
+        return "torchao is not installed (pip install torchao)"
     return ""
 
 
@@ -111,16 +132,25 @@ def make_inputs(a, device, dtype):
     return x, cond
 
 
-def run(a, device, attn: str) -> dict:
+def run(a, device, variant: str) -> dict:
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
+    attn = "fp8" if variant == "fp8" else "sdpa"
     args = DiTArgs(hidden_size=a.hidden, depth=a.blocks, num_heads=a.heads, mlp_ratio=a.mlp_ratio,
-                   text_dim=a.hidden, attention_backend="te" if attn == "fp8" else "sdpa")
+                   text_dim=a.hidden, attention_backend="te" if attn == "fp8" else "sdpa",
+                   sdpa_kernel=a.sdpa_kernel)
     torch.manual_seed(0)
     model = Stack(args, a.blocks, a.recompute).to(device, dtype)  # bf16 weights = FSDP param_dtype
     # adaLN-Zero gates start at 0; random gates keep every branch's gradient alive.
     for blk in model.blocks:
         torch.nn.init.normal_(blk.adaLN_modulation[-1].weight, std=0.02)
+    if variant == "fp8-lin":
+        from sora_dist.models.fp8 import convert_torchao
+
+        convert_torchao(model)
+    if a.compile:
+        for blk in model.blocks:
+            blk.compile()
     x, cond = make_inputs(a, device, dtype)
 
     def fwd():
@@ -226,24 +256,27 @@ def main(argv=None) -> int:
     print(f"planner FLOPs per step (fwd+bwd = 3x fwd): {step_flops / 1e9:.2f} GFLOP "
           f"(attention {f.attention / f.total:.1%}); executed {exec_flops / 1e9:.2f} GFLOP")
     variants = ["bf16" if cuda else "fp32"]
-    why = fp8_attention_status(device)
-    if why:
-        print(f"FP8: unavailable: {why}; measuring {variants[0]} only")
-    else:
-        variants.append("fp8")
+    for v, why in (("fp8-lin", fp8_linears_status(device)), ("fp8", fp8_attention_status(device))):
+        if why:
+            print(f"{v}: unavailable: {why}")
+        else:
+            variants.append(v)
+    print(f"SDPA kernel: {a.sdpa_kernel}; compile: {'on' if a.compile else 'off'}")
     print("memory (MiB): fwd+bwd peak above the inputs and weights, and the bytes saved for "
           "backward, each measured | planner")
-    print(f"{'variant':>7} {'step ms':>9} {'TFLOP/s':>9} {'MFU':>7} {'peak':>8} {'planner':>8} "
+    print(f"{'variant':>7} {'step ms':>9} {'x base':>7} {'TFLOP/s':>9} {'MFU':>7} {'peak':>8} {'planner':>8} "
           f"{'saved':>8} {'planner':>8} {'err':>7}")
     MiB = 2**20
+    base_s = None
     for v in variants:
-        r = run(a, device, "fp8" if v == "fp8" else "sdpa")
+        r = run(a, device, v)
+        base_s = base_s or r["s"]
         saved = r["saved"]
         est = estimate_saved(a, device)
         tflops = step_flops / r["s"] / 1e12
         peak = peaks["fp8" if v == "fp8" else "bf16"]
         est_peak = estimate_peak(a, device, est, r["grad_bytes"])
-        print(f"{v:>7} {r['s'] * 1e3:9.1f} {tflops:9.4f} {tflops / peak:7.1%} {r['peak'] / MiB:8.1f} "
+        print(f"{v:>7} {r['s'] * 1e3:9.1f} {base_s / r['s']:7.2f} {tflops:9.4f} {tflops / peak:7.1%} {r['peak'] / MiB:8.1f} "
               f"{est_peak / MiB:8.1f} {saved / MiB:8.1f} {est / MiB:8.1f} {est / saved - 1:+7.1%}")
     return 0
 

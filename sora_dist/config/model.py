@@ -41,6 +41,10 @@ class ModelConfig:
     qk_norm: bool = True
     # Attention implementation behind the one seam: "sdpa" (torch) or "te" (transformer-engine, GPU).
     attention_backend: str = "sdpa"
+    # With attention_backend=sdpa: the SDPA kernel tried first ("auto": torch's choice, or
+    # "cudnn" | "flash" | "efficient" | "math"); the others stay as fallbacks for calls it
+    # cannot take. tools/bench_step.py --sdpa-kernel compares them on a GPU.
+    sdpa_kernel: str = "auto"
     # Dropout inside attention/MLP (0 for diffusion pre-training).
     dropout: float = 0.0
     # FP8 matmuls for the blocks' attention/MLP linears (embedders, adaLN, final layer stay in

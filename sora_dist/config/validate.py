@@ -34,6 +34,8 @@ def validate(cfg, world_size: Optional[int] = None) -> None:
            f"model.patch_size={list(m.patch_size)} must be three positive ints [pt, ph, pw]")
     _check(m.in_channels >= 1, f"model.in_channels={m.in_channels} must be >= 1")
     _check(m.text_dim >= 1, f"model.text_dim={m.text_dim} must be >= 1")
+    _check(m.sdpa_kernel in ("auto", "cudnn", "flash", "efficient", "math"),
+           f"model.sdpa_kernel={m.sdpa_kernel!r}: use auto, cudnn, flash, efficient or math")
     _check(m.attention_backend in ("sdpa", "te"),
            f"model.attention_backend={m.attention_backend!r}: use 'sdpa' or 'te'")
     _check(m.fp8_linears in ("none", "torchao", "te"),

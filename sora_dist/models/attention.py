@@ -26,6 +26,26 @@ def sdpa_attention(
     return F.scaled_dot_product_attention(q_BHSD, k_BHSD, v_BHSD, attn_mask=mask)
 
 
+# model.sdpa_kernel: which SDPA kernel to try first. The rest follow as fallbacks (in torch's
+# order), so a kernel that cannot take a call (cuDNN or flash with a padding mask, fp32, ...)
+# hands it on instead of failing. "auto" leaves torch's own choice.
+SDPA_KERNELS = ("auto", "cudnn", "flash", "efficient", "math")
+
+
+def sdpa_priority(kernel: str) -> Optional[list]:
+    """SDPBackend priority list for model.sdpa_kernel, or None for torch's default order."""
+    if kernel not in SDPA_KERNELS:
+        raise ValueError(f"model.sdpa_kernel={kernel!r}: use one of {SDPA_KERNELS}")
+    if kernel == "auto":
+        return None
+    from torch.nn.attention import SDPBackend
+
+    order = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    first = order.pop(kernel)
+    return [first, *order.values()]
+
+
 # ---- transformer-engine ------------------------------------------------------------------------
 
 def import_te():
@@ -81,9 +101,11 @@ class CoreAttention(nn.Module):
     restarts after a resume; the default current-scaling recipe keeps none).
     """
 
-    def __init__(self, backend: str = "sdpa"):
+    def __init__(self, backend: str = "sdpa", sdpa_kernel: str = "auto"):
         super().__init__()
         self.backend = backend
+        self.sdpa_kernel = sdpa_kernel
+        self._sdpa_priority = sdpa_priority(sdpa_kernel)
         # A TE recipe with fp8_dpa=True, or None for bf16/fp16 attention.
         self.fp8_recipe = None
         if backend == "te":
@@ -98,11 +120,17 @@ class CoreAttention(nn.Module):
             raise ValueError(f"unknown attention backend {backend!r}; use 'sdpa' or 'te'")
 
     def extra_repr(self) -> str:
-        return f"backend={self.backend}" + (", fp8" if self.fp8_recipe is not None else "")
+        return (f"backend={self.backend}" + (", fp8" if self.fp8_recipe is not None else "")
+                + (f", sdpa_kernel={self.sdpa_kernel}" if self.sdpa_kernel != "auto" else ""))
 
     def forward(self, q_BHSD, k_BHSD, v_BHSD, kv_mask_BS=None):
         if self.backend == "sdpa":
-            return sdpa_attention(q_BHSD, k_BHSD, v_BHSD, kv_mask_BS)
+            if self._sdpa_priority is None:
+                return sdpa_attention(q_BHSD, k_BHSD, v_BHSD, kv_mask_BS)
+            from torch.nn.attention import sdpa_kernel
+
+            with sdpa_kernel(self._sdpa_priority, set_priority=True):
+                return sdpa_attention(q_BHSD, k_BHSD, v_BHSD, kv_mask_BS)
         return self._te_forward(q_BHSD, k_BHSD, v_BHSD, kv_mask_BS)
 
     def set_te_context_parallel(self, cp_group, cp_global_ranks, cp_stream, cp_comm_type: str) -> None:

@@ -33,6 +33,7 @@ class DiTArgs:
     text_dim: int = 32
     qk_norm: bool = True
     attention_backend: str = "sdpa"
+    sdpa_kernel: str = "auto"
     dropout: float = 0.0
 
     @classmethod
@@ -40,7 +41,7 @@ class DiTArgs:
         return cls(
             in_channels=m.in_channels, mlp_ratio=m.mlp_ratio, patch_size=tuple(m.patch_size),
             text_dim=m.text_dim, qk_norm=m.qk_norm, attention_backend=m.attention_backend,
-            dropout=m.dropout, **m.resolved(),
+            sdpa_kernel=m.sdpa_kernel, dropout=m.dropout, **m.resolved(),
         )
 
 
@@ -79,7 +80,7 @@ class _Attention(nn.Module):
     """Projections shared by self- and cross-attention. Separate q/k/v (not one fused qkv) so
     tensor parallel can split each by heads (column-wise); qk RMSNorm per head."""
 
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool, backend: str):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, backend: str, sdpa_kernel: str = "auto"):
         super().__init__()
         self.head_dim = dim // num_heads
         self.wq = nn.Linear(dim, dim)
@@ -87,7 +88,7 @@ class _Attention(nn.Module):
         self.wv = nn.Linear(dim, dim)
         self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
-        self.core_attention = CoreAttention(backend)
+        self.core_attention = CoreAttention(backend, sdpa_kernel)
         self.wo = nn.Linear(dim, dim)
 
     def _heads(self, x_BSD, proj, norm=None):
@@ -139,9 +140,9 @@ class DiTBlock(nn.Module):
         super().__init__()
         D = a.hidden_size
         self.norm1 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
-        self.attn = SelfAttention(D, a.num_heads, a.qk_norm, a.attention_backend)
+        self.attn = SelfAttention(D, a.num_heads, a.qk_norm, a.attention_backend, a.sdpa_kernel)
         self.norm_cross = nn.LayerNorm(D, eps=1e-6)
-        self.cross_attn = CrossAttention(D, a.num_heads, a.qk_norm, a.attention_backend)
+        self.cross_attn = CrossAttention(D, a.num_heads, a.qk_norm, a.attention_backend, a.sdpa_kernel)
         self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.mlp = MLP(D, int(D * a.mlp_ratio), a.dropout)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))

@@ -215,3 +215,19 @@ def test_te_context_parallel_needs_the_te_backend():
     cpa = ContextParallelAttention("ring", None, inner=CoreAttention("sdpa"), te_context_parallel=True)
     assert not cpa.te_cp and "te_context_parallel" not in repr(cpa)
     assert TE_COMM_TYPES == {"ring": "p2p", "ulysses": "a2a", "hybrid": "a2a+p2p"}
+
+
+@pytest.mark.parametrize("kernel", ["cudnn", "flash", "efficient", "math"])
+def test_sdpa_kernel_preference_keeps_fallbacks(kernel):
+    """model.sdpa_kernel puts one SDPA kernel first; kernels that cannot take a call (on CPU:
+    cuDNN and efficient) fall through to the next, so every choice computes the same."""
+    from sora_dist.models.attention import sdpa_priority
+    q, k, v = qkv()
+    mask = torch.arange(7)[None] < torch.tensor([[7], [4]])
+    ref = CoreAttention()(q, k, v, mask)
+    core = CoreAttention("sdpa", kernel)
+    assert f"sdpa_kernel={kernel}" in repr(core) and len(sdpa_priority(kernel)) == 4
+    assert torch.allclose(core(q, k, v, mask), ref, atol=1e-5)
+    assert torch.allclose(core(q, k, v, None), CoreAttention()(q, k, v, None), atol=1e-5)
+    with pytest.raises(ValueError, match="model.sdpa_kernel"):
+        CoreAttention("sdpa", "fa3")
