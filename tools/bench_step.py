@@ -24,7 +24,6 @@ Also printed: bytes saved for backward (saved_tensors_hooks) against the planner
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import statistics
 import time
@@ -103,13 +102,14 @@ def cpu_matmul_peak_tflops(n: int = 1024, reps: int = 10) -> float:
 class Stack(torch.nn.Module):
     def __init__(self, args: DiTArgs, n: int, recompute: bool):
         super().__init__()
-        self.blocks = torch.nn.ModuleList(DiTBlock(args) for _ in range(n))
+        # A ModuleDict like VideoDiT's, so models/fp8.py converts it the same way.
+        self.blocks = torch.nn.ModuleDict({str(i): DiTBlock(args) for i in range(n)})
         self.recompute = recompute
 
     def forward(self, x, cond):
         from torch.utils.checkpoint import checkpoint
 
-        for blk in self.blocks:
+        for blk in self.blocks.values():
             x = checkpoint(blk, x, cond, use_reentrant=False) if self.recompute else blk(x, cond)
         return x
 
@@ -142,24 +142,28 @@ def run(a, device, variant: str) -> dict:
     torch.manual_seed(0)
     model = Stack(args, a.blocks, a.recompute).to(device, dtype)  # bf16 weights = FSDP param_dtype
     # adaLN-Zero gates start at 0; random gates keep every branch's gradient alive.
-    for blk in model.blocks:
+    for blk in model.blocks.values():
         torch.nn.init.normal_(blk.adaLN_modulation[-1].weight, std=0.02)
     if variant == "fp8-lin":
         from sora_dist.models.fp8 import convert_torchao
 
         convert_torchao(model)
+    if variant == "fp8":  # what model.fp8_attention=true + model.fp8_linears=te set up
+        from sora_dist.models.fp8 import build_te_recipe, convert_te
+
+        recipe = build_te_recipe("current", fp8_dpa=True)
+        for mod in model.modules():
+            if isinstance(mod, CoreAttention):
+                mod.fp8_recipe = recipe
+        convert_te(model, "current")
     if a.compile:
-        for blk in model.blocks:
+        for blk in model.blocks.values():
             blk.compile()
     x, cond = make_inputs(a, device, dtype)
 
     def fwd():
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda))
-            if attn == "fp8":  # FP8 through transformer-engine's recipe, never a relabelled bf16 run
-                import transformer_engine.pytorch as te
-
-                stack.enter_context(te.fp8_autocast(enabled=True))
+        # FP8 regions (attention and block linears) are entered by the modules themselves.
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             return model(x, cond)
 
     def step():

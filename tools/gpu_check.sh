@@ -10,7 +10,8 @@
 #      kernel, then the best with per-block compile and torchao FP8 linears: TFLOP/s and MFU;
 #   4. the real trainer on CUDA (bf16 autocast, one rank over NCCL, synthetic data, XL blocks
 #      at 4k tokens): step lines with tok/s, MFU and memory, then a rerun that resumes from the
-#      step-10 checkpoint and must repeat steps 11-20 with identical losses.
+#      step-10 checkpoint: step 11 must repeat exactly; later steps within bf16 noise (CUDA's
+#      flash / memory-efficient attention backward accumulates with atomics: not bitwise).
 # Logs go to OUT_DIR (default $OUT, else ./gpu_check_out). Steps never stop the script: each
 # prints its own failure. Needs torch with CUDA; hydra-core/omegaconf (trainer), torchao (FP8
 # linears) and transformer-engine (FP8 attention) are optional per step. A machine that cannot
@@ -63,7 +64,7 @@ TRAIN=($PY -m sora_dist.train.cli train.run_dir=$RUN train.steps=20 train.ckpt_e
        model.depth=4 "data.synthetic_buckets=[${GPU_CHECK_BUCKET:-[16,32,32]}]" data.batch_size=2
        logging.wandb_mode=disabled)
 "${TRAIN[@]}" 2>&1 | tee "$OUT_DIR/train_first.txt" | grep -E "step |Error|error" | tail -6
-# Drop the last checkpoint: the rerun resumes at step 10 and must repeat steps 11-20 exactly.
+# Drop the last checkpoint: the rerun resumes at step 10 and repeats steps 11-20.
 rm -rf "$RUN/checkpoints/step_00000020"
 "${TRAIN[@]}" 2>&1 | tee "$OUT_DIR/train_resume.txt" | grep -E "resumed|step |Error|error" | tail -4
 $PY - "$RUN" <<'EOF2'
@@ -73,7 +74,12 @@ for line in open(f"{sys.argv[1]}/metrics.jsonl"):
     r = json.loads(line)
     by_step.setdefault(r["step"], []).append(r["loss"])
 again = {s: v for s, v in by_step.items() if len(v) > 1}
-print(f"steps logged: {min(by_step)}..{max(by_step)}; re-run steps {sorted(again)}: "
-      f"{'identical losses' if again and all(len(set(v)) == 1 for v in again.values()) else 'DIFFER or none'}")
+if not again:
+    print("no step was re-run: the resume did not happen")
+else:
+    first = min(again)
+    rel = max(abs(v[-1] - v[0]) / abs(v[0]) for v in again.values())
+    print(f"re-run steps {first}..{max(again)}: step {first} "
+          f"{'identical' if len(set(again[first])) == 1 else 'DIFFERS'}; max relative loss change {rel:.2e}")
 EOF2
 step "done"

@@ -44,6 +44,13 @@ def validate(cfg, world_size: Optional[int] = None) -> None:
            f"model.fp8_recipe={m.fp8_recipe!r}: use 'current' or 'delayed'")
     _check(not m.fp8_attention or m.attention_backend == "te",
            "model.fp8_attention=true needs model.attention_backend=te (SDPA has no FP8 path)")
+    uses_te_fp8 = m.fp8_attention or m.fp8_linears == "te"
+    # Delayed scaling all-reduces amax histories when each FP8 region exits; under PP or CP the
+    # ranks run different regions, so those collectives would not line up.
+    _check(not (uses_te_fp8 and m.fp8_recipe == "delayed" and (p.pp > 1 or p.cp > 1)),
+           f"model.fp8_recipe=delayed with parallel.pp={p.pp} / parallel.cp={p.cp}: its amax "
+           f"reductions do not line up across pipeline stages / TE context parallelism; use "
+           f"model.fp8_recipe=current")
     if m.fp8_linears != "none":
         # FP8 GEMMs need both weight dims divisible by 16; otherwise no block linear converts.
         _check(hidden % 16 == 0,

@@ -257,10 +257,11 @@ class ShardLoader:
         Per-rank positions cannot carry over exactly (the old ranks read disjoint shard lists),
         so the carry-over is at shard granularity: the epoch the slowest old rank was in goes on
         with the shards no old rank had finished a read block of, split over the new ranks;
-        later epochs are normal. The blocks old ranks were partway through are read again
-        (each repeats at most one shuffle buffer of samples) and their read-but-unbatched
-        samples are dropped (fewer than one batch per bucket per old rank): nothing is skipped
-        and little repeats. Returns a line for the log."""
+        later epochs are normal. Nothing of that epoch is skipped: the blocks old ranks were
+        partway through are read again (at most one shuffle buffer per old rank repeats), and
+        so are the shards of read-but-unbatched samples (which are dropped from the
+        accumulators). An old rank already in a later epoch has its progress there replayed.
+        Returns a line for the log."""
         old = int(states[0]["dp_size"])
         ranks = sorted(int(s["dp_rank"]) for s in states)
         if ranks != list(range(old)):
@@ -274,8 +275,14 @@ class ShardLoader:
                 raise ValueError(f"the shard set in {self.folder} changed since the checkpoint; "
                                  "resume against the same sora-encode output")
         epoch = min(int(sd["epoch"]) for sd in states)
-        override = states[0].get("epoch_override")
-        everything = self.epoch_shards(epoch, override or (-1, []))
+        # A rank past the resized epoch no longer saves its override: take it from those that do.
+        overrides = {json.dumps(sd["epoch_override"]) for sd in states
+                     if sd.get("epoch_override") and int(sd["epoch_override"][0]) == epoch}
+        if len(overrides) > 1:
+            raise ValueError("old DP ranks disagree on the shards of the resized epoch; the "
+                             "checkpoint's rank states are not from one run")
+        override = json.loads(overrides.pop()) if overrides else (-1, [])
+        everything = self.epoch_shards(epoch, override)
         done: set[str] = set()
         for sd in states:
             mine = everything[int(sd["dp_rank"])::old]
@@ -284,6 +291,8 @@ class ShardLoader:
             else:
                 for block in self._group_blocks(mine)[:int(sd["block"])]:
                     done.update(block)
+        # Shards whose samples still waited in an accumulator are read again.
+        done -= {shard for sd in states for acc in sd["pending"].values() for shard, _ in acc}
         remaining = [n for n, _ in everything if n not in done]
         self.epoch_override = (epoch, remaining)
         self.epoch, self.block, self.offset = epoch, 0, 0

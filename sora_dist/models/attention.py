@@ -202,13 +202,16 @@ BLOCK_KERNELS = ("auto", "fused", "math")
 
 
 def fused_block_kernel(device_type: str, dtype: torch.dtype, head_dim: int,
-                       has_mask: bool) -> Optional[str]:
+                       has_mask: bool, capability: tuple[int, int] = (9, 0)) -> Optional[str]:
     """The fused aten kernel for a block on this device/dtype/mask, or None (use math).
-    CPU: flash (any float dtype, additive mask). CUDA: flash for bf16/fp16 without a mask
-    (head_dim <= 256, multiple of 8), memory-efficient otherwise (takes a bias, fp32 too)."""
+    CPU: flash (any float dtype, additive mask). CUDA sm80+: flash for bf16/fp16 without a mask
+    (head_dim <= 256, multiple of 8), memory-efficient otherwise (takes a bias, fp32 too);
+    before sm80 (no flash, no bf16 kernels): memory-efficient for fp16/fp32, else math."""
     if device_type == "cpu":
         return "cpu_flash"
     if device_type == "cuda":
+        if capability < (8, 0):
+            return None if dtype == torch.bfloat16 else "cuda_efficient"
         if (not has_mask and dtype in (torch.bfloat16, torch.float16)
                 and head_dim <= 256 and head_dim % 8 == 0):
             return "cuda_flash"

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from sora_dist.parallel.state import side_stream
+from sora_dist.parallel.state import device_capability, side_stream
 from sora_dist.models.attention import (BLOCK_KERNELS, CoreAttention, block_attention,
                                          block_attention_backward, fused_block_kernel)
 
@@ -319,8 +319,9 @@ class _RingAttention(torch.autograd.Function):
                 dq += dq_b
                 dkv = torch.stack([dk_b, dv_b]).float()
             # dK/dV of block src travel with it: add what the previous ranks computed for it
-            # (sent during our compute), then pass the sum on. fp32 on the wire, so bf16 grads
-            # are rounded once, at the end.
+            # (sent during our compute), then pass the sum on. Sums are fp32 on the wire (the
+            # math kernel's are fp32 throughout; a fused kernel's per-block grads come in the
+            # input dtype, as in ring-flash-attention).
             if step > 0:
                 _wait(dkv_works)
                 dkv += dkv_in
@@ -346,7 +347,8 @@ def resolve_block_kernel(kernel: str, q: torch.Tensor, has_mask: bool) -> str:
         raise ValueError(f"parallel.ring_kernel={kernel!r}: use one of {BLOCK_KERNELS}")
     if kernel == "math":
         return "math"
-    fused = fused_block_kernel(q.device.type, q.dtype, q.shape[-1], has_mask)
+    fused = fused_block_kernel(q.device.type, q.dtype, q.shape[-1], has_mask,
+                               device_capability(q.device))
     if fused is None and kernel == "fused":
         raise ValueError(f"parallel.ring_kernel=fused: no fused attention kernel with LSE on "
                          f"{q.device.type}/{q.dtype}; use parallel.ring_kernel=auto or math")

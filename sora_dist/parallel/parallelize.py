@@ -102,8 +102,19 @@ def materialize(model: nn.Module, device_type: str, seed: int) -> None:
     # A pipeline stage draws from its own seed (mixed with its first block id), or stages would
     # repeat one another's weights; the whole model (first block 0) uses `seed` itself.
     first = min(int(k) for k in model.blocks.keys()) if len(model.blocks) else 0
+    stage_seed = seed if first == 0 else mix_seed(seed, first)
+    mesh = next((p.device_mesh for p in model.parameters() if isinstance(p, DTensor)), None)
     with torch.random.fork_rng(devices=devices, device_type=device_type), torch.no_grad():
-        torch.manual_seed(seed if first == 0 else mix_seed(seed, first))
+        if mesh is not None and device_type != "cpu":
+            # DTensor's RNG tracker, created lazily, would broadcast rank 0's generator state to
+            # every rank (so all pipeline stages would draw stage 0's weights). Creating it here
+            # without that sync (what torchtitan does for PP) keeps each stage's own seed; the
+            # ranks of one stage share it, as DTensor requires.
+            from torch.distributed.tensor import _random as dtensor_random
+
+            dtensor_random.manual_seed(stage_seed, mesh)
+        else:
+            torch.manual_seed(stage_seed)
         model.init_weights()
 
 

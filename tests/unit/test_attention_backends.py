@@ -120,6 +120,8 @@ def test_fused_block_kernel_choice():
     assert fused_block_kernel("cuda", torch.float32, 64, False) == "cuda_efficient"
     assert fused_block_kernel("cuda", torch.bfloat16, 320, False) == "cuda_efficient"
     assert fused_block_kernel("xpu", torch.bfloat16, 64, False) is None
+    assert fused_block_kernel("cuda", torch.bfloat16, 64, False, (7, 0)) is None  # V100: math
+    assert fused_block_kernel("cuda", torch.float16, 64, False, (7, 5)) == "cuda_efficient"
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

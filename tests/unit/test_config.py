@@ -62,3 +62,13 @@ def test_hydra_rejects_unknown_field():
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
         with pytest.raises(Exception, match="no_such_field"):
             compose("train", overrides=["model.no_such_field=1"])
+
+
+def test_delayed_fp8_recipe_is_refused_with_pipeline_or_context_parallel():
+    from sora_dist.config import ConfigError, JobConfig, validate
+    cfg = JobConfig()
+    cfg.model.attention_backend, cfg.model.fp8_attention, cfg.model.fp8_recipe = "te", True, "delayed"
+    validate(cfg)  # one rank: fine
+    cfg.parallel.cp = 2
+    with pytest.raises(ConfigError, match="fp8_recipe=current"):
+        validate(cfg, world_size=2)

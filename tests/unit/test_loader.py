@@ -207,6 +207,7 @@ def test_dp_resize_carries_the_epoch_over_at_shard_granularity(shards, steps):
     for ld in old:
         blocks = ld.blocks(epoch)
         done.update(name for b in (blocks if ld.epoch > epoch else blocks[:ld.block]) for name in b)
+    done -= {s["shard"] for ld in old for acc in ld.pending.values() for s in acc}  # re-read
     assert done, "the test must resume with part of the epoch consumed"
 
     new = [ShardLoader(cfg, r, 3) for r in range(3)]
@@ -255,3 +256,31 @@ def test_synthetic_dp_resize_continues_the_global_stream_exactly():
         ld.load_elastic_state(states)
     seen += [i for _ in range(3) for ld in new for i in next(ld)["ids"]]
     assert len(seen) == len(glob) and sorted(seen) == sorted(glob)  # no gap, no repeat
+
+
+def test_second_resize_takes_the_override_from_ranks_still_in_that_epoch(shards):
+    """dp2 -> dp3 -> dp2: a dp3 rank that finished the resized epoch saves no override any more;
+    the next resize takes it from the others, and only that rank's share counts as read."""
+    folder, _ = shards
+    cfg = _cfg(folder, batch_size=2, shuffle_buffer=4)
+    old = [ShardLoader(cfg, r, 2) for r in range(2)]
+    for ld in old:
+        for _ in range(3):
+            next(ld)
+    mid = [ShardLoader(cfg, r, 3) for r in range(3)]
+    for ld in mid:
+        ld.load_elastic_state([o.state_dict() for o in old])
+    epoch, remaining = mid[0].epoch_override
+    while mid[0].epoch == epoch:
+        next(mid[0])
+    states = [json.loads(json.dumps(ld.state_dict())) for ld in mid]
+    assert states[0]["epoch_override"] is None and states[1]["epoch_override"] is not None
+    last = ShardLoader(cfg, 0, 2)
+    last.load_elastic_state(states)
+    again = set(last.epoch_override[1])
+    finished = {n for n, _ in mid[0].rank_shards(epoch)} - {s["shard"] for acc in mid[0].pending.values() for s in acc}
+    assert last.epoch_override[0] == epoch and again <= set(remaining)
+    assert again == set(remaining) - finished
+    states[1]["epoch_override"][1] = states[1]["epoch_override"][1][:-1]
+    with pytest.raises(ValueError, match="disagree"):
+        ShardLoader(cfg, 0, 2).load_elastic_state(states)
