@@ -134,16 +134,20 @@ def step_flops(m: ModelDims, seq: int, samples: int, recompute: str = "none") ->
     return model, Flops(model.linear + extra * blk.linear, model.attention + extra * blk.attention)
 
 
+RECOMPUTES = ("none", "op", "selective", "full")  # by rising recompute cost
+
+
 def recomputed_fraction(depth: int, recompute: str) -> float:
-    """Share of blocks recomputed: "selective" wraps every other block (i % 2 == 0), as the
-    trainer and parallelize.py do."""
-    if recompute == "none":
+    """Share of blocks whose matmuls run again in backward: "selective" wraps every other block
+    (i % 2 == 0), as the trainer and parallelize.py do; "op" keeps every matmul and attention
+    output (it replays only the elementwise ops between them, not counted in FLOPs)."""
+    if recompute in ("none", "op"):
         return 0.0
     if recompute == "full":
         return 1.0
     if recompute == "selective":
         return math.ceil(depth / 2) / depth
-    raise ValueError(f"recompute={recompute!r}: use none, selective or full")
+    raise ValueError(f"recompute={recompute!r}: use one of {RECOMPUTES}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,9 +305,14 @@ def saved_bytes_parts(
     n_rec = round(recomputed_fraction(layers, recompute) * layers)
     embed_b, _ = outer_activations(m, prec, padded, batch)
     _, head_b = outer_activations(m, prec, local, batch)
+    if recompute == "op":
+        blocks = layers * (checkpoint_input_bytes(m, prec, local * batch, tp_seq, batch)
+                           + sac_block_bytes(m, prec, local * batch, batch, tp))
+    else:
+        blocks = ((layers - n_rec) * acts.bytes(local * batch, batch, tp, sp)
+                  + n_rec * checkpoint_input_bytes(m, prec, local * batch, tp_seq, batch))
     parts = {
-        "blocks": (layers - n_rec) * acts.bytes(local * batch, batch, tp, sp)
-        + n_rec * checkpoint_input_bytes(m, prec, local * batch, tp_seq, batch),
+        "blocks": blocks,
         "embed": embed_b if embed else 0.0,
         # The final layer runs on this rank's CP chunk (gathered over TP under SP).
         "head": head_b if head else 0.0,
@@ -316,6 +325,19 @@ def checkpoint_input_bytes(m: ModelDims, prec: Precision, tokens: int, tp: int,
     """A fully recomputed block keeps only its input (the token-sharded residual stream), and
     under FSDP the checkpoint holds its bf16 RoPE copy (per position, `samples` share it)."""
     return tokens * m.hidden * prec.act / tp + tokens // samples * m.head_dim * prec.rope_copy
+
+
+def sac_block_bytes(m: ModelDims, prec: Precision, tokens: int, samples: int, tp: int) -> float:
+    """What op-level selective checkpointing keeps of one block (parallelize.sac_save_ops):
+    the outputs of its matmuls and attention kernels. tokens: this CP rank's tokens of all
+    samples. Column-parallel outputs (q, k, v, cross q, fc1) and the attention outputs / LSE
+    split over TP by heads; row-parallel outputs (wo, cross wo, fc2) are each rank's full-size
+    partial sums before the reduce-scatter; per sample: the adaLN projection, caption k / v."""
+    D, F, H, L, p = m.hidden, m.mlp, m.heads, m.text_len, prec
+    head_sharded = (4 * D + F) * p.act + 2 * D * p.attn_qkvo + 2 * H * p.fp32
+    row_parallel = 3 * D * p.act
+    per_sample = 6 * D * p.act + L * 2 * D * p.act / tp
+    return tokens * (head_sharded / tp + row_parallel) + samples * per_sample
 
 
 def backward_working_bytes(m: ModelDims, prec: Precision, tokens: int, tp: int) -> float:
@@ -437,7 +459,7 @@ def estimate(m: ModelDims, lay: Layout, hw: Hardware, tokens: int, micro_batch: 
                               layers=layers, head=pp == 1)
     mem["activations"] = in_flight * sum(parts.values())
     local = math.ceil(tokens / (cp * tp)) * tp  # this CP rank's tokens
-    recomputes = recomputed_fraction(layers, lay.recompute) > 0
+    recomputes = lay.recompute != "none"  # one block's activations rebuilt during its backward
     full_block = block_activations(m, "flash", prec, tokens).bytes(local * micro_batch, micro_batch, tp)
     mem["bwd_transient"] = (full_block if recomputes else 0.0) \
         + backward_working_bytes(m, prec, local * micro_batch, tp)
@@ -465,7 +487,7 @@ def _divisors(n: int) -> list[int]:
 
 
 def candidate_layouts(m: ModelDims, hw: Hardware, microbatches: Optional[int] = None,
-                      recomputes=("none", "selective", "full"), cp_mode: str = "auto") -> list[Layout]:
+                      recomputes=RECOMPUTES, cp_mode: str = "auto") -> list[Layout]:
     """Every (tp, cp, pp, dp, recompute) with tp*cp*pp*dp = gpus. cp_mode "auto" picks the
     attention per layout (cp_attention_mode); "ulysses"/"ring" force it (Ulysses then needs
     heads % (tp*cp) == 0). Divisibility is checked later so rejected layouts show why."""
@@ -496,13 +518,15 @@ def plan_all(m: ModelDims, hw: Hardware, tokens: int, micro_batch: int = 1,
 def recommend(plans: list[Plan]) -> Optional[Plan]:
     """Fits (with headroom), then highest throughput (within 1%), then the smallest tp, pp and
     cp: TP/PP/CP communication is not in the MFU figure, so the fewer model-parallel ranks the
-    better; CP grows only as far as memory needs."""
+    better; CP grows only as far as memory needs; then the least recompute (op's elementwise
+    replay is not in the FLOPs either)."""
     fits = [p for p in plans if p.ok]
     if not fits:
         return None
     best = max(p.tokens_per_s for p in fits)
     top = [p for p in fits if p.tokens_per_s >= 0.99 * best]
-    return min(top, key=lambda p: (p.layout.tp, p.layout.pp, p.layout.cp, p.total_gib))
+    return min(top, key=lambda p: (p.layout.tp, p.layout.pp, p.layout.cp,
+                                   RECOMPUTES.index(p.layout.recompute), p.total_gib))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -550,6 +574,19 @@ def saved_bytes_of(fn, params=()) -> int:
         out = fn()
     del out
     return sum(seen.values())
+
+
+def live_bytes_of(fn) -> int:
+    """Bytes allocated while fn() runs and still live when it returns, its result excluded
+    (CPU profiler memory events): everything a forward keeps for backward, whether autograd
+    saved it or a checkpoint's op cache holds it (op-level SAC's outputs are not saved tensors,
+    so saved_bytes_of cannot see them)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    net = sum(e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    return net - out.numel() * out.element_size()
 
 
 def tiny_inputs(m: ModelDims, grid_thw: tuple[int, int, int], batch: int, seed: int = 0):

@@ -17,7 +17,8 @@ class TrainConfig:
     device: str = "auto"
     # Autocast dtype on GPU: "bf16" or "fp32". CPU always runs fp32.
     mixed_precision: str = "bf16"
-    # Activation checkpointing: "none", "full" (every block) or "selective" (every other block).
+    # Activation checkpointing: "none", "full" (every block), "selective" (every other block) or
+    # "op" (every block, keeping matmul and attention-kernel outputs, recomputing the rest).
     activation_checkpointing: str = "none"
     # torch.compile each block.
     compile: bool = False

@@ -81,8 +81,8 @@ def validate(cfg, world_size: Optional[int] = None) -> None:
     _check(t.device in ("auto", "cpu", "cuda"), f"train.device={t.device!r}: use auto, cpu or cuda")
     _check(t.mixed_precision in ("bf16", "fp32"),
            f"train.mixed_precision={t.mixed_precision!r}: use 'bf16' or 'fp32'")
-    _check(t.activation_checkpointing in ("none", "full", "selective"),
-           f"train.activation_checkpointing={t.activation_checkpointing!r}: use none, full or selective")
+    _check(t.activation_checkpointing in ("none", "selective", "op", "full"),
+           f"train.activation_checkpointing={t.activation_checkpointing!r}: use none, selective, op or full")
     _check(0.0 <= t.ema_decay < 1.0, f"train.ema_decay={t.ema_decay} must be in [0, 1)")
     _check(t.ckpt_keep >= 1, f"train.ckpt_keep={t.ckpt_keep} must be >= 1")
     if t.meta_init:

@@ -22,6 +22,7 @@ which torch.distributed.checkpoint's get_state_dict strips, so checkpoints resha
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -142,8 +143,53 @@ def apply_cp_attention(model: nn.Module, meshes, mode: str, ring_kernel: str = "
                                                      te_context_parallel=te_context_parallel)
 
 
+AC_MODES = ("none", "selective", "op", "full")
+
+
+def sac_save_ops() -> set:
+    """Ops whose outputs op-level selective checkpointing keeps: the matmuls (nn.Linear lowers
+    to mm/addmm; FP8 to _scaled_mm) and the fused attention kernels (output and log-sum-exp).
+    Everything between them (norms, adaLN modulate, RoPE, GELU, gates, casts) is recomputed
+    in backward: cheap elementwise work for most of the activation memory."""
+    aten = torch.ops.aten
+    names = ("mm", "addmm", "_scaled_mm", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+             "_scaled_dot_product_flash_attention_for_cpu")
+    return {getattr(aten, n).default for n in names if hasattr(aten, n)}
+
+
+def sac_context_fn(tracker: RNGStatesTracker):
+    """checkpoint context_fn for op-level SAC, composed with the tracked-RNG replay."""
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    save = sac_save_ops()
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
+
+    rng = checkpoint_context_fn(tracker)
+
+    def context_fn():
+        sac_fwd, sac_rec = create_selective_checkpoint_contexts(policy)
+        rng_fwd, rng_rec = rng()
+        # The RNG replay clones generator states: outside the SAC mode, which would log them.
+        return _both(rng_fwd, sac_fwd), _both(rng_rec, sac_rec)
+
+    return context_fn
+
+
+@contextmanager
+def _both(a, b):
+    with a, b:
+        yield
+
+
 def apply_activation_checkpointing(model: nn.Module, mode: str, tracker: RNGStatesTracker) -> None:
-    """"full": every block; "selective": every other block. Before FSDP, so FSDP wraps the wrapper."""
+    """"full": every block; "selective": every other block; "op": every block, keeping the
+    outputs of matmuls and attention kernels (sac_save_ops) and recomputing the rest. Before
+    FSDP, so FSDP wraps the wrapper."""
+    if mode not in AC_MODES:
+        raise ValueError(f"train.activation_checkpointing={mode!r}: use one of {AC_MODES}")
     if mode == "none":
         return
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
@@ -151,10 +197,11 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, tracker: RNGStat
     )
 
     for i, name in enumerate(list(model.blocks.keys())):
-        if mode == "full" or (mode == "selective" and i % 2 == 0):
+        if mode in ("full", "op") or (mode == "selective" and i % 2 == 0):
             model.blocks[name] = checkpoint_wrapper(
                 model.blocks[name], checkpoint_impl=CheckpointImpl.NO_REENTRANT,
-                preserve_rng_state=True, context_fn=checkpoint_context_fn(tracker),
+                preserve_rng_state=True,
+                context_fn=sac_context_fn(tracker) if mode == "op" else checkpoint_context_fn(tracker),
             )
 
 

@@ -125,6 +125,8 @@ LAYOUTS = {
     "dp2_fsdp": (2, dict(fsdp=True)),
     "dp2_nofsdp": (2, dict(fsdp=False)),
     "tp2_sp_ac": (2, dict(tp=2, sequence_parallel=True, activation_checkpointing="full")),
+    "tp2_sp_op_ac_fsdp": (4, dict(tp=2, sequence_parallel=True, activation_checkpointing="op")),
+    "cp2_ring_op_ac": (2, dict(cp=2, cp_mode="ring", activation_checkpointing="op")),
     "cp2_ulysses": (2, dict(cp=2, cp_mode="ulysses")),
     "cp2_ring": (2, dict(cp=2, cp_mode="ring")),
     "cp2_ulysses_nofsdp": (2, dict(cp=2, cp_mode="ulysses", fsdp=False)),
