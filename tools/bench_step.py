@@ -53,7 +53,9 @@ def parse_args(argv=None):
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="bf16 peak to compute MFU against (CUDA default 989; CPU: measured)")
     ap.add_argument("--peak-tflops-fp8", type=float, default=None, help="CUDA default 1979")
-    ap.add_argument("--recompute", action="store_true", help="activation checkpoint each block")
+    ap.add_argument("--recompute", default="none",
+                    help="comma list of none|op|full (train.activation_checkpointing per block): "
+                         "one row each, e.g. none,op,full")
     ap.add_argument("--compile", action="store_true", help="torch.compile each block (train.compile)")
     ap.add_argument("--sdpa-kernel", default="auto", choices=("auto", "cudnn", "flash", "efficient", "math"),
                     help="SDPA kernel tried first (model.sdpa_kernel)")
@@ -100,17 +102,15 @@ def cpu_matmul_peak_tflops(n: int = 1024, reps: int = 10) -> float:
 
 
 class Stack(torch.nn.Module):
-    def __init__(self, args: DiTArgs, n: int, recompute: bool):
+    def __init__(self, args: DiTArgs, n: int):
         super().__init__()
-        # A ModuleDict like VideoDiT's, so models/fp8.py converts it the same way.
+        # A ModuleDict like VideoDiT's, so models/fp8.py and parallelize.py's activation
+        # checkpointing treat it the same way.
         self.blocks = torch.nn.ModuleDict({str(i): DiTBlock(args) for i in range(n)})
-        self.recompute = recompute
 
     def forward(self, x, cond):
-        from torch.utils.checkpoint import checkpoint
-
         for blk in self.blocks.values():
-            x = checkpoint(blk, x, cond, use_reentrant=False) if self.recompute else blk(x, cond)
+            x = blk(x, cond)
         return x
 
 
@@ -132,7 +132,7 @@ def make_inputs(a, device, dtype):
     return x, cond
 
 
-def run(a, device, variant: str) -> dict:
+def run(a, device, variant: str, recompute: str) -> dict:
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     attn = "fp8" if variant == "fp8" else "sdpa"
@@ -140,7 +140,7 @@ def run(a, device, variant: str) -> dict:
                    text_dim=a.hidden, attention_backend="te" if attn == "fp8" else "sdpa",
                    sdpa_kernel=a.sdpa_kernel)
     torch.manual_seed(0)
-    model = Stack(args, a.blocks, a.recompute).to(device, dtype)  # bf16 weights = FSDP param_dtype
+    model = Stack(args, a.blocks).to(device, dtype)  # bf16 weights = FSDP param_dtype
     # adaLN-Zero gates start at 0; random gates keep every branch's gradient alive.
     for blk in model.blocks.values():
         torch.nn.init.normal_(blk.adaLN_modulation[-1].weight, std=0.02)
@@ -159,6 +159,10 @@ def run(a, device, variant: str) -> dict:
     if a.compile:
         for blk in model.blocks.values():
             blk.compile()
+    from sora_dist.parallel.parallelize import apply_activation_checkpointing
+    from sora_dist.parallel.rng import build_rng_tracker
+
+    apply_activation_checkpointing(model, recompute, build_rng_tracker(0, 0, 0, device.type))
     x, cond = make_inputs(a, device, dtype)
 
     def fwd():
@@ -193,8 +197,23 @@ def run(a, device, variant: str) -> dict:
             step()
             times.append(time.perf_counter() - t0)
         peak = P.cpu_peak_bytes(step)
-    return {"s": statistics.median(times), "peak": peak, "saved": P.saved_bytes_of(fwd, model.parameters()),
+    if recompute == "op":  # its outputs sit in the checkpoint's op cache, not in saved tensors
+        kept = kept_bytes(fwd, device)
+    else:
+        kept = P.saved_bytes_of(fwd, model.parameters())
+    return {"s": statistics.median(times), "peak": peak, "saved": kept,
             "grad_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
+
+
+def kept_bytes(fwd, device) -> int:
+    """Bytes a forward leaves allocated (its output excluded)."""
+    if device.type != "cuda":
+        return P.live_bytes_of(fwd)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    out = fwd()
+    torch.cuda.synchronize()
+    return torch.cuda.memory_allocated() - before - out.numel() * out.element_size()
 
 
 def bench_precision(device) -> "P.Precision":
@@ -205,14 +224,19 @@ def bench_precision(device) -> "P.Precision":
     return P.PRECISIONS["cpu_fp32"]
 
 
-def estimate_saved(a, device) -> float:
-    """Planner: N blocks' saved tensors plus what they share (RoPE table, caption, c)."""
+def estimate_saved(a, device, recompute: str) -> float:
+    """Planner: N blocks' saved tensors plus what they share (RoPE table, caption, c); for op,
+    what the forward leaves allocated (the first block's input existed before it)."""
     m = P.ModelDims(hidden=a.hidden, depth=a.blocks, heads=a.heads, mlp_ratio=a.mlp_ratio,
                     text_len=a.text_len, text_dim=a.hidden)
     prec = bench_precision(device)
     acts = P.block_activations(m, "flash", prec, kv_len=a.tokens)
     S, B = a.tokens, a.batch
-    if a.recompute:
+    if recompute == "op":
+        blocks = (a.blocks * P.sac_block_bytes(m, prec, S * B, B, 1)
+                  + (a.blocks - 1) * P.checkpoint_input_bytes(m, prec, S * B, 1))
+        shared = 0.0
+    elif recompute == "full":
         blocks = a.blocks * P.checkpoint_input_bytes(m, prec, S * B, 1)
         shared = 0.0  # RoPE table, caption and c are held by reference, not saved
     else:
@@ -221,20 +245,24 @@ def estimate_saved(a, device) -> float:
     return blocks + shared
 
 
-def estimate_peak(a, device, saved_est: float, grad_bytes: int) -> float:
+def estimate_peak(a, device, saved_est: float, grad_bytes: int, recompute: str) -> float:
     """Planner: saved tensors + the recomputed block (if any) + backward's working gradients
     + the weights' gradients (allocated in backward, freed by zero_grad)."""
     m = P.ModelDims(hidden=a.hidden, depth=a.blocks, heads=a.heads, mlp_ratio=a.mlp_ratio,
                     text_len=a.text_len, text_dim=a.hidden)
     prec = bench_precision(device)
     S, B = a.tokens, a.batch
-    rec = P.block_activations(m, "flash", prec, kv_len=S).bytes(S * B, B, 1) if a.recompute else 0.0
+    rec = P.block_activations(m, "flash", prec, kv_len=S).bytes(S * B, B, 1) if recompute != "none" else 0.0
     return saved_est + rec + P.backward_working_bytes(m, prec, S * B, 1) + grad_bytes
 
 
 def main(argv=None) -> int:
     a = parse_args(argv)
     a.heads = a.heads or max(1, a.hidden // 64)
+    recomputes = [r.strip() for r in a.recompute.split(",") if r.strip()]
+    bad = [r for r in recomputes if r not in ("none", "op", "full")]
+    if bad or not recomputes:
+        raise SystemExit(f"--recompute {a.recompute!r}: use a comma list of none, op, full")
     dev_type = "cuda" if a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available()) else "cpu"
     device = torch.device(dev_type)
     cuda = dev_type == "cuda"
@@ -242,7 +270,7 @@ def main(argv=None) -> int:
                     text_len=a.text_len, text_dim=a.hidden)
     f = P.block_forward_flops(m, a.tokens, a.batch)
     step_flops = 3 * a.blocks * f.total
-    exec_flops = step_flops + (a.blocks * f.total if a.recompute else 0)
+    full_extra = a.blocks * f.total  # full recompute runs each block's forward again
     if cuda:
         peaks = {"bf16": a.peak_tflops or H100_PEAK["bf16"], "fp8": a.peak_tflops_fp8 or H100_PEAK["fp8"]}
         name = torch.cuda.get_device_name(device)
@@ -255,10 +283,10 @@ def main(argv=None) -> int:
     print(f"device: {name}; {'bf16 weights + autocast' if cuda else 'fp32'}; peak {peaks['bf16']:.4g} "
           f"TFLOP/s ({peak_src})")
     print(f"{a.blocks} DiTBlock(s): hidden {a.hidden}, heads {a.heads}, mlp x{a.mlp_ratio:g}, "
-          f"{a.tokens} tokens x batch {a.batch}, caption {a.text_len}; recompute "
-          f"{'on' if a.recompute else 'off'}")
+          f"{a.tokens} tokens x batch {a.batch}, caption {a.text_len}")
     print(f"planner FLOPs per step (fwd+bwd = 3x fwd): {step_flops / 1e9:.2f} GFLOP "
-          f"(attention {f.attention / f.total:.1%}); executed {exec_flops / 1e9:.2f} GFLOP")
+          f"(attention {f.attention / f.total:.1%}); full recompute executes "
+          f"{(step_flops + full_extra) / 1e9:.2f} GFLOP; TFLOP/s and MFU count model FLOPs only")
     variants = ["bf16" if cuda else "fp32"]
     for v, why in (("fp8-lin", fp8_linears_status(device)), ("fp8", fp8_attention_status(device))):
         if why:
@@ -268,20 +296,22 @@ def main(argv=None) -> int:
     print(f"SDPA kernel: {a.sdpa_kernel}; compile: {'on' if a.compile else 'off'}")
     print("memory (MiB): fwd+bwd peak above the inputs and weights, and the bytes saved for "
           "backward, each measured | planner")
-    print(f"{'variant':>7} {'step ms':>9} {'x base':>7} {'TFLOP/s':>9} {'MFU':>7} {'peak':>8} {'planner':>8} "
-          f"{'saved':>8} {'planner':>8} {'err':>7}")
+    print(f"{'variant':>7} {'rc':>4} {'step ms':>9} {'x base':>7} {'TFLOP/s':>9} {'MFU':>7} {'peak':>8} "
+          f"{'planner':>8} {'saved':>8} {'planner':>8} {'err':>7}")
     MiB = 2**20
     base_s = None
     for v in variants:
-        r = run(a, device, v)
-        base_s = base_s or r["s"]
-        saved = r["saved"]
-        est = estimate_saved(a, device)
-        tflops = step_flops / r["s"] / 1e12
-        peak = peaks["fp8" if v == "fp8" else "bf16"]
-        est_peak = estimate_peak(a, device, est, r["grad_bytes"])
-        print(f"{v:>7} {r['s'] * 1e3:9.1f} {base_s / r['s']:7.2f} {tflops:9.4f} {tflops / peak:7.1%} {r['peak'] / MiB:8.1f} "
-              f"{est_peak / MiB:8.1f} {saved / MiB:8.1f} {est / MiB:8.1f} {est / saved - 1:+7.1%}")
+        for rc in recomputes:
+            r = run(a, device, v, rc)
+            base_s = base_s or r["s"]
+            saved = r["saved"]
+            est = estimate_saved(a, device, rc)
+            tflops = step_flops / r["s"] / 1e12
+            peak = peaks["fp8" if v == "fp8" else "bf16"]
+            est_peak = estimate_peak(a, device, est, r["grad_bytes"], rc)
+            print(f"{v:>7} {rc:>4} {r['s'] * 1e3:9.1f} {base_s / r['s']:7.2f} {tflops:9.4f} {tflops / peak:7.1%} "
+                  f"{r['peak'] / MiB:8.1f} {est_peak / MiB:8.1f} {saved / MiB:8.1f} {est / MiB:8.1f} "
+                  f"{est / saved - 1:+7.1%}")
     return 0
 
 

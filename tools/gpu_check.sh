@@ -7,7 +7,8 @@
 #   2. the CUDA block kernels of ring attention (flash / memory-efficient, with LSE) against
 #      full attention, and the rest of the attention-seam tests, on the GPU;
 #   3. tools/bench_step.py at 32k tokens (2 blocks, hidden 3072, 24 heads, bf16): each SDPA
-#      kernel, then the best with per-block compile and torchao FP8 linears: TFLOP/s and MFU;
+#      kernel, then the best with per-block compile and torchao FP8 linears, then the cost of
+#      recompute none / op / full: TFLOP/s, MFU and memory;
 #   4. the real trainer on CUDA (bf16 autocast, one rank over NCCL, synthetic data, XL blocks
 #      at 4k tokens): step lines with tok/s, MFU and memory, then a rerun that resumes from the
 #      step-10 checkpoint: step 11 must repeat exactly; later steps within bf16 noise (CUDA's
@@ -55,6 +56,8 @@ BEST=$(for k in auto cudnn flash; do
     awk -v k="$k" '$1 == "bf16" {print $2, k}' "$OUT_DIR/bench_$k.txt"; done | sort -n | head -1 | cut -d' ' -f2)
 echo "--- fastest SDPA kernel: ${BEST:-none}; with per-block compile (+ torchao FP8 linears if available)"
 $PY "${BENCH[@]}" --sdpa-kernel "${BEST:-auto}" --compile 2>&1 | tee "$OUT_DIR/bench_compile.txt" | tail -4
+echo "--- cost of activation checkpointing (none / op-level SAC / full), fastest kernel, no compile"
+$PY "${BENCH[@]}" --sdpa-kernel "${BEST:-auto}" --recompute none,op,full 2>&1 | tee "$OUT_DIR/bench_recompute.txt" | tail -4
 
 step "4. trainer on CUDA: XL blocks (hidden 1152, 4 of them), 4096 tokens/sample, bf16"
 RUN=/tmp/sora_gpu_check_run

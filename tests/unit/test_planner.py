@@ -273,21 +273,23 @@ def test_saved_bytes_bf16_weights(case):
 
 
 def test_bench_step_runs_and_reports_every_variant(tmp_path):
-    """tools/bench_step.py end to end on CPU (compiled blocks, SDPA kernel choice): the fp32
-    row with its MFU and planner columns, and the FP8 variants say why they cannot run here."""
+    """tools/bench_step.py end to end on CPU (compiled blocks, SDPA kernel choice, no / op-level
+    recompute): fp32 rows with MFU and planner columns; the FP8 variants say why they cannot
+    run here."""
     import subprocess
     import sys
     from pathlib import Path
 
     tool = Path(__file__).resolve().parents[2] / "tools" / "bench_step.py"
-    out = subprocess.run([sys.executable, str(tool), "--tokens", "64", "--hidden", "64", "--blocks", "1",
-                          "--iters", "1", "--compile", "--sdpa-kernel", "math"],
+    out = subprocess.run([sys.executable, str(tool), "--tokens", "64", "--hidden", "64", "--blocks", "2",
+                          "--iters", "1", "--compile", "--sdpa-kernel", "math", "--recompute", "none,op"],
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "fp8-lin: unavailable" in out.stdout and "fp8: unavailable" in out.stdout
     assert "SDPA kernel: math; compile: on" in out.stdout
-    row = [ln.split() for ln in out.stdout.splitlines() if ln.strip().startswith("fp32")]
-    assert len(row) == 1 and float(row[0][1]) > 0 and row[0][2] == "1.00" and row[0][4].endswith("%")
+    rows = [ln.split() for ln in out.stdout.splitlines() if ln.strip().startswith("fp32")]
+    assert [r[1] for r in rows] == ["none", "op"] and rows[0][3] == "1.00"
+    assert all(float(r[2]) > 0 and r[5].endswith("%") for r in rows)
 
 
 @pytest.mark.parametrize("case", range(len(TINY)))
