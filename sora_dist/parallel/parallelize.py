@@ -158,8 +158,9 @@ def sac_save_ops() -> set:
     return {getattr(aten, n).default for n in names if hasattr(aten, n)}
 
 
-def sac_context_fn(tracker: RNGStatesTracker):
-    """checkpoint context_fn for op-level SAC, composed with the tracked-RNG replay."""
+def sac_context_fn(tracker: Optional[RNGStatesTracker]):
+    """checkpoint context_fn for op-level SAC, composed with the tracked-RNG replay when the
+    block draws from tracked streams (tracker given)."""
     from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
     save = sac_save_ops()
@@ -167,6 +168,8 @@ def sac_context_fn(tracker: RNGStatesTracker):
     def policy(ctx, op, *args, **kwargs):
         return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
 
+    if tracker is None:  # plain SAC contexts: what torch.compile can trace through
+        return lambda: create_selective_checkpoint_contexts(policy)
     rng = checkpoint_context_fn(tracker)
 
     def context_fn():
@@ -198,10 +201,16 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, tracker: RNGStat
 
     for i, name in enumerate(list(model.blocks.keys())):
         if mode in ("full", "op") or (mode == "selective" and i % 2 == 0):
+            blk = model.blocks[name]
+            if mode == "op":
+                # Only blocks with tracked-stream dropout (SP/CP) need the RNG replay.
+                tracked = any(isinstance(m, TrackedDropout) for m in blk.modules())
+                context_fn = sac_context_fn(tracker if tracked else None)
+            else:
+                context_fn = checkpoint_context_fn(tracker)
             model.blocks[name] = checkpoint_wrapper(
-                model.blocks[name], checkpoint_impl=CheckpointImpl.NO_REENTRANT,
-                preserve_rng_state=True,
-                context_fn=sac_context_fn(tracker) if mode == "op" else checkpoint_context_fn(tracker),
+                blk, checkpoint_impl=CheckpointImpl.NO_REENTRANT, preserve_rng_state=True,
+                context_fn=context_fn,
             )
 
 

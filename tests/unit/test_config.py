@@ -72,3 +72,13 @@ def test_delayed_fp8_recipe_is_refused_with_pipeline_or_context_parallel():
     cfg.parallel.cp = 2
     with pytest.raises(ConfigError, match="fp8_recipe=current"):
         validate(cfg, world_size=2)
+
+
+def test_op_checkpointing_with_compile_is_refused():
+    from sora_dist.config import ConfigError, JobConfig, validate
+    cfg = JobConfig()
+    cfg.train.activation_checkpointing = "op"
+    validate(cfg)
+    cfg.train.compile = True
+    with pytest.raises(ConfigError, match="does not combine with train.compile"):
+        validate(cfg)

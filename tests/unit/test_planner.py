@@ -312,6 +312,7 @@ def test_op_level_checkpointing_memory_matches_estimate(case):
 
 
 def test_op_level_checkpointing_gradients_are_exact():
+    """Bit-identical to no recompute (compile is refused with op: see config/validate.py)."""
     m, grid, b = TINY[2]
     inputs = P.tiny_inputs(m, grid, b)
     grads = {}
@@ -320,7 +321,7 @@ def test_op_level_checkpointing_gradients_are_exact():
         model = P.build_model(m, rec)
         model.init_weights(zero_init=False)
         model(*inputs).square().mean().backward()
-        grads[rec] = {n.replace("_checkpoint_wrapped_module.", ""): p.grad for n, p in model.named_parameters()
-                      if p.grad is not None}
+        grads[rec] = {n.replace("_checkpoint_wrapped_module.", ""): p.grad
+                      for n, p in model.named_parameters() if p.grad is not None}
     assert grads["op"].keys() == grads["none"].keys()
     assert all(torch.equal(grads["op"][n], g) for n, g in grads["none"].items())
