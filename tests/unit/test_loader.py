@@ -222,13 +222,18 @@ def test_dp_resize_carries_the_epoch_over_at_shard_granularity(shards, steps):
     assert [ld.rank_shards(epoch + 1) for ld in new] == [ld.rank_shards(epoch + 1) for ld in fresh]
 
 
-def test_resume_inside_a_resized_epoch_is_exact(shards):
-    folder, _ = shards
+def _dp2_after_3_batches(folder):
+    """A config and two DP ranks that each read 3 batches (part of epoch 0)."""
     cfg = _cfg(folder, batch_size=2, shuffle_buffer=4)
     old = [ShardLoader(cfg, r, 2) for r in range(2)]
     for ld in old:
         for _ in range(3):
             next(ld)
+    return cfg, old
+
+
+def test_resume_inside_a_resized_epoch_is_exact(shards):
+    cfg, old = _dp2_after_3_batches(shards[0])
     states = [ld.state_dict() for ld in old]
     a = ShardLoader(cfg, 0, 1)
     a.load_elastic_state(states)
@@ -261,12 +266,7 @@ def test_synthetic_dp_resize_continues_the_global_stream_exactly():
 def test_second_resize_takes_the_override_from_ranks_still_in_that_epoch(shards):
     """dp2 -> dp3 -> dp2: a dp3 rank that finished the resized epoch saves no override any more;
     the next resize takes it from the others, and only that rank's share counts as read."""
-    folder, _ = shards
-    cfg = _cfg(folder, batch_size=2, shuffle_buffer=4)
-    old = [ShardLoader(cfg, r, 2) for r in range(2)]
-    for ld in old:
-        for _ in range(3):
-            next(ld)
+    cfg, old = _dp2_after_3_batches(shards[0])
     mid = [ShardLoader(cfg, r, 3) for r in range(3)]
     for ld in mid:
         ld.load_elastic_state([o.state_dict() for o in old])
