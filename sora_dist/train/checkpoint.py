@@ -128,17 +128,6 @@ def load(path: str, model, optimizer=None, ema=None, strict: bool = True) -> dic
     return {}
 
 
-def find_rank_state(path: str, match) -> Optional[dict]:
-    """The first saved per-rank state for which match(state) is true (e.g. same DP rank)."""
-    folder = os.path.join(path, "rank_state")
-    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        with open(os.path.join(folder, name)) as f:
-            state = json.load(f)
-        if match(state):
-            return state
-    return None
-
-
 def rank_states(path: str) -> list[dict]:
     """Every saved per-rank state of a checkpoint, in file order."""
     folder = os.path.join(path, "rank_state")

@@ -147,23 +147,42 @@ class Trainer:
             self.step = step
             # The data position belongs to a DP rank, not a global rank: a new layout (other
             # tp/cp/pp) maps global ranks differently, so look it up by DP coordinate.
-            data = ckpt.find_rank_state(path, lambda s: s.get("dp_rank") == self.dp_rank
-                                        and s.get("dp_size") == self.dp_size)
-            if data is not None:
-                self.loader.load_state_dict(data["data"])
-            else:
-                # Another DP size: carry the stream over from every old DP rank's position (each
-                # DP rank's state is saved by all its TP/CP/PP peers: keep one per DP rank).
-                by_dp = {s["dp_rank"]: s["data"] for s in ckpt.rank_states(path) if "data" in s}
-                if not by_dp:
-                    raise ckpt.CheckpointError(f"{path} holds no data position (rank_state/ missing); "
-                                               "restore the folder or start with train.init_from")
+            by_dp, old_size = self._saved_data_states(path)
+            if old_size == self.dp_size:
+                self.loader.load_state_dict(by_dp[self.dp_rank])
+            elif by_dp:
+                # Another DP size: carry the stream over from every old DP rank's position.
                 log.info("%s", self.loader.load_elastic_state(list(by_dp.values())))
+            else:
+                raise ckpt.CheckpointError(f"{path} holds no data position (rank_state/ missing); "
+                                           "restore the folder or start with train.init_from")
             self.skipped = state.get("skipped", 0)
             log.info("resumed from %s (step %d)", path, step)
         elif self.cfg.train.init_from:
             ckpt.load_model_only(self.cfg.train.init_from, self.model)
             log.info("initialised weights from %s", self.cfg.train.init_from)
+
+    def _saved_data_states(self, path: str) -> tuple[dict, int]:
+        """({dp_rank: loader state}, saved DP size) of a checkpoint. Rank 0 reads the per-rank
+        files once and broadcasts (every DP rank's state is saved by all its TP/CP/PP peers:
+        one is kept per DP rank), so a restart of N ranks reads N small files, not N^2."""
+        out = [None]
+        if self.rank == 0:
+            by_dp, sizes, err = {}, set(), ""
+            for s in ckpt.rank_states(path):
+                if "data" in s:
+                    by_dp[s["dp_rank"]] = s["data"]
+                    sizes.add(s["dp_size"])
+            if len(sizes) > 1:
+                err = (f"{path}: rank states from DP sizes {sorted(sizes)}; the folder mixes two "
+                       "runs: delete it to resume from the previous checkpoint")
+            out = [(by_dp, max(sizes, default=0), err)]
+        if self.world > 1:  # every rank raises together, none is left waiting
+            dist.broadcast_object_list(out, src=0)
+        by_dp, size, err = out[0]
+        if err:
+            raise ckpt.CheckpointError(err)
+        return by_dp, size
 
     def _install_signal_handlers(self) -> None:
         """Slurm sends SIGUSR1 (--signal=USR1@T) or SIGTERM before the time limit / on
