@@ -86,7 +86,7 @@ def _pp_composed_worker(rank, world, parallel, schedule, virtual):
     cfg = JobConfig()
     cfg.model.depth = DEPTH
     for k, v in dict(parallel, pp_schedule=schedule, pp_virtual_stages=virtual, pp_microbatches=2).items():
-        setattr(cfg.parallel, k, v)
+        setattr(cfg.train if k == "activation_checkpointing" else cfg.parallel, k, v)
     pdims = ParallelDims.from_config(cfg.parallel, world)
     meshes = pdims.build_mesh("cpu")
     dp_rank = pdims.coords(rank)["dp"]
@@ -114,6 +114,7 @@ def _pp_composed_worker(rank, world, parallel, schedule, virtual):
     (4, {"pp": 2, "dp": 2}, "1f1b", 1),
     (4, {"pp": 2, "tp": 2}, "interleaved_1f1b", 2),
     (4, {"pp": 2, "cp": 2, "cp_mode": "ring"}, "zbv", 2),
+    (4, {"pp": 2, "tp": 2, "activation_checkpointing": "op"}, "1f1b", 1),
     (8, {"pp": 2, "tp": 2, "dp": 2}, "1f1b", 1),
 ])
 def test_pp_composed_with_tp_and_fsdp_matches_single_process(world, parallel, schedule, virtual):
