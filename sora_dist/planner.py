@@ -340,6 +340,18 @@ def sac_block_bytes(m: ModelDims, prec: Precision, tokens: int, samples: int, tp
     return tokens * (head_sharded / tp + row_parallel) + samples * per_sample
 
 
+def recompute_transient_bytes(m: ModelDims, prec: Precision, recompute: str, kv_len: int,
+                              tokens: int, samples: int, tp: int) -> float:
+    """What a recomputed block rebuilds while its backward runs: all its activations ("full",
+    "selective"), or those op-level checkpointing did not keep ("op"); nothing without recompute."""
+    if recompute == "none":
+        return 0.0
+    block = block_activations(m, "flash", prec, kv_len).bytes(tokens, samples, tp)
+    if recompute == "op":
+        return max(0.0, block - sac_block_bytes(m, prec, tokens, samples, tp))
+    return block
+
+
 def backward_working_bytes(m: ModelDims, prec: Precision, tokens: int, tp: int) -> float:
     """Gradients live at once inside one block's backward, beyond the saved tensors: the MLP
     hidden's grad pair (fc2 input grad, GELU input grad) and a few residual-size grads:
@@ -459,9 +471,8 @@ def estimate(m: ModelDims, lay: Layout, hw: Hardware, tokens: int, micro_batch: 
                               layers=layers, head=pp == 1)
     mem["activations"] = in_flight * sum(parts.values())
     local = math.ceil(tokens / (cp * tp)) * tp  # this CP rank's tokens
-    recomputes = lay.recompute != "none"  # one block's activations rebuilt during its backward
-    full_block = block_activations(m, "flash", prec, tokens).bytes(local * micro_batch, micro_batch, tp)
-    mem["bwd_transient"] = (full_block if recomputes else 0.0) \
+    mem["bwd_transient"] = recompute_transient_bytes(m, prec, lay.recompute, tokens,
+                                                     local * micro_batch, micro_batch, tp) \
         + backward_working_bytes(m, prec, local * micro_batch, tp)
     mem = {k: v / GiB for k, v in mem.items()}
     mem["reserve"] = hw.reserve_gib

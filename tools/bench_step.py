@@ -252,7 +252,7 @@ def estimate_peak(a, device, saved_est: float, grad_bytes: int, recompute: str) 
                     text_len=a.text_len, text_dim=a.hidden)
     prec = bench_precision(device)
     S, B = a.tokens, a.batch
-    rec = P.block_activations(m, "flash", prec, kv_len=S).bytes(S * B, B, 1) if recompute != "none" else 0.0
+    rec = P.recompute_transient_bytes(m, prec, recompute, S, S * B, B, 1)
     return saved_est + rec + P.backward_working_bytes(m, prec, S * B, 1) + grad_bytes
 
 
