@@ -263,9 +263,6 @@ def main(argv=None) -> int:
     bad = [r for r in recomputes if r not in ("none", "op", "full")]
     if bad or not recomputes:
         raise SystemExit(f"--recompute {a.recompute!r}: use a comma list of none, op, full")
-    if a.compile and "op" in recomputes:
-        raise SystemExit("--recompute op does not combine with --compile (the trainer refuses it "
-                         "too: see sora_dist/config/validate.py)")
     dev_type = "cuda" if a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available()) else "cpu"
     device = torch.device(dev_type)
     cuda = dev_type == "cuda"

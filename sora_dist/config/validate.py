@@ -83,12 +83,11 @@ def validate(cfg, world_size: Optional[int] = None) -> None:
            f"train.mixed_precision={t.mixed_precision!r}: use 'bf16' or 'fp32'")
     _check(t.activation_checkpointing in ("none", "selective", "op", "full"),
            f"train.activation_checkpointing={t.activation_checkpointing!r}: use none, selective, op or full")
-    # Measured (CPU, torch 2.13): compiled blocks under op-level SAC give gradients 3e-4 off the
-    # eager ones (compiled blocks without it: 2e-7), so the pair is refused until that is fixed.
-    _check(not (t.activation_checkpointing == "op" and t.compile),
-           "train.activation_checkpointing=op does not combine with train.compile yet (compiled "
-           "recompute does not reproduce the eager gradients); use op without compile, or "
-           "activation_checkpointing=full|selective with compile")
+    tracked_dropout = m.dropout > 0 and ((p.tp > 1 and p.sequence_parallel) or p.cp > 1)
+    _check(not (t.activation_checkpointing == "op" and t.compile and tracked_dropout),
+           "train.activation_checkpointing=op with train.compile cannot replay the per-shard dropout "
+           "streams of SP/CP (model.dropout>0); use activation_checkpointing=full, train.compile=false "
+           "or model.dropout=0")
     _check(0.0 <= t.ema_decay < 1.0, f"train.ema_decay={t.ema_decay} must be in [0, 1)")
     _check(t.ckpt_keep >= 1, f"train.ckpt_keep={t.ckpt_keep} must be >= 1")
     if t.meta_init:

@@ -74,11 +74,11 @@ def test_delayed_fp8_recipe_is_refused_with_pipeline_or_context_parallel():
         validate(cfg, world_size=2)
 
 
-def test_op_checkpointing_with_compile_is_refused():
+def test_op_checkpointing_with_compile_refuses_tracked_dropout_only():
     from sora_dist.config import ConfigError, JobConfig, validate
     cfg = JobConfig()
-    cfg.train.activation_checkpointing = "op"
+    cfg.train.activation_checkpointing, cfg.train.compile = "op", True
     validate(cfg)
-    cfg.train.compile = True
-    with pytest.raises(ConfigError, match="does not combine with train.compile"):
-        validate(cfg)
+    cfg.model.dropout, cfg.parallel.tp = 0.1, 2
+    with pytest.raises(ConfigError, match="per-shard dropout"):
+        validate(cfg, world_size=2)

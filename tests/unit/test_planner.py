@@ -311,8 +311,12 @@ def test_op_level_checkpointing_memory_matches_estimate(case):
     assert live["op"] < 0.65 * live["none"]
 
 
-def test_op_level_checkpointing_gradients_are_exact():
-    """Bit-identical to no recompute (compile is refused with op: see config/validate.py)."""
+@pytest.mark.parametrize("compiled", [False, True])
+def test_op_level_checkpointing_gradients_are_exact(compiled):
+    """Eager: bit-identical to no recompute. With per-block torch.compile (train.compile) the
+    same as compiled blocks without recompute, to float rounding (the first block's input is a
+    strided view of the patch embedding; DiTBlock makes it contiguous, without which compiled
+    SAC drifted by 2e-4 here)."""
     m, grid, b = TINY[2]
     inputs = P.tiny_inputs(m, grid, b)
     grads = {}
@@ -320,8 +324,16 @@ def test_op_level_checkpointing_gradients_are_exact():
         torch.manual_seed(0)
         model = P.build_model(m, rec)
         model.init_weights(zero_init=False)
+        if compiled:
+            for blk in model.blocks.values():
+                blk.compile()
         model(*inputs).square().mean().backward()
-        grads[rec] = {n.replace("_checkpoint_wrapped_module.", ""): p.grad
+        grads[rec] = {n.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", ""): p.grad
                       for n, p in model.named_parameters() if p.grad is not None}
     assert grads["op"].keys() == grads["none"].keys()
-    assert all(torch.equal(grads["op"][n], g) for n, g in grads["none"].items())
+    if not compiled:
+        assert all(torch.equal(grads["op"][n], g) for n, g in grads["none"].items())
+    else:
+        diff = sum(((grads["op"][n] - g) ** 2).sum() for n, g in grads["none"].items()).sqrt()
+        norm = sum((g ** 2).sum() for g in grads["none"].values()).sqrt()
+        assert diff / norm < 1e-5, (diff / norm).item()
