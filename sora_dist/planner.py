@@ -332,10 +332,11 @@ def sac_block_bytes(m: ModelDims, prec: Precision, tokens: int, samples: int, tp
     the outputs of its matmuls and attention kernels. tokens: this CP rank's tokens of all
     samples. Column-parallel outputs (q, k, v, cross q, fc1) and the attention outputs / LSE
     split over TP by heads; row-parallel outputs (wo, cross wo, fc2) are each rank's full-size
-    partial sums before the reduce-scatter; per sample: the adaLN projection, caption k / v."""
+    partial sums before the reduce-scatter, whose token-sharded results are kept as well under
+    TP; per sample: the adaLN projection, caption k / v."""
     D, F, H, L, p = m.hidden, m.mlp, m.heads, m.text_len, prec
     head_sharded = (4 * D + F) * p.act + 2 * D * p.attn_qkvo + 2 * H * p.fp32
-    row_parallel = 3 * D * p.act
+    row_parallel = 3 * D * p.act * (1 + 1 / tp if tp > 1 else 1)
     per_sample = 6 * D * p.act + L * 2 * D * p.act / tp
     return tokens * (head_sharded / tp + row_parallel) + samples * per_sample
 
@@ -597,7 +598,7 @@ def live_bytes_of(fn) -> int:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = fn()
     net = sum(e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    return net - out.numel() * out.element_size()
+    return net - out.untyped_storage().nbytes()  # the result may view a larger buffer
 
 
 def tiny_inputs(m: ModelDims, grid_thw: tuple[int, int, int], batch: int, seed: int = 0):

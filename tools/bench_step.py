@@ -156,13 +156,15 @@ def run(a, device, variant: str, recompute: str) -> dict:
             if isinstance(mod, CoreAttention):
                 mod.fp8_recipe = recipe
         convert_te(model, "current")
-    if a.compile:
-        for blk in model.blocks.values():
-            blk.compile()
     from sora_dist.parallel.parallelize import apply_activation_checkpointing
     from sora_dist.parallel.rng import build_rng_tracker
 
+    # Checkpointing before compile, as parallelize_dit does (compiled code under an active SAC
+    # dispatch mode would otherwise run eagerly).
     apply_activation_checkpointing(model, recompute, build_rng_tracker(0, 0, 0, device.type))
+    if a.compile:
+        for blk in model.blocks.values():
+            blk.compile()
     x, cond = make_inputs(a, device, dtype)
 
     def fwd():

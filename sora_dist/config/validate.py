@@ -83,11 +83,23 @@ def validate(cfg, world_size: Optional[int] = None) -> None:
            f"train.mixed_precision={t.mixed_precision!r}: use 'bf16' or 'fp32'")
     _check(t.activation_checkpointing in ("none", "selective", "op", "full"),
            f"train.activation_checkpointing={t.activation_checkpointing!r}: use none, selective, op or full")
+    # TE attention is no aten op the SAC policy could keep: op would recompute attention itself.
+    _check(not (t.activation_checkpointing == "op" and m.attention_backend == "te"),
+           "train.activation_checkpointing=op needs model.attention_backend=sdpa (transformer-engine "
+           "attention would be recomputed in backward); use activation_checkpointing=selective|full "
+           "with te")
+    # Zero-bubble schedules run a block's backward in two passes (inputs, then weights); op-level
+    # checkpointing's cached outputs can serve only one (torch raises "backward an extra time").
+    _check(not (t.activation_checkpointing == "op" and p.pp > 1
+                and p.pp_schedule in ("interleaved_zb", "zbv")),
+           f"train.activation_checkpointing=op does not combine with parallel.pp_schedule="
+           f"{p.pp_schedule} (it splits each backward in two passes); use 1f1b / interleaved_1f1b / "
+           f"gpipe, or activation_checkpointing=full|selective")
     tracked_dropout = m.dropout > 0 and ((p.tp > 1 and p.sequence_parallel) or p.cp > 1)
-    _check(not (t.activation_checkpointing == "op" and t.compile and tracked_dropout),
-           "train.activation_checkpointing=op with train.compile cannot replay the per-shard dropout "
-           "streams of SP/CP (model.dropout>0); use activation_checkpointing=full, train.compile=false "
-           "or model.dropout=0")
+    _check(not (t.activation_checkpointing != "none" and t.compile and tracked_dropout),
+           f"train.activation_checkpointing={t.activation_checkpointing} with train.compile cannot "
+           f"replay the per-shard dropout streams of SP/CP (model.dropout>0); use "
+           f"train.compile=false, activation_checkpointing=none or model.dropout=0")
     _check(0.0 <= t.ema_decay < 1.0, f"train.ema_decay={t.ema_decay} must be in [0, 1)")
     _check(t.ckpt_keep >= 1, f"train.ckpt_keep={t.ckpt_keep} must be >= 1")
     if t.meta_init:

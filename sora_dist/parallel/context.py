@@ -251,93 +251,137 @@ def _block_backward(qs, k32, v32, do32, delta, lse, mask_BS, rows):
     return torch.cat(dqs, 2), dkv
 
 
-class _RingAttention(torch.autograd.Function):
-    """Non-causal ring attention. Blocks run a fused aten kernel that returns the LSE
-    (kernel = "cpu_flash" / "cuda_flash" / "cuda_efficient", block output in the input dtype)
-    or fp32 torch math (kernel = "math"); merging and the dq/dK/dV accumulators are fp32 either
-    way. Memory: the saved q, k, v, out and lse of this rank, one K/V (and dK/dV) block in
-    flight, and (math only) bounded score tiles."""
+# Non-causal ring attention. Blocks run a fused aten kernel that returns the LSE (kernel =
+# "cpu_flash" / "cuda_flash" / "cuda_efficient", block output in the input dtype) or fp32 torch
+# math (kernel = "math"); merging and the dq/dK/dV accumulators are fp32 either way. Memory: the
+# saved q, k, v, out and lse of this rank, one K/V (and dK/dV) block in flight, and (math only)
+# bounded score tiles.
+#
+# It is one torch.library custom op (forward + registered autograd), not a Python
+# autograd.Function: op-level selective checkpointing (parallelize.sac_save_ops) then sees the
+# whole ring as a single op whose (out, lse) it keeps, so the backward recompute neither re-runs
+# the ring's attention nor re-sends its K/V; the per-step kernels inside are not cached one by one.
 
-    @staticmethod
-    def forward(ctx, q, k, v, mask_BS, group, scale, rows, kernel):
-        R, r = dist.get_world_size(group), dist.get_rank(group)
-        S = k.shape[2]
-        math = kernel == "math"
-        qs = q.float() * scale if math else None
-        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        lse = out.new_full((*q.shape[:3], 1), float("-inf"))
-        kv = torch.stack([k, v])  # one message per step instead of two
-        for step in range(R):
-            if step + 1 < R:  # next block is in flight while this one is computed
-                kv_next, works = _ring_shift(kv, group)
-            src = (r - step) % R  # which rank's tokens this block holds
-            m = None if mask_BS is None else mask_BS[:, src * S:(src + 1) * S]
-            if math:
-                o_b, lse_b = _block_forward(qs, kv[0].float(), kv[1].float(), m, rows)
-            else:
-                o_b, lse_b = block_attention(q, kv[0], kv[1], m, scale, kernel)
-                o_b = o_b.float()
-            # out = (e^lse out + e^lse_b o_b) / e^new, safe when both are -inf (all masked).
-            new = torch.logaddexp(lse, lse_b)
-            new_safe = _finite(new)
-            out = out * torch.exp(lse - new_safe) + o_b * torch.exp(lse_b - new_safe)
-            lse = new
-            if step + 1 < R:
-                _wait(works)
-                kv = kv_next
-        out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse, mask_BS)
-        ctx.group, ctx.scale, ctx.rows, ctx.kernel = group, scale, rows, kernel
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse, mask_BS = ctx.saved_tensors
-        group, scale, rows, kernel = ctx.group, ctx.scale, ctx.rows, ctx.kernel
-        R, r = dist.get_world_size(group), dist.get_rank(group)
-        S = k.shape[2]
-        math = kernel == "math"
+def _ring_forward(q, k, v, mask_BS, group, scale, rows, kernel):
+    R, r = dist.get_world_size(group), dist.get_rank(group)
+    S = k.shape[2]
+    math = kernel == "math"
+    qs = q.float() * scale if math else None
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    lse = out.new_full((*q.shape[:3], 1), float("-inf"))
+    kv = torch.stack([k, v])  # one message per step instead of two
+    for step in range(R):
+        if step + 1 < R:  # next block is in flight while this one is computed
+            kv_next, works = _ring_shift(kv, group)
+        src = (r - step) % R  # which rank's tokens this block holds
+        m = None if mask_BS is None else mask_BS[:, src * S:(src + 1) * S]
         if math:
-            qs, do32 = q.float() * scale, dout.float()
-            delta = (do32 * out.float()).sum(-1, keepdim=True)
+            o_b, lse_b = _block_forward(qs, kv[0].float(), kv[1].float(), m, rows)
         else:
-            dout = dout.contiguous()
-        lse = _finite(lse)
-        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        kv = torch.stack([k, v])
-        for step in range(R):
-            if step + 1 < R:
-                kv_next, kv_works = _ring_shift(kv, group)
-            src = (r - step) % R
-            m = None if mask_BS is None else mask_BS[:, src * S:(src + 1) * S]
-            if math:
-                dq_b, dkv = _block_backward(qs, kv[0].float(), kv[1].float(), do32, delta, lse, m, rows)
-                dq += dq_b
-            else:
-                dq_b, dk_b, dv_b = block_attention_backward(dout, q, kv[0], kv[1], out, lse, m,
-                                                            scale, kernel)
-                dq += dq_b
-                dkv = torch.stack([dk_b, dv_b]).float()
-            # dK/dV of block src travel with it: add what the previous ranks computed for it
-            # (sent during our compute), then pass the sum on. Sums are fp32 on the wire (the
-            # math kernel's are fp32 throughout; a fused kernel's per-block grads come in the
-            # input dtype, as in ring-flash-attention).
-            if step > 0:
-                _wait(dkv_works)
-                dkv += dkv_in
-            # Keep the sent buffer referenced until its send completes (on CUDA the caching
-            # allocator could otherwise hand its memory out while NCCL still reads it).
-            dkv_sent = dkv
-            dkv_in, dkv_works = _ring_shift(dkv_sent, group)
-            if step + 1 < R:
-                _wait(kv_works)
-                kv = kv_next
-        # R shifts of the accumulators bring every block's full dK/dV home.
-        _wait(dkv_works)
-        del dkv_sent
-        dq = dq * scale if math else dq  # math works on pre-scaled queries
-        return (dq.to(q.dtype), dkv_in[0].to(k.dtype), dkv_in[1].to(v.dtype),
-                None, None, None, None, None)
+            o_b, lse_b = block_attention(q, kv[0], kv[1], m, scale, kernel)
+            o_b = o_b.float()
+        # out = (e^lse out + e^lse_b o_b) / e^new, safe when both are -inf (all masked).
+        new = torch.logaddexp(lse, lse_b)
+        new_safe = _finite(new)
+        out = out * torch.exp(lse - new_safe) + o_b * torch.exp(lse_b - new_safe)
+        lse = new
+        if step + 1 < R:
+            _wait(works)
+            kv = kv_next
+    return out.to(q.dtype), lse
+
+
+def _ring_backward(dout, q, k, v, out, lse, mask_BS, group, scale, rows, kernel):
+    R, r = dist.get_world_size(group), dist.get_rank(group)
+    S = k.shape[2]
+    math = kernel == "math"
+    if math:
+        qs, do32 = q.float() * scale, dout.float()
+        delta = (do32 * out.float()).sum(-1, keepdim=True)
+    else:
+        dout = dout.contiguous()
+    lse = _finite(lse)
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    kv = torch.stack([k, v])
+    for step in range(R):
+        if step + 1 < R:
+            kv_next, kv_works = _ring_shift(kv, group)
+        src = (r - step) % R
+        m = None if mask_BS is None else mask_BS[:, src * S:(src + 1) * S]
+        if math:
+            dq_b, dkv = _block_backward(qs, kv[0].float(), kv[1].float(), do32, delta, lse, m, rows)
+            dq += dq_b
+        else:
+            dq_b, dk_b, dv_b = block_attention_backward(dout, q, kv[0], kv[1], out, lse, m,
+                                                        scale, kernel)
+            dq += dq_b
+            dkv = torch.stack([dk_b, dv_b]).float()
+        # dK/dV of block src travel with it: add what the previous ranks computed for it
+        # (sent during our compute), then pass the sum on. Sums are fp32 on the wire (the
+        # math kernel's are fp32 throughout; a fused kernel's per-block grads come in the
+        # input dtype, as in ring-flash-attention).
+        if step > 0:
+            _wait(dkv_works)
+            dkv += dkv_in
+        # Keep the sent buffer referenced until its send completes (on CUDA the caching
+        # allocator could otherwise hand its memory out while NCCL still reads it).
+        dkv_sent = dkv
+        dkv_in, dkv_works = _ring_shift(dkv_sent, group)
+        if step + 1 < R:
+            _wait(kv_works)
+            kv = kv_next
+    # R shifts of the accumulators bring every block's full dK/dV home.
+    _wait(dkv_works)
+    del dkv_sent
+    dq = dq * scale if math else dq  # math works on pre-scaled queries
+    # Copies: dK and dV share one buffer, and a custom op may not return aliases.
+    return dq.to(q.dtype), dkv_in[0].to(k.dtype, copy=True), dkv_in[1].to(v.dtype, copy=True)
+
+
+def _group(name: str):
+    return dist.distributed_c10d._resolve_process_group(name)
+
+
+@torch.library.custom_op("sora_dist::ring_attention", mutates_args=())
+def _ring_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_BS: Optional[torch.Tensor],
+             group_name: str, scale: float, rows: int, kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _ring_forward(q, k, v, mask_BS, _group(group_name), scale, rows, kernel)
+
+
+@_ring_op.register_fake
+def _(q, k, v, mask_BS, group_name, scale, rows, kernel):
+    return torch.empty_like(q), q.new_empty((*q.shape[:3], 1), dtype=torch.float32)
+
+
+def _ring_setup_context(ctx, inputs, output):
+    q, k, v, mask_BS, group_name, scale, rows, kernel = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, mask_BS)
+    ctx.args = (group_name, scale, rows, kernel)
+
+
+# The backward is an op of its own too, so torch.compile keeps it opaque instead of tracing
+# its point-to-point communication.
+@torch.library.custom_op("sora_dist::ring_attention_backward", mutates_args=())
+def _ring_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 out: torch.Tensor, lse: torch.Tensor, mask_BS: Optional[torch.Tensor],
+                 group_name: str, scale: float, rows: int, kernel: str
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _ring_backward(dout, q, k, v, out, lse, mask_BS, _group(group_name), scale, rows, kernel)
+
+
+@_ring_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, mask_BS, group_name, scale, rows, kernel):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _ring_op_backward(ctx, dout, _dlse):
+    q, k, v, out, lse, mask_BS = ctx.saved_tensors
+    dq, dk, dv = _ring_bwd_op(dout.contiguous(), q, k, v, out, lse, mask_BS, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_ring_op.register_autograd(_ring_op_backward, setup_context=_ring_setup_context)
 
 
 def resolve_block_kernel(kernel: str, q: torch.Tensor, has_mask: bool) -> str:
@@ -369,8 +413,8 @@ def ring_attention(q_BHSD, k_BHSD, v_BHSD, kv_mask_BS, ring_group,
     dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else q_BHSD.dtype
     q_BHSD, k_BHSD, v_BHSD = (t.to(dt).contiguous() for t in (q_BHSD, k_BHSD, v_BHSD))
     kernel = resolve_block_kernel(kernel, q_BHSD, kv_mask_BS is not None)
-    return _RingAttention.apply(q_BHSD, k_BHSD, v_BHSD, kv_mask_BS, ring_group, D ** -0.5, rows,
-                                kernel)
+    return _ring_op(q_BHSD, k_BHSD, v_BHSD, kv_mask_BS, ring_group.group_name, D ** -0.5, rows,
+                    kernel)[0]
 
 
 # ----------------------------------------------------------------------------------------------

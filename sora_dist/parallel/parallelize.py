@@ -148,14 +148,22 @@ AC_MODES = ("none", "selective", "op", "full")
 
 def sac_save_ops() -> set:
     """Ops whose outputs op-level selective checkpointing keeps: the matmuls (nn.Linear lowers
-    to mm/addmm; FP8 to _scaled_mm) and the fused attention kernels (output and log-sum-exp).
+    to mm/addmm; FP8 to _scaled_mm), the fused attention kernels (output and log-sum-exp) and
+    ring attention as a whole (parallel/context.py).
     Everything between them (norms, adaLN modulate, RoPE, GELU, gates, casts) is recomputed
     in backward: cheap elementwise work for most of the activation memory."""
+    import sora_dist.parallel.context  # noqa: F401  (registers sora_dist::ring_attention)
+
     aten = torch.ops.aten
     names = ("mm", "addmm", "_scaled_mm", "_scaled_dot_product_flash_attention",
              "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
              "_scaled_dot_product_flash_attention_for_cpu")
-    return {getattr(aten, n).default for n in names if hasattr(aten, n)}
+    # The ring is one op: its (out, lse) are kept whole, so recompute re-sends no K/V. Under
+    # TP+SP the row-parallel outputs' reduce-scatters are kept too (small: token-sharded), so
+    # recompute does not repeat them (the all-gathers before column-parallel linears it does).
+    return {getattr(aten, n).default for n in names if hasattr(aten, n)} | {
+        torch.ops.sora_dist.ring_attention.default,
+        torch.ops._c10d_functional.reduce_scatter_tensor.default}
 
 
 def sac_context_fn(tracker: Optional[RNGStatesTracker]):
@@ -202,16 +210,16 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, tracker: RNGStat
     for i, name in enumerate(list(model.blocks.keys())):
         if mode in ("full", "op") or (mode == "selective" and i % 2 == 0):
             blk = model.blocks[name]
+            # Only blocks with tracked-stream dropout (SP/CP) need the RNG replay; without it the
+            # contexts are ones torch.compile can trace (the replay clones generator states).
+            tracked = any(isinstance(m, TrackedDropout) for m in blk.modules())
+            kw = {}
             if mode == "op":
-                # Only blocks with tracked-stream dropout (SP/CP) need the RNG replay.
-                tracked = any(isinstance(m, TrackedDropout) for m in blk.modules())
-                context_fn = sac_context_fn(tracker if tracked else None)
-            else:
-                context_fn = checkpoint_context_fn(tracker)
+                kw["context_fn"] = sac_context_fn(tracker if tracked else None)
+            elif tracked:
+                kw["context_fn"] = checkpoint_context_fn(tracker)
             model.blocks[name] = checkpoint_wrapper(
-                blk, checkpoint_impl=CheckpointImpl.NO_REENTRANT, preserve_rng_state=True,
-                context_fn=context_fn,
-            )
+                blk, checkpoint_impl=CheckpointImpl.NO_REENTRANT, preserve_rng_state=True, **kw)
 
 
 class SequenceSharding:

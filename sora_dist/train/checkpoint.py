@@ -123,8 +123,13 @@ def load(path: str, model, optimizer=None, ema=None, strict: bool = True) -> dic
         ema.load_state_dict(sd["ema"])
     rs_path = os.path.join(path, "rank_state", f"rank{_rank():05d}.json")
     if os.path.exists(rs_path):
-        with open(rs_path) as f:
-            return json.load(f)
+        try:
+            with open(rs_path) as f:
+                return json.load(f)
+        except ValueError:
+            # Not raised here, on this rank alone (the others would wait in their next
+            # collective): the trainer's rank-0 read of every rank_state reports it to all ranks.
+            return {}
     return {}
 
 

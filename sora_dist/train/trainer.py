@@ -169,13 +169,20 @@ class Trainer:
         out = [None]
         if self.rank == 0:
             by_dp, sizes, err = {}, set(), ""
-            for s in ckpt.rank_states(path):
-                if "data" in s:
-                    by_dp[s["dp_rank"]] = s["data"]
-                    sizes.add(s["dp_size"])
-            if len(sizes) > 1:
-                err = (f"{path}: rank states from DP sizes {sorted(sizes)}; the folder mixes two "
-                       "runs: delete it to resume from the previous checkpoint")
+            try:  # any failure is broadcast, so no rank is left waiting in the collective
+                for s in ckpt.rank_states(path):
+                    if "data" in s:
+                        by_dp[int(s["dp_rank"])] = s["data"]
+                        sizes.add(int(s["dp_size"]))
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                err = f"{path}/rank_state is unreadable ({type(e).__name__}: {e})"
+            if not err and len(sizes) > 1:
+                err = f"{path}: rank states from DP sizes {sorted(sizes)}; the folder mixes two runs"
+            elif not err and sizes and sorted(by_dp) != list(range(max(sizes))):
+                err = (f"{path}: data positions of DP ranks {sorted(by_dp)} of {max(sizes)}; "
+                       "rank_state/ is incomplete")
+            if err:
+                err += "; delete this step folder to resume from the previous checkpoint"
             out = [(by_dp, max(sizes, default=0), err)]
         if self.world > 1:  # every rank raises together, none is left waiting
             dist.broadcast_object_list(out, src=0)

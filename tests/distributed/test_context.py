@@ -222,3 +222,55 @@ def test_recompute_and_compile_ring():
     res = run_distributed(_recompute_and_compile, 2, "ring")
     for name, err in res.items():
         assert err < 1e-6, (name, err)
+
+
+def _ring_under_checkpointing(rank, world):
+    """Bytes the ring sends in backward, and bytes a block keeps after forward, with no / op /
+    full recompute (parallelize's apply_activation_checkpointing on a one-block stack)."""
+    import torch.nn as nn
+
+    from sora_dist.models.dit import Conditioning, DiTArgs, DiTBlock
+    from sora_dist.models.embeddings import build_rope_3d
+    from sora_dist.parallel.context import COMM_COUNTER
+    from sora_dist.parallel.parallelize import apply_activation_checkpointing
+    from sora_dist.parallel.rng import build_rng_tracker
+    from sora_dist.planner import live_bytes_of
+
+    meshes = ParallelDims(1, 1, 1, world, 1, 1, world).build_mesh("cpu")
+    cp = meshes["cp"]
+    B, grid, D = 2, (2, 4, 8), 64
+    rope = shard_sequence(build_rope_3d(grid, 16), 0, cp)
+    x = shard_sequence(torch.randn(B, 64, D, generator=torch.Generator().manual_seed(1)), 1, cp)
+    out = {}
+    for mode in ("none", "op", "full"):
+        torch.manual_seed(0)
+        holder = nn.Module()
+        holder.blocks = nn.ModuleDict({"0": DiTBlock(DiTArgs(hidden_size=D, num_heads=4))})
+        holder.blocks["0"].attn.core_attention = build_cp_attention(meshes, "ring")
+        apply_activation_checkpointing(holder, mode, build_rng_tracker(0, 0, 0, "cpu"))
+        cond = Conditioning(c_BD=torch.ones(B, D), text_BLD=torch.ones(B, 5, D),
+                            text_mask_BL=torch.ones(B, 5, dtype=torch.bool), rope_SP2=rope)
+        xl = x.clone().requires_grad_()
+        y = None
+
+        def fwd():
+            nonlocal y
+            y = holder.blocks["0"](xl, cond)
+            return y
+
+        kept = live_bytes_of(fwd)
+        with COMM_COUNTER.counting():
+            y.square().sum().backward()
+        out[mode] = (COMM_COUNTER.total(), kept, xl.grad.clone())
+    same = all(torch.allclose(out[m][2], out["none"][2], rtol=1e-5, atol=1e-7) for m in ("op", "full"))
+    return {m: out[m][:2] for m in out} | {"same_grads": same}
+
+
+def test_op_checkpointing_keeps_the_ring_whole():
+    """With op-level SAC the ring is one cached op: backward sends exactly what it sends without
+    recompute (no K/V re-sent), while full recompute re-runs the forward ring."""
+    res = run_distributed(_ring_under_checkpointing, 2)
+    assert res["same_grads"]
+    (none_sent, none_kept), (op_sent, op_kept), (full_sent, full_kept) = res["none"], res["op"], res["full"]
+    assert op_sent == none_sent < full_sent
+    assert full_kept < op_kept < none_kept

@@ -78,6 +78,14 @@ def test_corrupt_checkpoint_names_the_file(tmp_path):
         Trainer(make_cfg(tmp_path, steps=6))
 
 
+def test_damaged_rank_state_names_the_folder(tmp_path):
+    cfg = make_cfg(tmp_path, steps=3)
+    run(cfg)
+    (tmp_path / "checkpoints" / "step_00000003" / "rank_state" / "rank00000.json").write_text("{trunc")
+    with pytest.raises(ckpt.CheckpointError, match="rank_state is unreadable.*delete this step folder"):
+        Trainer(make_cfg(tmp_path, steps=6))
+
+
 def test_nonfinite_loss_is_skipped_then_stops(tmp_path):
     cfg = make_cfg(tmp_path, steps=6, max_nonfinite_streak=2)
     cfg.optim.lr = 1e30  # blows the weights up after the first update
@@ -119,3 +127,15 @@ def test_resume_across_recompute_settings_keeps_ema(tmp_path):
     second, tr = run(make_cfg(tmp_path / "b"))  # resumed without recompute
     assert first + second == full
     assert set(tr.ema.shadow) == {n for n, _ in tr.model.named_parameters()}
+
+
+def test_compiled_blocks_with_checkpointing_train_like_eager(tmp_path):
+    """train.compile with full and op-level recompute (the trainer's order: checkpoint, then
+    compile each block) gives the eager run's losses."""
+    losses = {}
+    for name, ac, comp in (("eager", "none", False), ("full", "full", True), ("op", "op", True)):
+        cfg = make_cfg(tmp_path / name, steps=2, activation_checkpointing=ac, compile=comp)
+        cfg.model.dropout = 0.0
+        losses[name], _ = run(cfg)
+    for name in ("full", "op"):
+        assert losses[name] == pytest.approx(losses["eager"], rel=1e-5), (name, losses)

@@ -74,11 +74,25 @@ def test_delayed_fp8_recipe_is_refused_with_pipeline_or_context_parallel():
         validate(cfg, world_size=2)
 
 
+def test_op_checkpointing_is_refused_with_zero_bubble_schedules():
+    """Measured: torch raises 'Trying to backward an extra time' when ZBV splits the backward
+    of an op-checkpointed block in two."""
+    from sora_dist.config import ConfigError, JobConfig, validate
+    cfg = JobConfig()
+    cfg.model.depth = 4
+    cfg.train.activation_checkpointing = "op"
+    cfg.parallel.pp, cfg.parallel.pp_microbatches = 2, 2
+    validate(cfg, world_size=2)  # 1f1b
+    cfg.parallel.pp_schedule, cfg.parallel.pp_virtual_stages = "zbv", 2
+    with pytest.raises(ConfigError, match="pp_schedule=zbv"):
+        validate(cfg, world_size=2)
+
+
 def test_op_checkpointing_with_compile_refuses_tracked_dropout_only():
     from sora_dist.config import ConfigError, JobConfig, validate
     cfg = JobConfig()
     cfg.train.activation_checkpointing, cfg.train.compile = "op", True
     validate(cfg)
     cfg.model.dropout, cfg.parallel.tp = 0.1, 2
-    with pytest.raises(ConfigError, match="per-shard dropout"):
+    with pytest.raises(ConfigError, match="op with train.compile cannot replay the per-shard dropout"):
         validate(cfg, world_size=2)
