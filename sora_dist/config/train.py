@@ -18,7 +18,8 @@ class TrainConfig:
     # Autocast dtype on GPU: "bf16" or "fp32". CPU always runs fp32.
     mixed_precision: str = "bf16"
     # Activation checkpointing: "none", "full" (every block), "selective" (every other block) or
-    # "op" (every block, keeping matmul and attention-kernel outputs, recomputing the rest).
+    # "op" (every block, keeping matmul and attention-kernel outputs, recomputing the rest; not
+    # with the zero-bubble PP schedules or transformer-engine attention).
     activation_checkpointing: str = "none"
     # torch.compile each block.
     compile: bool = False
