@@ -21,6 +21,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
+from sora_dist.config.train import ACTIVATION_CHECKPOINTING
+
 GiB = 2**30
 # Rank grid sizes worth trying; TP stays inside a node (its collectives are per layer).
 GPUS_PER_NODE = 8
@@ -134,7 +136,7 @@ def step_flops(m: ModelDims, seq: int, samples: int, recompute: str = "none") ->
     return model, Flops(model.linear + extra * blk.linear, model.attention + extra * blk.attention)
 
 
-RECOMPUTES = ("none", "op", "selective", "full")  # by rising recompute cost
+RECOMPUTES = ACTIVATION_CHECKPOINTING  # by rising recompute cost
 
 
 def recomputed_fraction(depth: int, recompute: str) -> float:

@@ -5,6 +5,10 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 
+# train.activation_checkpointing values, by rising recompute cost (the planner ranks them so).
+ACTIVATION_CHECKPOINTING = ("none", "op", "selective", "full")
+
+
 @dataclass
 class TrainConfig:
     # Optimizer steps to run (the LR schedule ends here).

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+from sora_dist.config.train import ACTIVATION_CHECKPOINTING
+
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message says which field and how to fix it."""
@@ -81,7 +83,7 @@ def validate(cfg, world_size: Optional[int] = None) -> None:
     _check(t.device in ("auto", "cpu", "cuda"), f"train.device={t.device!r}: use auto, cpu or cuda")
     _check(t.mixed_precision in ("bf16", "fp32"),
            f"train.mixed_precision={t.mixed_precision!r}: use 'bf16' or 'fp32'")
-    _check(t.activation_checkpointing in ("none", "selective", "op", "full"),
+    _check(t.activation_checkpointing in ACTIVATION_CHECKPOINTING,
            f"train.activation_checkpointing={t.activation_checkpointing!r}: use none, selective, op or full")
     # TE attention is no aten op the SAC policy could keep: op would recompute attention itself.
     _check(not (t.activation_checkpointing == "op" and m.attention_backend == "te"),

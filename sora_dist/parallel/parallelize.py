@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from sora_dist.config.train import ACTIVATION_CHECKPOINTING
 from sora_dist.parallel.fsdp import allreduce_grads, apply_fsdp, fsdp_mesh, mp_policy, reduce_partial_grads
 from sora_dist.parallel.rng import (RNGStatesTracker, TrackedDropout, build_rng_tracker, checkpoint_context_fn,
                                    mix_seed)
@@ -143,9 +144,6 @@ def apply_cp_attention(model: nn.Module, meshes, mode: str, ring_kernel: str = "
                                                      te_context_parallel=te_context_parallel)
 
 
-AC_MODES = ("none", "selective", "op", "full")
-
-
 def sac_save_ops() -> set:
     """Ops whose outputs op-level selective checkpointing keeps: the matmuls (nn.Linear lowers
     to mm/addmm; FP8 to _scaled_mm), the fused attention kernels (output and log-sum-exp) and
@@ -199,8 +197,8 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, tracker: RNGStat
     """"full": every block; "selective": every other block; "op": every block, keeping the
     outputs of matmuls and attention kernels (sac_save_ops) and recomputing the rest. Before
     FSDP, so FSDP wraps the wrapper."""
-    if mode not in AC_MODES:
-        raise ValueError(f"train.activation_checkpointing={mode!r}: use one of {AC_MODES}")
+    if mode not in ACTIVATION_CHECKPOINTING:
+        raise ValueError(f"train.activation_checkpointing={mode!r}: use one of {ACTIVATION_CHECKPOINTING}")
     if mode == "none":
         return
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
