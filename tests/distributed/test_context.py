@@ -187,7 +187,8 @@ def test_dit_block_hybrid_matches_single_process():
 def _recompute_and_compile(rank, world, mode):
     """The CP module under activation recompute and torch.compile (as parallelize_dit applies
     them) gives the eager result: recompute re-runs the communication in backward, in the same
-    order on every rank; dynamo handles the autograd.Functions with collectives / P2P inside."""
+    order on every rank; dynamo handles the autograd.Functions (Ulysses) and custom ops (ring)
+    with collectives / P2P inside."""
     from torch.utils.checkpoint import checkpoint
 
     from sora_dist.models.dit import Conditioning, DiTArgs, DiTBlock
