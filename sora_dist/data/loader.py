@@ -112,10 +112,9 @@ class ShardLoader:
         self._prefetch = None
 
     # ---- order ------------------------------------------------------------------------------
-    def epoch_shards(self, epoch: int, override=None) -> list[tuple[str, int]]:
+    def epoch_shards(self, epoch: int, override: Optional[tuple] = None) -> list[tuple[str, int]]:
         """Every shard the epoch delivers, in global order (a seeded permutation; after a DP
         resize, the override's remaining shards for its epoch)."""
-        override = self.epoch_override if override is None else override
         if override is not None and int(override[0]) == epoch:
             counts = dict(self.shards)
             return [(n, counts[n]) for n in override[1]]
@@ -123,7 +122,7 @@ class ShardLoader:
         return [self.shards[i] for i in perm]
 
     def rank_shards(self, epoch: int) -> list[tuple[str, int]]:
-        return self.epoch_shards(epoch)[self.dp_rank::self.dp_size]
+        return self.epoch_shards(epoch, self.epoch_override)[self.dp_rank::self.dp_size]
 
     def blocks(self, epoch: int) -> list[list[str]]:
         return self._group_blocks(self.rank_shards(epoch))
@@ -281,7 +280,7 @@ class ShardLoader:
         if len(overrides) > 1:
             raise ValueError("old DP ranks disagree on the shards of the resized epoch; the "
                              "checkpoint's rank states are not from one run")
-        override = json.loads(overrides.pop()) if overrides else (-1, [])
+        override = json.loads(overrides.pop()) if overrides else None
         everything = self.epoch_shards(epoch, override)
         done: set[str] = set()
         for sd in states:

@@ -377,7 +377,7 @@ def _(dout, q, k, v, out, lse, mask_BS, group_name, scale, rows, kernel):
 
 def _ring_op_backward(ctx, dout, _dlse):
     q, k, v, out, lse, mask_BS = ctx.saved_tensors
-    dq, dk, dv = _ring_bwd_op(dout.contiguous(), q, k, v, out, lse, mask_BS, *ctx.args)
+    dq, dk, dv = _ring_bwd_op(dout, q, k, v, out, lse, mask_BS, *ctx.args)
     return dq, dk, dv, None, None, None, None, None
 
 
