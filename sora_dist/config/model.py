@@ -45,6 +45,10 @@ class ModelConfig:
     # "cudnn" | "flash" | "efficient" | "math"); the others stay as fallbacks for calls it
     # cannot take. tools/bench_step.py --sdpa-kernel compares them on a GPU.
     sdpa_kernel: str = "auto"
+    # adaLN-Zero: the blocks' gates and the final layer start at zero, so every block starts
+    # as the identity and the first output is 0 (DiT). false keeps them random: the loss then
+    # depends on every weight from step 0 (what layout-equivalence tests need).
+    zero_init: bool = True
     # Dropout inside attention/MLP (0 for diffusion pre-training).
     dropout: float = 0.0
     # FP8 matmuls for the blocks' attention/MLP linears (embedders, adaLN, final layer stay in

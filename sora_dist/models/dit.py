@@ -35,13 +35,14 @@ class DiTArgs:
     attention_backend: str = "sdpa"
     sdpa_kernel: str = "auto"
     dropout: float = 0.0
+    zero_init: bool = True
 
     @classmethod
     def from_config(cls, m) -> "DiTArgs":
         return cls(
             in_channels=m.in_channels, mlp_ratio=m.mlp_ratio, patch_size=tuple(m.patch_size),
             text_dim=m.text_dim, qk_norm=m.qk_norm, attention_backend=m.attention_backend,
-            sdpa_kernel=m.sdpa_kernel, dropout=m.dropout, **m.resolved(),
+            sdpa_kernel=m.sdpa_kernel, dropout=m.dropout, zero_init=m.zero_init, **m.resolved(),
         )
 
 
@@ -223,10 +224,10 @@ class VideoDiT(nn.Module):
         self.init_weights()
 
     @torch.no_grad()
-    def init_weights(self, zero_init: bool = True) -> None:
-        """DiT init: xavier linears, N(0, .02) embedders; adaLN and output zeroed (adaLN-Zero).
-        zero_init=False keeps every weight random (used by gradient-equivalence tests)."""
-        init_dit_weights(self, zero_init)
+    def init_weights(self, zero_init: Optional[bool] = None) -> None:
+        """DiT init: xavier linears, N(0, .02) embedders; adaLN and output zeroed (adaLN-Zero)
+        unless zero_init (default: args.zero_init) is False, which keeps every weight random."""
+        init_dit_weights(self, self.args.zero_init if zero_init is None else zero_init)
 
     def embed(
         self, x_BCTHW: torch.Tensor, t_B: torch.Tensor, text_BLD: torch.Tensor,

@@ -62,9 +62,9 @@ class DiTStage(nn.Module):
             self.final_layer = model.final_layer
         self.shape_THW = self.grid = None
 
-    def init_weights(self, zero_init: bool = True) -> None:
+    def init_weights(self, zero_init=None) -> None:
         """VideoDiT's init of this stage's parts (train.meta_init materialises stages)."""
-        init_dit_weights(self, zero_init)
+        init_dit_weights(self, self.args.zero_init if zero_init is None else zero_init)
 
     # The same seams as VideoDiT, so parallelize_dit's sequence sharding wraps them the same way.
     embed = VideoDiT.embed
