@@ -132,7 +132,7 @@ def test_mlp_width_rejection():
 
 
 def test_cp_attention_mode():
-    assert P.cp_attention_mode(24, 1, 8, 8) == ("ulysses", 8, P.cp_attention_mode(24, 1, 8, 8)[2])
+    assert P.cp_attention_mode(24, 1, 8, 8) == ("ulysses", 8, "")  # 8 | 24 heads, in one node
     mode, u, _ = P.cp_attention_mode(24, 1, 16, 8)   # 16 does not divide 24: Ulysses 8 x ring 2
     assert (mode, u) == ("hybrid", 8)
     mode, u, _ = P.cp_attention_mode(5, 1, 4, 8)     # 5 heads: nothing divides, ring only
