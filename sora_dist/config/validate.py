@@ -3,6 +3,12 @@ from __future__ import annotations
 
 from typing import Optional
 
+from sora_dist.config.model import (
+    ATTENTION_BACKENDS, FP8_LINEARS, FP8_RECIPES, SDPA_KERNELS, DiTArgs, shape_problems,
+)
+from sora_dist.config.parallel import (
+    CP_MODES, PP_SCHEDULES, PP_ZERO_BUBBLE_SCHEDULES, RING_KERNELS, layout_problems,
+)
 from sora_dist.config.train import ACTIVATION_CHECKPOINTING
 
 
@@ -15,6 +21,18 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def _check_none(problems: list[str]) -> None:
+    """Raise the first of a shared rule's problems (config/model.py, config/parallel.py)."""
+    if problems:
+        raise ConfigError(problems[0])
+
+
+def _either(options, quote: bool = False) -> str:
+    """("a", "b", "c") -> "a, b or c" (quoted: "'a', 'b' or 'c'"), for "use ..." messages."""
+    words = [repr(o) if quote else o for o in options]
+    return ", ".join(words[:-1]) + " or " + words[-1]
+
+
 def validate(cfg, world_size: Optional[int] = None) -> None:
     """Validate a JobConfig. With world_size, also check the parallel layout against it."""
     m, p, d, diff, o, t = cfg.model, cfg.parallel, cfg.data, cfg.diffusion, cfg.optim, cfg.train
@@ -23,12 +41,9 @@ def validate(cfg, world_size: Optional[int] = None) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     hidden, heads, depth = dims["hidden_size"], dims["num_heads"], dims["depth"]
-    _check(hidden > 0 and heads > 0 and depth > 0,
-           f"model: hidden_size={hidden}, num_heads={heads}, depth={depth} must all be > 0")
-    _check(hidden % heads == 0,
-           f"model.hidden_size={hidden} is not divisible by model.num_heads={heads}; "
-           f"pick heads that divide it (e.g. {_divisors_near(hidden, heads)})")
-    head_dim = hidden // heads
+    _check_none(shape_problems(hidden, heads, depth))
+    args = DiTArgs.from_config(m)
+    head_dim = args.head_dim
     # 3D RoPE splits the rotary half-dims over (t, h, w); it needs an even head dim >= 6.
     _check(head_dim % 2 == 0 and head_dim >= 6,
            f"model: head dim hidden_size/num_heads={head_dim} must be even and >= 6 for 3D RoPE")
@@ -36,14 +51,14 @@ def validate(cfg, world_size: Optional[int] = None) -> None:
            f"model.patch_size={list(m.patch_size)} must be three positive ints [pt, ph, pw]")
     _check(m.in_channels >= 1, f"model.in_channels={m.in_channels} must be >= 1")
     _check(m.text_dim >= 1, f"model.text_dim={m.text_dim} must be >= 1")
-    _check(m.sdpa_kernel in ("auto", "cudnn", "flash", "efficient", "math"),
-           f"model.sdpa_kernel={m.sdpa_kernel!r}: use auto, cudnn, flash, efficient or math")
-    _check(m.attention_backend in ("sdpa", "te"),
-           f"model.attention_backend={m.attention_backend!r}: use 'sdpa' or 'te'")
-    _check(m.fp8_linears in ("none", "torchao", "te"),
-           f"model.fp8_linears={m.fp8_linears!r}: use 'none', 'torchao' or 'te'")
-    _check(m.fp8_recipe in ("current", "delayed"),
-           f"model.fp8_recipe={m.fp8_recipe!r}: use 'current' or 'delayed'")
+    _check(m.sdpa_kernel in SDPA_KERNELS,
+           f"model.sdpa_kernel={m.sdpa_kernel!r}: use {_either(SDPA_KERNELS)}")
+    _check(m.attention_backend in ATTENTION_BACKENDS,
+           f"model.attention_backend={m.attention_backend!r}: use {_either(ATTENTION_BACKENDS, True)}")
+    _check(m.fp8_linears in FP8_LINEARS,
+           f"model.fp8_linears={m.fp8_linears!r}: use {_either(FP8_LINEARS, True)}")
+    _check(m.fp8_recipe in FP8_RECIPES,
+           f"model.fp8_recipe={m.fp8_recipe!r}: use {_either(FP8_RECIPES, True)}")
     _check(not m.fp8_attention or m.attention_backend == "te",
            "model.fp8_attention=true needs model.attention_backend=te (SDPA has no FP8 path)")
     uses_te_fp8 = m.fp8_attention or m.fp8_linears == "te"
@@ -93,7 +108,7 @@ def validate(cfg, world_size: Optional[int] = None) -> None:
     # Zero-bubble schedules run a block's backward in two passes (inputs, then weights); op-level
     # checkpointing's cached outputs can serve only one (torch raises "backward an extra time").
     _check(not (t.activation_checkpointing == "op" and p.pp > 1
-                and p.pp_schedule in ("interleaved_zb", "zbv")),
+                and p.pp_schedule in PP_ZERO_BUBBLE_SCHEDULES),
            f"train.activation_checkpointing=op does not combine with parallel.pp_schedule="
            f"{p.pp_schedule} (it splits each backward in two passes); use 1f1b / interleaved_1f1b / "
            f"gpipe, or activation_checkpointing=full|selective")
@@ -128,36 +143,22 @@ def validate(cfg, world_size: Optional[int] = None) -> None:
                f"data.synthetic_buckets={d.synthetic_buckets} must be a list of [T, H, W]")
         _check(d.text_len >= 1, f"data.text_len={d.text_len} must be >= 1")
 
-    for name in ("tp", "cp", "pp", "dp_replicate", "pp_microbatches", "pp_virtual_stages"):
+    for name in ("tp", "cp", "pp", "dp_replicate", "ulysses_degree", "pp_microbatches",
+                 "pp_virtual_stages"):
         _check(getattr(p, name) >= 1, f"parallel.{name}={getattr(p, name)} must be >= 1")
     _check(p.dp == -1 or p.dp >= 1, f"parallel.dp={p.dp} must be >= 1 or -1 (fill the world)")
-    _check(p.cp_mode in ("ulysses", "ring", "hybrid"),
-           f"parallel.cp_mode={p.cp_mode!r}: use ulysses, ring or hybrid")
-    _check(p.ring_kernel in ("auto", "fused", "math"),
-           f"parallel.ring_kernel={p.ring_kernel!r}: use auto, fused or math")
+    _check(p.cp_mode in CP_MODES, f"parallel.cp_mode={p.cp_mode!r}: use {_either(CP_MODES)}")
+    _check(p.ring_kernel in RING_KERNELS,
+           f"parallel.ring_kernel={p.ring_kernel!r}: use {_either(RING_KERNELS)}")
     _check(p.backend in ("auto", "gloo", "nccl"), f"parallel.backend={p.backend!r}: use auto, gloo or nccl")
-    ulysses = {"ulysses": p.cp, "ring": 1, "hybrid": p.ulysses_degree}[p.cp_mode]
-    if p.cp_mode == "hybrid":
-        _check(p.cp % p.ulysses_degree == 0,
-               f"parallel.cp={p.cp} is not divisible by parallel.ulysses_degree={p.ulysses_degree}")
-    _check(heads % (p.tp * ulysses) == 0,
-           f"model.num_heads={heads} is not divisible by tp*ulysses={p.tp}*{ulysses}; "
-           f"change parallel.tp / parallel.cp (Ulysses degree) or model.num_heads")
-    mlp = int(hidden * m.mlp_ratio)
-    _check(mlp % p.tp == 0, f"MLP width {mlp} (hidden*mlp_ratio) is not divisible by parallel.tp={p.tp}")
-    schedules = ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv")
-    _check(p.pp_schedule in schedules, f"parallel.pp_schedule={p.pp_schedule!r}: use one of {list(schedules)}")
+    _check(p.pp_schedule in PP_SCHEDULES,
+           f"parallel.pp_schedule={p.pp_schedule!r}: use one of {list(PP_SCHEDULES)}")
+    # The same rules the planner applies to its candidate layouts.
+    _check_none(layout_problems(
+        heads=heads, mlp_width=args.mlp_width, depth=depth, tp=p.tp, cp=p.cp, cp_mode=p.cp_mode,
+        hybrid_degree=p.ulysses_degree, pp=p.pp, pp_schedule=p.pp_schedule,
+        virtual=p.pp_virtual_stages, microbatches=p.pp_microbatches))
     if p.pp > 1:
-        virtual = 2 if p.pp_schedule == "zbv" else p.pp_virtual_stages
-        _check(not (p.pp_schedule in ("gpipe", "1f1b") and virtual != 1),
-               f"parallel.pp_schedule={p.pp_schedule} runs one stage per rank; set "
-               f"parallel.pp_virtual_stages=1 or use interleaved_1f1b")
-        _check(not (p.pp_schedule in ("interleaved_1f1b", "interleaved_zb") and virtual < 2),
-               f"parallel.pp_schedule={p.pp_schedule} needs parallel.pp_virtual_stages >= 2")
-        stages = p.pp * virtual
-        _check(depth >= stages, f"model depth={depth} < pp*pp_virtual_stages={stages}: fewer stages")
-        _check(p.pp_microbatches >= p.pp,
-               f"parallel.pp_microbatches={p.pp_microbatches} must be >= parallel.pp={p.pp}")
         for key, bs in [("", d.batch_size)] + sorted(getattr(d, "bucket_batch_size", {}).items()):
             _check(bs % p.pp_microbatches == 0,
                    f"data.{'bucket_batch_size[' + key + ']' if key else 'batch_size'}={bs} must divide "
@@ -184,8 +185,3 @@ def check_world(p, world_size: int) -> None:
            f"{world_size}; set parallel.dp=-1 or launch {p.tp * p.cp * p.pp * dp} processes")
     _check(dp % p.dp_replicate == 0,
            f"dp={dp} is not divisible by parallel.dp_replicate={p.dp_replicate}")
-
-
-def _divisors_near(n: int, k: int) -> list[int]:
-    divs = [x for x in range(1, n + 1) if n % x == 0]
-    return sorted(divs, key=lambda x: abs(x - k))[:3]

@@ -6,6 +6,8 @@ Single-device code, readable like facebookresearch/DiT. Parallelism is applied f
     blocks and FQNs stay stable), `head()` -> output latents;
   * attention goes through `CoreAttention` modules that context parallelism swaps out;
   * `Conditioning` carries what every block needs (timestep vector, text, masks, RoPE table).
+The dimensions come in as `DiTArgs` (sora_dist/config/model.py, torch-free: it also counts
+parameters and FLOPs for the trainer's MFU and the layout planner).
 """
 from __future__ import annotations
 
@@ -16,34 +18,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sora_dist.config.model import DiTArgs
 from sora_dist.models.attention import CoreAttention
 from sora_dist.models.embeddings import (
     PatchEmbed3D, TimestepEmbedder, apply_rope, build_rope_3d, unpatchify,
 )
-
-
-@dataclass
-class DiTArgs:
-    in_channels: int = 4
-    hidden_size: int = 64
-    depth: int = 2
-    num_heads: int = 4
-    mlp_ratio: float = 4.0
-    patch_size: tuple[int, int, int] = (1, 2, 2)
-    text_dim: int = 32
-    qk_norm: bool = True
-    attention_backend: str = "sdpa"
-    sdpa_kernel: str = "auto"
-    dropout: float = 0.0
-    zero_init: bool = True
-
-    @classmethod
-    def from_config(cls, m) -> "DiTArgs":
-        return cls(
-            in_channels=m.in_channels, mlp_ratio=m.mlp_ratio, patch_size=tuple(m.patch_size),
-            text_dim=m.text_dim, qk_norm=m.qk_norm, attention_backend=m.attention_backend,
-            sdpa_kernel=m.sdpa_kernel, dropout=m.dropout, zero_init=m.zero_init, **m.resolved(),
-        )
 
 
 @dataclass
