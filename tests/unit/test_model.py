@@ -45,6 +45,43 @@ def test_patchify_roundtrip_is_identity():
     assert grid == (2, 3, 4) and tokens.shape == (1, 24, 24)
 
 
+def _identity_patch_embed(C: int, patch: tuple[int, int, int]) -> PatchEmbed3D:
+    """PatchEmbed3D whose conv copies each patch's voxel (c, it, ih, iw) to output channel
+    ((it * ph + ih) * pw + iw) * C + c: the (pt ph pw c) order unpatchify reads back."""
+    pt, ph, pw = patch
+    pe = PatchEmbed3D(C, C * pt * ph * pw, patch)
+    w = torch.zeros_like(pe.proj.weight)  # (D, C, pt, ph, pw)
+    for it in range(pt):
+        for ih in range(ph):
+            for iw in range(pw):
+                for c in range(C):
+                    w[((it * ph + ih) * pw + iw) * C + c, c, it, ih, iw] = 1.0
+    with torch.no_grad():
+        pe.proj.weight.copy_(w)
+        pe.proj.bias.zero_()
+    return pe
+
+
+@pytest.mark.parametrize("thw, patch", [((4, 6, 8), (2, 2, 2)), ((3, 5, 7), (2, 2, 2)), ((5, 7, 4), (1, 2, 3)),
+                                        ((2, 3, 9), (2, 3, 2)), ((1, 1, 1), (1, 2, 2))])
+def test_patch_embed_then_unpatchify_recovers_the_input(thw, patch):
+    """unpatchify(PatchEmbed3D(x)) with a copying projection gives x back: the token order
+    (t, h, w), the per-token (pt, ph, pw, c) layout, the zero padding at the end of each axis and
+    the crop all agree between the two. Non-cubic patches and grids catch swapped axes."""
+    C = 3
+    pe = _identity_patch_embed(C, patch)
+    x = torch.randn(2, C, *thw)
+    tokens, grid = pe(x)
+    assert grid == tuple(-(-n // p) for n, p in zip(thw, patch))
+    assert tokens.shape == (2, grid[0] * grid[1] * grid[2], C * patch[0] * patch[1] * patch[2])
+    assert torch.equal(unpatchify(tokens, grid, patch, C, thw), x)
+    # Uncropped: the input zero-padded at the end of T, H and W.
+    padded = tuple(g * p for g, p in zip(grid, patch))
+    want = torch.zeros(2, C, *padded)
+    want[:, :, :thw[0], :thw[1], :thw[2]] = x
+    assert torch.equal(unpatchify(tokens, grid, patch, C, padded), want)
+
+
 def test_text_mask_hides_padding_tokens():
     m = tiny()
     x, t = torch.randn(1, 4, 2, 4, 4), torch.tensor([7])
@@ -78,8 +115,23 @@ def test_rope_is_relative_in_every_axis():
         kb = apply_rope(k.view(1, 1, 1, hd), rope[b].view(1, hd // 2, 2)).flatten()
         return (qa * kb).sum()
 
+    def add(p, d):
+        return tuple(x + y for x, y in zip(p, d))
+
     assert torch.allclose(score((1, 2, 3), (0, 1, 1)), score((3, 4, 5), (2, 3, 3)), atol=1e-5)
     assert not torch.allclose(score((1, 2, 3), (0, 1, 1)), score((1, 2, 3), (0, 1, 2)), atol=1e-3)
+    a, b = (1, 1, 2), (0, 2, 1)
+    for axis in range(3):
+        unit = tuple(int(i == axis) for i in range(3))
+        # Shifting both positions along this axis alone keeps the score (relative) ...
+        for d in (1, 2):
+            shift = tuple(d * u for u in unit)
+            assert torch.allclose(score(a, b), score(add(a, shift), add(b, shift)), atol=1e-5), (axis, d)
+        # ... while changing the offset along this axis alone changes it (the axis is encoded).
+        assert not torch.allclose(score(a, b), score(add(a, unit), b), atol=1e-3), axis
+        assert not torch.allclose(score(a, b), score(a, add(b, unit)), atol=1e-3), axis
+    # A shift in all axes at once.
+    assert torch.allclose(score(a, b), score(add(a, (2, 2, 3)), add(b, (2, 2, 3))), atol=1e-5)
 
 
 @pytest.mark.parametrize("flavor, lo, hi", [("1B", 0.7e9, 1.5e9), ("7B", 5e9, 9e9), ("30B", 2e10, 4e10)])
