@@ -30,8 +30,8 @@ from sora_dist.parallel.context import (
     COMM_COUNTER, DEFAULT_MAX_SCORE_ELEMS, build_cp_attention, shard_sequence,
 )
 from sora_dist.parallel.dims import ParallelDims
-from sora_dist.planner import cpu_peak_bytes
 from sora_dist.parallel.spawn import run_distributed
+from sora_dist.planning.measure import cpu_peak_bytes, saved_bytes_of
 
 LAYOUTS = [  # (label, mode, cp_ring, cp_ulysses, ring block kernel)
     ("cp1", None, 1, 1, "auto"),
@@ -40,20 +40,6 @@ LAYOUTS = [  # (label, mode, cp_ring, cp_ulysses, ring block kernel)
     ("cp4 ulysses", "ulysses", 1, 4, "auto"), ("cp4 ring", "ring", 4, 1, "auto"),
     ("cp4 ring math", "ring", 4, 1, "math"), ("cp4 hybrid 2x2", "hybrid", 2, 2, "auto"),
 ]
-
-
-def _saved_bytes(step) -> int:
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = step()
-    loss.backward()
-    return sum(seen.values())
 
 
 def _worker(rank, world, mode, ring, ulysses, kernel, what, B, H, S, D, iters, max_score_elems):
@@ -91,7 +77,7 @@ def _worker(rank, world, mode, ring, ulysses, kernel, what, B, H, S, D, iters, m
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
     stats = torch.tensor([statistics.median(times), statistics.median(cpu), cpu_peak_bytes(lambda: step().backward()),
-                          _saved_bytes(step), sent], dtype=torch.float64)
+                          saved_bytes_of(step), sent], dtype=torch.float64)
     dist.all_reduce(stats, op=dist.ReduceOp.MAX)  # the slowest / fullest rank bounds the step
     return stats.tolist()
 

@@ -5,7 +5,7 @@
 
 One step = forward + backward of `--blocks` DiTBlocks (models/dit.py) on `--batch` samples of
 `--tokens` video tokens and `--text-len` caption tokens. FLOPs per step come from
-sora_dist.planner.block_forward_flops (x3 for fwd+bwd), so the figure is the one the planner's
+DiTArgs.block_forward_flops (x3 for fwd+bwd), so the figure is the one the planner's
 step-time estimate assumes. MFU = achieved / peak:
   * CUDA: bf16 weights (as FSDP's param_dtype) under bf16 autocast, timed with CUDA events after
     warm-up; peak --peak-tflops (default 989 bf16 / 1979 fp8, H100 SXM dense); memory is
@@ -30,10 +30,15 @@ import time
 
 import torch
 
-from sora_dist import planner as P
+from sora_dist import planning as P
+from sora_dist.config.model import SDPA_KERNELS
 from sora_dist.models.attention import CoreAttention
 from sora_dist.models.dit import Conditioning, DiTArgs, DiTBlock
 from sora_dist.models.embeddings import build_rope_3d
+from sora_dist.models.fp8 import build_te_recipe, convert_te, convert_torchao
+from sora_dist.parallel.parallelize import apply_activation_checkpointing
+from sora_dist.parallel.rng import build_rng_tracker
+from sora_dist.planning.measure import cpu_peak_bytes, live_bytes_of, saved_bytes_of
 
 H100_PEAK = {"bf16": 989.0, "fp8": 1979.0}
 
@@ -57,7 +62,7 @@ def parse_args(argv=None):
                     help="comma list of none|op|full (train.activation_checkpointing per block): "
                          "one row each, e.g. none,op,full")
     ap.add_argument("--compile", action="store_true", help="torch.compile each block (train.compile)")
-    ap.add_argument("--sdpa-kernel", default="auto", choices=("auto", "cudnn", "flash", "efficient", "math"),
+    ap.add_argument("--sdpa-kernel", default="auto", choices=SDPA_KERNELS,
                     help="SDPA kernel tried first (model.sdpa_kernel)")
     return ap.parse_args(argv)
 
@@ -101,6 +106,13 @@ def cpu_matmul_peak_tflops(n: int = 1024, reps: int = 10) -> float:
     return 2 * n**3 / best / 1e12
 
 
+def bench_args(a, **build) -> DiTArgs:
+    """The benchmarked blocks' dimensions; the caption comes in already projected, so its
+    width is the hidden size."""
+    return DiTArgs(hidden_size=a.hidden, depth=a.blocks, num_heads=a.heads, mlp_ratio=a.mlp_ratio,
+                   text_dim=a.hidden, **build)
+
+
 class Stack(torch.nn.Module):
     def __init__(self, args: DiTArgs, n: int):
         super().__init__()
@@ -136,29 +148,20 @@ def run(a, device, variant: str, recompute: str) -> dict:
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     attn = "fp8" if variant == "fp8" else "sdpa"
-    args = DiTArgs(hidden_size=a.hidden, depth=a.blocks, num_heads=a.heads, mlp_ratio=a.mlp_ratio,
-                   text_dim=a.hidden, attention_backend="te" if attn == "fp8" else "sdpa",
-                   sdpa_kernel=a.sdpa_kernel)
+    args = bench_args(a, attention_backend="te" if attn == "fp8" else "sdpa", sdpa_kernel=a.sdpa_kernel)
     torch.manual_seed(0)
     model = Stack(args, a.blocks).to(device, dtype)  # bf16 weights = FSDP param_dtype
     # adaLN-Zero gates start at 0; random gates keep every branch's gradient alive.
     for blk in model.blocks.values():
         torch.nn.init.normal_(blk.adaLN_modulation[-1].weight, std=0.02)
     if variant == "fp8-lin":
-        from sora_dist.models.fp8 import convert_torchao
-
         convert_torchao(model)
     if variant == "fp8":  # what model.fp8_attention=true + model.fp8_linears=te set up
-        from sora_dist.models.fp8 import build_te_recipe, convert_te
-
         recipe = build_te_recipe("current", fp8_dpa=True)
         for mod in model.modules():
             if isinstance(mod, CoreAttention):
                 mod.fp8_recipe = recipe
         convert_te(model, "current")
-    from sora_dist.parallel.parallelize import apply_activation_checkpointing
-    from sora_dist.parallel.rng import build_rng_tracker
-
     # Checkpointing before compile, as parallelize_dit does (compiled code under an active SAC
     # dispatch mode would otherwise run eagerly).
     apply_activation_checkpointing(model, recompute, build_rng_tracker(0, 0, 0, device.type))
@@ -198,11 +201,11 @@ def run(a, device, variant: str, recompute: str) -> dict:
             t0 = time.perf_counter()
             step()
             times.append(time.perf_counter() - t0)
-        peak = P.cpu_peak_bytes(step)
+        peak = cpu_peak_bytes(step)
     if recompute == "op":  # its outputs sit in the checkpoint's op cache, not in saved tensors
         kept = kept_bytes(fwd, device)
     else:
-        kept = P.saved_bytes_of(fwd, model.parameters())
+        kept = saved_bytes_of(fwd, model.parameters())
     return {"s": statistics.median(times), "peak": peak, "saved": kept,
             "grad_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
 
@@ -210,7 +213,7 @@ def run(a, device, variant: str, recompute: str) -> dict:
 def kept_bytes(fwd, device) -> int:
     """Bytes a forward leaves allocated (its output excluded)."""
     if device.type != "cuda":
-        return P.live_bytes_of(fwd)
+        return live_bytes_of(fwd)
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     out = fwd()
@@ -229,13 +232,12 @@ def bench_precision(device) -> "P.Precision":
 def estimate_saved(a, device, recompute: str) -> float:
     """Planner: N blocks' saved tensors plus what they share (RoPE table, caption, c); for op,
     what the forward leaves allocated (the first block's input existed before it)."""
-    m = P.ModelDims(hidden=a.hidden, depth=a.blocks, heads=a.heads, mlp_ratio=a.mlp_ratio,
-                    text_len=a.text_len, text_dim=a.hidden)
+    m = bench_args(a)
     prec = bench_precision(device)
-    acts = P.block_activations(m, "flash", prec, kv_len=a.tokens)
+    acts = P.block_activations(m, "flash", prec, a.tokens, a.text_len)
     S, B = a.tokens, a.batch
     if recompute == "op":
-        blocks = (a.blocks * P.sac_block_bytes(m, prec, S * B, B, 1)
+        blocks = (a.blocks * P.sac_block_bytes(m, prec, S * B, B, 1, a.text_len)
                   + (a.blocks - 1) * P.checkpoint_input_bytes(m, prec, S * B, 1))
         shared = 0.0
     elif recompute == "full":
@@ -250,11 +252,10 @@ def estimate_saved(a, device, recompute: str) -> float:
 def estimate_peak(a, device, saved_est: float, grad_bytes: int, recompute: str) -> float:
     """Planner: saved tensors + the recomputed block (if any) + backward's working gradients
     + the weights' gradients (allocated in backward, freed by zero_grad)."""
-    m = P.ModelDims(hidden=a.hidden, depth=a.blocks, heads=a.heads, mlp_ratio=a.mlp_ratio,
-                    text_len=a.text_len, text_dim=a.hidden)
+    m = bench_args(a)
     prec = bench_precision(device)
     S, B = a.tokens, a.batch
-    rec = P.recompute_transient_bytes(m, prec, recompute, S, S * B, B, 1)
+    rec = P.recompute_transient_bytes(m, prec, recompute, S, a.text_len, S * B, B, 1)
     return saved_est + rec + P.backward_working_bytes(m, prec, S * B, 1) + grad_bytes
 
 
@@ -268,9 +269,8 @@ def main(argv=None) -> int:
     dev_type = "cuda" if a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available()) else "cpu"
     device = torch.device(dev_type)
     cuda = dev_type == "cuda"
-    m = P.ModelDims(hidden=a.hidden, depth=a.blocks, heads=a.heads, mlp_ratio=a.mlp_ratio,
-                    text_len=a.text_len, text_dim=a.hidden)
-    f = P.block_forward_flops(m, a.tokens, a.batch)
+    m = bench_args(a)
+    f = m.block_forward_flops(a.tokens, a.text_len, a.batch)
     step_flops = 3 * a.blocks * f.total
     full_extra = a.blocks * f.total  # full recompute runs each block's forward again
     if cuda:

@@ -6,7 +6,7 @@
 
 Enumerates tp x cp x pp x dp = gpus with recompute none/op/selective/full (FSDP2 over dp*cp),
 rejects layouts that break divisibility or do not fit with --headroom, prints the fitting ones
-by throughput and recommends one (sora_dist/planner.py has the formulas and their sources).
+by throughput and recommends one (sora_dist/planning/ has the formulas and their sources).
 Step time = executed FLOPs / (gpus x peak x --mfu), times the 1F1B bubble; communication is
 not modelled beyond what --mfu absorbs.
 """
@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import argparse
 import collections
+import re
 import sys
 
-from sora_dist import planner as P
+from sora_dist import planning as P
 
 
 def parse_args(argv=None):
@@ -27,9 +28,9 @@ def parse_args(argv=None):
     m.add_argument("--depth", type=int)
     m.add_argument("--heads", type=int)
     m.add_argument("--mlp-ratio", type=float, default=4.0)
-    m.add_argument("--text-dim", type=int, default=4096, help="text encoder width (T5-XXL 4096)")
-    m.add_argument("--text-len", type=int, default=300, help="caption tokens per sample")
-    m.add_argument("--in-channels", type=int, default=16, help="VAE latent channels")
+    m.add_argument("--text-dim", type=int, default=P.T5_XXL_DIM, help="text encoder width (T5-XXL 4096)")
+    m.add_argument("--text-len", type=int, default=P.CAPTION_TOKENS, help="caption tokens per sample")
+    m.add_argument("--in-channels", type=int, default=P.LATENT_CHANNELS, help="VAE latent channels")
     w = ap.add_argument_group("workload and machine")
     w.add_argument("--tokens", type=int, default=460_000, help="video tokens per sample")
     w.add_argument("--micro-batch", type=int, default=1, help="samples per microbatch")
@@ -78,37 +79,41 @@ def row(p: P.Plan) -> str:
 
 def calibrate() -> int:
     """Planner vs saved_tensors_hooks on tiny real models (CPU fp32), both SDPA backends."""
+    # torch only here: planning itself is torch-free so the plan prints in milliseconds.
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from sora_dist.planning import measure
+
     torch.set_num_threads(1)
-    cases = [  # (dims, latent T/H/W, batch, recompute)
-        (P.ModelDims(48, 1, 4, text_dim=24, text_len=7, in_channels=4), (3, 8, 10), 2, "none"),
-        (P.ModelDims(64, 2, 4, text_dim=32, text_len=16, in_channels=4), (4, 16, 16), 1, "none"),
-        (P.ModelDims(96, 3, 6, text_dim=32, text_len=12, in_channels=4), (2, 16, 24), 2, "none"),
-        (P.ModelDims(64, 4, 4, text_dim=32, text_len=16, in_channels=4), (4, 16, 16), 2, "selective"),
-        (P.ModelDims(64, 4, 4, text_dim=32, text_len=16, in_channels=4), (4, 16, 16), 2, "full"),
-        (P.ModelDims(96, 3, 6, text_dim=32, text_len=12, in_channels=4), (2, 16, 24), 2, "op"),
+    dit = P.DiTArgs
+    cases = [  # (dims, caption tokens, latent T/H/W, batch, recompute)
+        (dit(hidden_size=48, depth=1, num_heads=4, text_dim=24), 7, (3, 8, 10), 2, "none"),
+        (dit(hidden_size=64, depth=2, num_heads=4, text_dim=32), 16, (4, 16, 16), 1, "none"),
+        (dit(hidden_size=96, depth=3, num_heads=6, text_dim=32), 12, (2, 16, 24), 2, "none"),
+        (dit(hidden_size=64, depth=4, num_heads=4, text_dim=32), 16, (4, 16, 16), 2, "selective"),
+        (dit(hidden_size=64, depth=4, num_heads=4, text_dim=32), 16, (4, 16, 16), 2, "full"),
+        (dit(hidden_size=96, depth=3, num_heads=6, text_dim=32), 12, (2, 16, 24), 2, "op"),
     ]
     print(f"{'backend':>7} {'D':>4} {'depth':>5} {'S':>5} {'B':>2} {'rc':>9} {'measured':>11} "
           f"{'estimate':>11} {'err':>7}")
     worst = 0.0
     for backend, kernel in (("flash", SDPBackend.FLASH_ATTENTION), ("math", SDPBackend.MATH)):
-        for m, grid, b, rc in cases:
+        for m, text_len, grid, b, rc in cases:
             if rc == "op" and backend == "math":
                 continue  # op-level SAC is modelled for fused attention kernels only
             torch.manual_seed(0)
-            model = P.build_model(m, rc)
-            inputs = P.tiny_inputs(m, grid, b)
+            model = measure.build_model(m, rc)
+            inputs = measure.tiny_inputs(m, grid, b, text_len)
             with sdpa_kernel([kernel]):
                 # op keeps its outputs in the checkpoint's cache, not as saved tensors
-                meas = (P.live_bytes_of(lambda: model(*inputs)) if rc == "op"
-                        else P.measure_saved_bytes(model, inputs))
-            seq = grid[0] * grid[1] * grid[2] // m.patch_vol
-            est = P.estimate_saved_bytes(m, seq, b, rc, backend)
+                meas = (measure.live_bytes_of(lambda: model(*inputs)) if rc == "op"
+                        else measure.measure_saved_bytes(model, inputs))
+            seq = grid[0] * grid[1] * grid[2] // m.patch_volume
+            est = P.estimate_saved_bytes(m, seq, text_len, b, rc, backend)
             err = est / meas - 1
             worst = max(worst, abs(err))
-            print(f"{backend:>7} {m.hidden:>4} {m.depth:>5} {seq:>5} {b:>2} {rc:>9} {meas:>11,} "
+            print(f"{backend:>7} {m.hidden_size:>4} {m.depth:>5} {seq:>5} {b:>2} {rc:>9} {meas:>11,} "
                   f"{int(est):>11,} {err:>+7.2%}")
     print(f"worst |error| {worst:.2%} (full recompute: the checkpoint holds the RoPE table and the "
           "projected caption by reference, not as saved tensors; the estimate counts them)")
@@ -119,20 +124,20 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     if a.calibrate:
         return calibrate()
-    m = P.ModelDims.from_flavor(a.flavor, hidden=a.hidden, depth=a.depth, heads=a.heads,
-                                mlp_ratio=a.mlp_ratio, text_dim=a.text_dim, text_len=a.text_len,
-                                in_channels=a.in_channels)
+    m = P.flavor_model(a.flavor, hidden_size=a.hidden, depth=a.depth, num_heads=a.heads,
+                       mlp_ratio=a.mlp_ratio, text_dim=a.text_dim, in_channels=a.in_channels)
     hw = P.Hardware(a.gpus, a.mem_gib, a.peak_tflops, a.peak_tflops_fp8, a.mfu, a.gpus_per_node,
                     a.reserve_gib, a.headroom)
     plans = P.plan_all(m, hw, a.tokens, a.micro_batch, a.attn_dtype, a.microbatches, not a.no_ema,
-                       a.cp_mode)
-    f = P.forward_flops(m, a.tokens, 1)
-    print(f"model: hidden {m.hidden}, depth {m.depth}, heads {m.heads} (head dim {m.head_dim}), "
-          f"mlp {m.mlp}, text {m.text_len}x{m.text_dim}: {m.params() / 1e9:.2f} B params")
+                       a.cp_mode, a.text_len)
+    f = m.forward_flops(a.tokens, a.text_len)
+    print(f"model: hidden {m.hidden_size}, depth {m.depth}, heads {m.num_heads} (head dim "
+          f"{m.head_dim}), mlp {m.mlp_width}, text {a.text_len}x{m.text_dim}: "
+          f"{m.num_params() / 1e9:.2f} B params")
     print(f"per sample of {a.tokens:,} tokens: forward {f.total / 1e15:.2f} PFLOP, attention "
           f"{f.attention / f.total:.1%} of it; fwd+bwd = 3x forward")
     prec = P.PRECISIONS["cuda_fp8attn" if a.attn_dtype == "fp8" else "cuda_bf16"]
-    acts = P.block_activations(m, "flash", prec, a.tokens)
+    acts = P.block_activations(m, "flash", prec, a.tokens, a.text_len)
     print(f"saved for backward per token per block (bf16 autocast, flash attention): "
           f"{acts.seq_sharded + acts.gathered + acts.head_sharded:,.0f} B = residual side "
           f"{acts.seq_sharded:,.0f} (/tp with SP) + gathered linear inputs {acts.gathered:,.0f} "
@@ -170,10 +175,10 @@ def main(argv=None) -> int:
 
 
 def _reason_kind(why: str) -> str:
-    """Group rejection messages by their rule (drop the numbers after the first '=')."""
+    """Group rejection messages by their rule: numbers and the suggested fix dropped."""
     if why.startswith("needs "):
         return "does not fit in memory"
-    return why.split("=")[0] + "=... " + why.split(" ", 1)[1].split("=")[0].strip() if "=" in why else why
+    return re.sub(r"\d+", "N", why.split(";")[0])
 
 
 if __name__ == "__main__":
