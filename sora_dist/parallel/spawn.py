@@ -1,6 +1,7 @@
 """Run a function on N local gloo processes (tests and CPU benchmarks).
 
-Each rank gets the default process group initialised; what rank 0 returns comes back.
+Each rank gets the default process group initialised; what rank 0 returns comes back, or with
+all_ranks=True the list of every rank's result (so a test can check what each rank measured).
 Always barrier + destroy_process_group at exit so no rank leaves a peer hanging.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, fn, args, out_dir):
+def _worker(rank, world_size, port, fn, args, out_dir, all_ranks=False):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)  # N ranks share few cores
@@ -32,8 +33,8 @@ def _worker(rank, world_size, port, fn, args, out_dir):
                             timeout=datetime.timedelta(seconds=300))
     try:
         result = fn(rank, world_size, *args)
-        if rank == 0:
-            torch.save(result, os.path.join(out_dir, "result.pt"))
+        if rank == 0 or all_ranks:
+            torch.save(result, os.path.join(out_dir, f"result{rank}.pt"))
         dist.barrier()
     except Exception:
         with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as f:
@@ -52,14 +53,17 @@ def _worker(rank, world_size, port, fn, args, out_dir):
     os._exit(0)
 
 
-def run_distributed(fn: Callable[..., Any], world_size: int, *args, attempts: int = 3) -> Any:
-    """Call fn(rank, world_size, *args) on world_size gloo ranks; return rank 0's result.
+def run_distributed(fn: Callable[..., Any], world_size: int, *args, attempts: int = 3,
+                    all_ranks: bool = False) -> Any:
+    """Call fn(rank, world_size, *args) on world_size gloo ranks; return rank 0's result, or with
+    all_ranks=True the list [result of rank 0, ..., result of rank world_size-1] (None where a
+    rank returned None). Results go through torch.save / torch.load(weights_only=True).
     fn must be importable (module-level) for spawn. free_port() can race with another process
     taking the port before rank 0 binds it: that one failure is retried on a new port."""
     for attempt in range(attempts):
         with tempfile.TemporaryDirectory() as out_dir:
             try:
-                mp.spawn(_worker, args=(world_size, free_port(), fn, args, out_dir),
+                mp.spawn(_worker, args=(world_size, free_port(), fn, args, out_dir, all_ranks),
                          nprocs=world_size, join=True)
             except Exception as e:
                 errs = [open(os.path.join(out_dir, f)).read() for f in sorted(os.listdir(out_dir))
@@ -68,5 +72,10 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args, attempts: in
                 if "address already in use" in text.lower() and attempt + 1 < attempts:
                     continue
                 raise RuntimeError("distributed run failed:\n" + text) from e
-            path = os.path.join(out_dir, "result.pt")
-            return torch.load(path, weights_only=True) if os.path.exists(path) else None
+            results = []
+            for rank in range(world_size if all_ranks else 1):
+                path = os.path.join(out_dir, f"result{rank}.pt")
+                if not os.path.exists(path):
+                    raise RuntimeError(f"distributed run: rank {rank} finished without saving a result")
+                results.append(torch.load(path, weights_only=True))
+            return results if all_ranks else results[0]

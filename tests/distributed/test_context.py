@@ -125,14 +125,14 @@ def _helpers_and_errors(rank, world):
 
 
 def test_helpers_and_errors():
-    res = run_distributed(_helpers_and_errors, 2)
-    assert res["gather_ok"]
-    assert "divide" in res["heads_error"]
-    assert "pad" in res["shard_error"]
-    assert res["bf16_dtype"] and res["bf16_err"] < 1e-2, res["bf16_err"]  # bf16 rounding only
-    # ring of 2, bf16 (1, 2, 4, 8): forward sends K/V once (2 x 128 B); backward K/V once and
-    # fp32 dK/dV twice (2 x 2 x 256 B).
-    assert res["bytes"] == {"p2p": 256 + 256 + 2 * 512}
+    for rank, res in enumerate(run_distributed(_helpers_and_errors, 2, all_ranks=True)):
+        assert res["gather_ok"], rank
+        assert "divide" in res["heads_error"], rank
+        assert "pad" in res["shard_error"], rank
+        assert res["bf16_dtype"] and res["bf16_err"] < 1e-2, (rank, res["bf16_err"])  # bf16 rounding only
+        # ring of 2, bf16 (1, 2, 4, 8): each rank's forward sends K/V once (2 x 128 B); backward
+        # K/V once and fp32 dK/dV twice (2 x 2 x 256 B).
+        assert res["bytes"] == {"p2p": 256 + 256 + 2 * 512}, (rank, res["bytes"])
 
 
 def _dit_block(rank, world, mode, ring, ulysses):
@@ -179,9 +179,9 @@ def _dit_block(rank, world, mode, ring, ulysses):
 
 
 def test_dit_block_hybrid_matches_single_process():
-    res = run_distributed(_dit_block, 4, "hybrid", 2, 2)
-    for name, err in res.items():
-        assert err < 1e-5, (name, err)
+    for rank, res in enumerate(run_distributed(_dit_block, 4, "hybrid", 2, 2, all_ranks=True)):
+        for name, err in res.items():
+            assert err < 1e-5, (rank, name, err)
 
 
 def _recompute_and_compile(rank, world, mode):
@@ -220,9 +220,9 @@ def _recompute_and_compile(rank, world, mode):
 
 
 def test_recompute_and_compile_ring():
-    res = run_distributed(_recompute_and_compile, 2, "ring")
-    for name, err in res.items():
-        assert err < 1e-6, (name, err)
+    for rank, res in enumerate(run_distributed(_recompute_and_compile, 2, "ring", all_ranks=True)):
+        for name, err in res.items():
+            assert err < 1e-6, (rank, name, err)
 
 
 def _ring_under_checkpointing(rank, world):
@@ -270,8 +270,8 @@ def _ring_under_checkpointing(rank, world):
 def test_op_checkpointing_keeps_the_ring_whole():
     """With op-level SAC the ring is one cached op: backward sends exactly what it sends without
     recompute (no K/V re-sent), while full recompute re-runs the forward ring."""
-    res = run_distributed(_ring_under_checkpointing, 2)
-    assert res["same_grads"]
-    (none_sent, none_kept), (op_sent, op_kept), (full_sent, full_kept) = res["none"], res["op"], res["full"]
-    assert op_sent == none_sent < full_sent
-    assert full_kept < op_kept < none_kept
+    for rank, res in enumerate(run_distributed(_ring_under_checkpointing, 2, all_ranks=True)):
+        assert res["same_grads"], rank
+        (none_sent, none_kept), (op_sent, op_kept), (full_sent, full_kept) = res["none"], res["op"], res["full"]
+        assert op_sent == none_sent < full_sent, (rank, res)
+        assert full_kept < op_kept < none_kept, (rank, res)

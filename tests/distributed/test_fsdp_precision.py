@@ -31,7 +31,7 @@ def _worker(rank, world):
 
 
 def test_bf16_fsdp_blocks_keep_fp32_rope():
-    out = run_distributed(_worker, 2)
-    assert out["finite"] and out["grads"]
-    assert out["seen"] and all(rope == "torch.float32" for _, rope in out["seen"])
-    assert all(x == "torch.bfloat16" for x, _ in out["seen"])  # activations still bf16
+    for rank, out in enumerate(run_distributed(_worker, 2, all_ranks=True)):
+        assert out["finite"] and out["grads"], rank
+        assert out["seen"] and all(rope == "torch.float32" for _, rope in out["seen"]), (rank, out["seen"])
+        assert all(x == "torch.bfloat16" for x, _ in out["seen"]), rank  # activations still bf16

@@ -56,14 +56,17 @@ def _pp_worker(rank, world, schedule, virtual, microbatches):
     return {"loss": float(loss), "grads": merged, "owned": all_owned}
 
 
-def check_against_reference(out):
+def check_against_reference(outs):
+    """outs: every rank's result (run_distributed(..., all_ranks=True)); each rank's loss and
+    its copy of the gathered grads must match the single-process run."""
     ref_loss, ref_grads = reference()
-    assert abs(out["loss"] - ref_loss) <= 1e-5 * abs(ref_loss)
-    owned = [n for o in out["owned"] for n in o]
-    assert sorted(owned) == sorted(ref_grads)  # every param on exactly one PP rank
-    for n, g in ref_grads.items():
-        got = out["grads"][n]
-        assert (got - g).norm() <= 1e-5 * g.norm() + 1e-12, n
+    for rank, out in enumerate(outs):
+        assert abs(out["loss"] - ref_loss) <= 1e-5 * abs(ref_loss), (rank, out["loss"], ref_loss)
+        owned = [n for o in out["owned"] for n in o]
+        assert sorted(owned) == sorted(ref_grads), rank  # every param on exactly one PP rank
+        for n, g in ref_grads.items():
+            got = out["grads"][n]
+            assert (got - g).norm() <= 1e-5 * g.norm() + 1e-12, (rank, n)
 
 
 def test_split_and_stage_assignment():
@@ -74,7 +77,7 @@ def test_split_and_stage_assignment():
 
 @pytest.mark.parametrize("schedule, virtual", [("1f1b", 1), ("gpipe", 1), ("interleaved_1f1b", 2), ("zbv", 2)])
 def test_pp2_matches_single_process(schedule, virtual):
-    check_against_reference(run_distributed(_pp_worker, 2, schedule, virtual, 2))
+    check_against_reference(run_distributed(_pp_worker, 2, schedule, virtual, 2, all_ranks=True))
 
 
 def _pp_composed_worker(rank, world, parallel, schedule, virtual):
@@ -118,15 +121,16 @@ def _pp_composed_worker(rank, world, parallel, schedule, virtual):
     (8, {"pp": 2, "tp": 2, "dp": 2}, "1f1b", 1),
 ])
 def test_pp_composed_with_tp_and_fsdp_matches_single_process(world, parallel, schedule, virtual):
-    out = run_distributed(_pp_composed_worker, world, parallel, schedule, virtual)
-    out["owned"] = [sorted(set(n for o in out["owned"] for n in o))]
-    check_against_reference(out)
+    outs = run_distributed(_pp_composed_worker, world, parallel, schedule, virtual, all_ranks=True)
+    for out in outs:
+        out["owned"] = [sorted(set(n for o in out["owned"] for n in o))]
+    check_against_reference(outs)
 
 
 def test_bubble_benchmark_replays_textbook_figures():
     from sora_dist.parallel.bubble import schedule_bubbles
 
-    res = run_distributed(schedule_bubbles, 2, 4)
-    assert abs(res["1f1b"][0] - 1 / 5) < 1e-9            # (p-1)/(m+p-1)
-    assert abs(res["interleaved_1f1b"][0] - 1 / 9) < 1e-9  # (p-1)/(v*m+p-1)
-    assert res["zbv"][0] < res["interleaved_1f1b"][0] < res["1f1b"][0]
+    for res in run_distributed(schedule_bubbles, 2, 4, all_ranks=True):  # each rank's replay
+        assert abs(res["1f1b"][0] - 1 / 5) < 1e-9            # (p-1)/(m+p-1)
+        assert abs(res["interleaved_1f1b"][0] - 1 / 9) < 1e-9  # (p-1)/(v*m+p-1)
+        assert res["zbv"][0] < res["interleaved_1f1b"][0] < res["1f1b"][0]
