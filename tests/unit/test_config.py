@@ -96,3 +96,64 @@ def test_op_checkpointing_with_compile_refuses_tracked_dropout_only():
     cfg.model.dropout, cfg.parallel.tp = 0.1, 2
     with pytest.raises(ConfigError, match="op with train.compile cannot replay the per-shard dropout"):
         validate(cfg, world_size=2)
+
+
+@pytest.mark.parametrize("section, key, value, message", [
+    ("model", "sdpa_kernel", "fast", "model.sdpa_kernel='fast': use auto, cudnn, flash, efficient or math"),
+    ("model", "attention_backend", "xformers", "model.attention_backend='xformers': use 'sdpa' or 'te'"),
+    ("model", "fp8_linears", "bnb", "model.fp8_linears='bnb': use 'none', 'torchao' or 'te'"),
+    ("model", "fp8_recipe", "mx", "model.fp8_recipe='mx': use 'current' or 'delayed'"),
+    ("parallel", "cp_mode", "star", "parallel.cp_mode='star': use ulysses, ring or hybrid"),
+    ("parallel", "ring_kernel", "triton", "parallel.ring_kernel='triton': use auto, fused or math"),
+    ("parallel", "pp_schedule", "dualpipe",
+     "parallel.pp_schedule='dualpipe': use one of ['gpipe', '1f1b', 'interleaved_1f1b', "
+     "'interleaved_zb', 'zbv']"),
+])
+def test_option_lists_are_checked_with_their_messages(section, key, value, message):
+    """The option lists live once in config/model.py and config/parallel.py; the messages
+    built from them read as they always have."""
+    with pytest.raises(ConfigError) as e:
+        validate(cfg_with(**{section: {key: value}}))
+    assert str(e.value) == message
+
+
+def test_ulysses_degree_and_virtual_stages():
+    from sora_dist.config.parallel import pp_min_virtual_stages, pp_virtual_stages, ulysses_degree
+
+    assert [ulysses_degree(m, 8, 2) for m in ("ulysses", "ring", "hybrid")] == [8, 1, 2]
+    with pytest.raises(ValueError, match="cp_mode='star'"):
+        ulysses_degree("star", 8, 2)
+    assert pp_virtual_stages("zbv", 1) == 2 and pp_virtual_stages("interleaved_1f1b", 3) == 3
+    assert [pp_min_virtual_stages(s) for s in ("gpipe", "1f1b", "interleaved_1f1b", "zbv")] == [1, 1, 2, 2]
+
+
+@pytest.mark.parametrize("parallel, needle", [
+    (dict(pp_schedule="1f1b", pp_virtual_stages=2), "runs one stage per rank"),
+    (dict(pp_schedule="interleaved_zb", pp_virtual_stages=1), "needs parallel.pp_virtual_stages >= 2"),
+    (dict(pp_schedule="zbv", pp_virtual_stages=1, pp=4, pp_microbatches=4),
+     "model depth=2 < pp*pp_virtual_stages=8"),
+    (dict(pp_microbatches=1), "parallel.pp_microbatches=1 must be >= parallel.pp=2"),
+])
+def test_pipeline_layout_rules(parallel, needle):
+    from sora_dist.config.parallel import layout_problems
+
+    kw = {"pp": 2, "pp_microbatches": 2, **parallel}
+    with pytest.raises(ConfigError) as e:
+        validate(cfg_with(parallel=kw))
+    assert needle in str(e.value)
+    # The planner's rule set is this one: the same first problem, straight from the rule.
+    p = cfg_with(parallel=kw).parallel
+    assert layout_problems(heads=4, mlp_width=256, depth=2, tp=p.tp, cp=p.cp, cp_mode=p.cp_mode,
+                           hybrid_degree=p.ulysses_degree, pp=p.pp, pp_schedule=p.pp_schedule,
+                           virtual=p.pp_virtual_stages, microbatches=p.pp_microbatches)[0] == str(e.value)
+
+
+def test_dit_args_resolve_the_model_config():
+    from sora_dist.config.model import DiTArgs, ModelConfig
+
+    args = DiTArgs.from_config(ModelConfig(flavor="S", depth=3, patch_size=[1, 4, 4]))
+    assert (args.hidden_size, args.depth, args.num_heads, args.patch_size) == (384, 3, 6, (1, 4, 4))
+    assert (args.head_dim, args.mlp_width, args.patch_volume) == (64, 1536, 16)
+    assert DiTArgs.from_flavor("S", depth=3, patch_size=(1, 4, 4), mlp_ratio=None) == args
+    with pytest.raises(ValueError, match="model.flavor='huge' is unknown"):
+        DiTArgs.from_flavor("huge")

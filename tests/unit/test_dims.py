@@ -99,3 +99,15 @@ def test_tp_refuses_transformer_engine_linears():
     model.blocks["0"].mlp.fc1 = fake_te(64, 256)
     with pytest.raises(NotImplementedError, match="transformer-engine linears"):
         check_tp_linears(model)
+
+
+@pytest.mark.parametrize("kw", [dict(cp=4, cp_mode="ulysses"), dict(cp=4, cp_mode="ring"),
+                                dict(cp=4, cp_mode="hybrid", ulysses_degree=2)])
+def test_mesh_splits_cp_by_the_configs_ulysses_degree(kw):
+    """The mesh's Ulysses x ring split is config.parallel.ulysses_degree's mapping."""
+    from sora_dist.config.parallel import ulysses_degree
+
+    p = pc(**kw)
+    d = ParallelDims.from_config(p, 4)
+    assert d.cp_ulysses == ulysses_degree(p.cp_mode, p.cp, p.ulysses_degree)
+    assert d.cp_ring * d.cp_ulysses == p.cp
