@@ -82,7 +82,6 @@ CHAINS = {
 
 @pytest.mark.parametrize("name", list(CHAINS))
 def test_checkpoint_reshards_bit_exact(name, tmp_path):
-    pytest.importorskip("sora_dist.train.checkpoint")
     (wa, la), (wb, lb), (wc, lc) = CHAINS[name]
     ra = run_distributed(reshard_worker, wa, la, 0, None, str(tmp_path / "a"))
     rb = run_distributed(reshard_worker, wb, lb, 1, ra["path"], str(tmp_path / "b"))
