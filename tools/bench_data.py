@@ -16,11 +16,18 @@ import shutil
 import tempfile
 import time
 
+from sora_dist.config import JobConfig
+from sora_dist.config.data import DataConfig
+from sora_dist.config.encode import EncodeConfig
+from sora_dist.data.demo_clips import make_demo_clips
+from sora_dist.data.loader import ShardLoader
+from sora_dist.encode import run_encode
+from sora_dist.models.text import build_tiny_text_encoder
+from sora_dist.models.vae import build_tiny_vae
+from sora_dist.train.trainer import Trainer
+
 
 def _encode_worker(cfg_kwargs: dict, threads: int) -> None:
-    from sora_dist.config.encode import EncodeConfig
-    from sora_dist.encode import run_encode
-
     run_encode(EncodeConfig(num_threads=threads, progress=False, **cfg_kwargs))
 
 
@@ -46,9 +53,6 @@ def bench_encode(base: dict, out: str, world: int, threads: int) -> dict:
 
 
 def bench_loader(shards: str, batch_size: int, batches: int) -> dict:
-    from sora_dist.config.data import DataConfig
-    from sora_dist.data.loader import ShardLoader
-
     ld = ShardLoader(DataConfig(source="shards", shards=shards, batch_size=batch_size, shuffle_buffer=16), 0, 1)
     next(ld)  # first block load is part of steady state too, but not import time
     t0 = time.perf_counter()
@@ -59,9 +63,6 @@ def bench_loader(shards: str, batch_size: int, batches: int) -> dict:
 
 def bench_trainer(shards: str, batch_size: int, steps: int, flavor: str, work: str) -> dict:
     """Samples/s the real trainer consumes from the same shards (model.flavor, this device)."""
-    from sora_dist.config import JobConfig
-    from sora_dist.train.trainer import Trainer
-
     cfg = JobConfig()
     cfg.model.flavor = flavor
     cfg.data.source, cfg.data.shards, cfg.data.batch_size = "shards", shards, batch_size
@@ -90,10 +91,6 @@ def main() -> None:
     ap.add_argument("--train-flavor", default="tiny", help="model the trainer consumption is measured with")
     ap.add_argument("--train-steps", type=int, default=20)
     args = ap.parse_args()
-
-    from sora_dist.data.demo_clips import make_demo_clips
-    from sora_dist.models.text import build_tiny_text_encoder
-    from sora_dist.models.vae import build_tiny_vae
 
     work = args.workdir or tempfile.mkdtemp(prefix="bench_data_")
     s = args.size
