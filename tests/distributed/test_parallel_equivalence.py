@@ -138,22 +138,18 @@ LAYOUTS = {
 }
 
 
-def _needs_cp(layout: dict) -> bool:
-    return layout.get("cp", 1) > 1
-
-
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_single_process(name):
     world, layout = LAYOUTS[name]
-    if _needs_cp(layout):
-        pytest.importorskip("sora_dist.parallel.context")
-    r = run_distributed(equivalence_worker, world, layout, {})
-    assert abs(r["loss"] - r["ref_loss"]) <= 1e-5 * abs(r["ref_loss"]), (r["loss"], r["ref_loss"])
-    bad = {n: e for n, e in r["grad_errs"].items() if not e <= 1e-5}
-    assert not bad, f"{name}: grads differ from single process: {bad}"
-    assert abs(r["norm"] - r["ref_norm"]) <= 1e-5 * r["ref_norm"], (r["norm"], r["ref_norm"])
-    bad = {n: e for n, e in r["clip_errs"].items() if not e <= 1e-5}
-    assert not bad, f"{name}: clipped grads differ from single process: {bad}"
+    results = run_distributed(equivalence_worker, world, layout, {}, all_ranks=True)
+    assert len(results) == world
+    for rank, r in enumerate(results):  # every rank's loss, full grads and norm, not just rank 0's
+        assert abs(r["loss"] - r["ref_loss"]) <= 1e-5 * abs(r["ref_loss"]), (rank, r["loss"], r["ref_loss"])
+        bad = {n: e for n, e in r["grad_errs"].items() if not e <= 1e-5}
+        assert not bad, f"{name}: rank {rank}: grads differ from single process: {bad}"
+        assert abs(r["norm"] - r["ref_norm"]) <= 1e-5 * r["ref_norm"], (rank, r["norm"], r["ref_norm"])
+        bad = {n: e for n, e in r["clip_errs"].items() if not e <= 1e-5}
+        assert not bad, f"{name}: rank {rank}: clipped grads differ from single process: {bad}"
 
 
 def dropout_worker(rank: int, world: int, layout: dict) -> dict:
@@ -186,10 +182,66 @@ def dropout_worker(rank: int, world: int, layout: dict) -> dict:
 
 
 def test_dropout_streams_tp_sp_with_recompute():
-    r = run_distributed(dropout_worker, 2, dict(tp=2, sequence_parallel=True))
-    assert r["same_grads"], "activation recompute changed dropout masks"
-    assert r["masks_differ_across_ranks"], "TP ranks drew the same dropout mask for different tokens"
-    assert 0.15 < r["drop_fraction"] < 0.45
+    for rank, r in enumerate(run_distributed(dropout_worker, 2, dict(tp=2, sequence_parallel=True),
+                                             all_ranks=True)):
+        assert r["same_grads"], (rank, "activation recompute changed dropout masks")
+        assert r["masks_differ_across_ranks"], (rank, "TP ranks drew the same dropout mask for different tokens")
+        assert 0.15 < r["drop_fraction"] < 0.45, (rank, r["drop_fraction"])
+
+
+def init_violations(full: dict, args: DiTArgs) -> list:
+    """What breaks VideoDiT's init rule (init_dit_weights) in these full weights, recomputed
+    here from each parameter's module type and GLOBAL shape: Linear/Conv3d weights xavier
+    uniform with fans (out, in * kernel), i.e. bound sqrt(3) * std, std = sqrt(2 / (fan_in +
+    fan_out)); timestep-MLP weights and the null caption N(0, 0.02); every bias zero; norm
+    weights one; adaLN gates and the final layer zero under adaLN-Zero. Statistical checks allow
+    5 standard errors of the sample std / mean (std: at least 15%), counting numel/4 independent
+    draws (on CPU the 4 shards of a weight may repeat one draw), and require the largest |w| of
+    a uniform weight within [0.9, 1] x its bound (a local-shard fan moves the bound by >= 15%)."""
+    import torch.nn as nn
+
+    from sora_dist.models.dit import RMSNorm
+
+    modules = dict(VideoDiT(args).named_modules())  # module types only
+    zeroed = set()
+    if args.zero_init:
+        for i in range(args.depth):
+            zeroed |= {f"blocks.{i}.adaLN_modulation.1.{a}" for a in ("weight", "bias")}
+        zeroed |= {f"final_layer.{m}.{a}" for m in ("adaLN_modulation.1", "linear") for a in ("weight", "bias")}
+    bad = []
+    assert set(full) == {n for n, _ in VideoDiT(args).named_parameters()}, set(full)
+
+    def check_std(name, t, std, kurt):
+        n = t.numel() / 4
+        tol = max(0.15, 5 * math.sqrt((kurt - 1) / (4 * n)))  # SE of a sample std
+        if not abs(t.std().item() / std - 1) <= tol:
+            bad.append(f"{name}: std {t.std().item():.4g} vs {std:.4g} (tol {tol:.2f})")
+        if not abs(t.mean().item()) <= 5 * std / math.sqrt(n):
+            bad.append(f"{name}: mean {t.mean().item():.3g}")
+
+    for name, t in sorted(full.items()):
+        mod_name, _, attr = name.rpartition(".")
+        mod = modules.get(mod_name)
+        if not torch.isfinite(t).all():
+            bad.append(f"{name}: not finite")
+        elif name in zeroed or attr == "bias":
+            if not torch.equal(t, torch.zeros_like(t)):
+                bad.append(f"{name}: not zero")
+        elif isinstance(mod, (nn.LayerNorm, RMSNorm)):
+            if not torch.equal(t, torch.ones_like(t)):
+                bad.append(f"{name}: norm weight not one")
+        elif name == "null_text" or name.startswith("t_embedder."):
+            check_std(name, t, 0.02, 3.0)
+        elif isinstance(mod, (nn.Linear, nn.Conv3d)) and attr == "weight":
+            fan_out, fan_in = t.shape[0], t[0].numel()
+            std = math.sqrt(2.0 / (fan_in + fan_out))
+            bound, top = math.sqrt(3.0) * std, t.abs().max().item()
+            if not 0.9 * bound <= top <= bound * (1 + 1e-6):
+                bad.append(f"{name}: max |w| {top:.4g} vs xavier bound {bound:.4g}")
+            check_std(name, t, std, 1.8)
+        else:
+            bad.append(f"{name}: no init rule for {type(mod).__name__}")
+    return bad
 
 
 def meta_init_worker(rank: int, world: int, layout: dict) -> dict:
@@ -201,23 +253,28 @@ def meta_init_worker(rank: int, world: int, layout: dict) -> dict:
     with torch.device("meta"):
         model = VideoDiT(args)
     model = parallelize_dit(model, pdims, pdims.build_mesh("cpu"), cfg)
-    same, nonzero = True, 0
-    for _, p in model.named_parameters():
-        full = p.full_tensor() if hasattr(p, "full_tensor") else p
-        copies = [torch.empty_like(full) for _ in range(world)]
-        dist.all_gather(copies, full.detach().contiguous())
+    same, nonzero, full = True, 0, {}
+    for name, p in model.named_parameters():
+        full_p = (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
+        copies = [torch.empty_like(full_p) for _ in range(world)]
+        dist.all_gather(copies, full_p.contiguous())
         same &= all(torch.equal(copies[0], c) for c in copies)
-        nonzero += int(full.abs().sum() > 0)
+        nonzero += int(full_p.abs().sum() > 0)
+        full[name.replace("_checkpoint_wrapped_module.", "")] = full_p.clone()
     x, t, text, mask, drop, target = global_batch(1, args)
     loss = F.mse_loss(model(x, t, text, mask, drop), target)
     loss.backward()
     finalize_grads(model)
     return {"same": same, "nonzero": nonzero, "loss": loss.item(),
-            "on_meta": any(p.is_meta for p in model.parameters())}
+            "on_meta": any(p.is_meta for p in model.parameters()),
+            "init_violations": init_violations(full, args)}
 
 
 def test_meta_device_init_is_rank_consistent():
-    """Built on meta (no full copy of the weights anywhere), sharded, then initialised."""
-    r = run_distributed(meta_init_worker, 4, dict(tp=2, sequence_parallel=True))
-    assert r["same"], "ranks disagree on the full weights after meta init"
-    assert not r["on_meta"] and r["nonzero"] > 20 and math.isfinite(r["loss"])
+    """Built on meta (no full copy of the weights anywhere), sharded, then initialised: every
+    rank sees the same full weights, and each follows the init rule for its global shape."""
+    results = run_distributed(meta_init_worker, 4, dict(tp=2, sequence_parallel=True), all_ranks=True)
+    for rank, r in enumerate(results):
+        assert r["same"], (rank, "ranks disagree on the full weights after meta init")
+        assert not r["on_meta"] and r["nonzero"] > 20 and math.isfinite(r["loss"]), (rank, r)
+        assert not r["init_violations"], (rank, r["init_violations"])
