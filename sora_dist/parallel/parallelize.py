@@ -94,7 +94,10 @@ def materialize(model: nn.Module, device_type: str, seed: int) -> None:
     requirement for rank-consistent random ops; the caller's RNG state is left as it was).
     On CUDA, DTensor's RNG tracker draws each shard from one global stream, so the init is
     valid for any layout (though not the same draw as a single-device init). On CPU DTensor
-    has no distributed RNG: shards of one weight repeat a draw, so use it for tests only."""
+    has no distributed RNG, so each random init of a DTensor parameter draws the whole
+    (global-shape) tensor from the seed shared by the ranks and keeps this rank's shard: one
+    full parameter at a time, never the whole model. The result is the same for every layout:
+    what `init_weights()` gives a plain model from the same seed (stage_seed under PP)."""
     if device_type == "cpu":
         device, devices = torch.device("cpu"), []
     else:
@@ -106,6 +109,9 @@ def materialize(model: nn.Module, device_type: str, seed: int) -> None:
     first = min(int(k) for k in model.blocks.keys()) if len(model.blocks) else 0
     stage_seed = seed if first == 0 else mix_seed(seed, first)
     mesh = next((p.device_mesh for p in model.parameters() if isinstance(p, DTensor)), None)
+    from contextlib import nullcontext
+
+    full_draws = nullcontext()
     with torch.random.fork_rng(devices=devices, device_type=device_type), torch.no_grad():
         if mesh is not None and device_type != "cpu":
             # DTensor's RNG tracker, created lazily, would broadcast rank 0's generator state to
@@ -117,7 +123,28 @@ def materialize(model: nn.Module, device_type: str, seed: int) -> None:
             dtensor_random.manual_seed(stage_seed, mesh)
         else:
             torch.manual_seed(stage_seed)
-        model.init_weights()
+            if mesh is not None:
+                from torch.distributed.tensor import distribute_tensor
+                from torch.overrides import TorchFunctionMode
+
+                class _FullDraws(TorchFunctionMode):
+                    """uniform_/normal_ on a DTensor (nn.init's random draws): draw the global
+                    tensor on every rank (same seed, same order) and keep the local shard."""
+
+                    def __torch_function__(self, func, types, args=(), kwargs=None):
+                        kwargs = kwargs or {}
+                        if func in (torch.Tensor.uniform_, torch.Tensor.normal_) and isinstance(args[0], DTensor):
+                            t = args[0]
+                            full = torch.empty(t.shape, dtype=t.dtype, device=t.to_local().device)
+                            func(full, *args[1:], **kwargs)
+                            shard = distribute_tensor(full, t.device_mesh, t.placements, src_data_rank=None)
+                            t.to_local().copy_(shard.to_local())
+                            return t
+                        return func(*args, **kwargs)
+
+                full_draws = _FullDraws()
+        with full_draws:
+            model.init_weights()
 
 
 def finalize_grads(model: nn.Module) -> None:

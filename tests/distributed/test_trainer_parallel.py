@@ -1,12 +1,27 @@
-"""The real trainer under parallel layouts vs one process: same loss sequence; a checkpoint
-saved under one layout resumes under another and continues the same sequence."""
+"""The real trainer under parallel layouts vs one process: same loss sequence and the same
+final parameters; a checkpoint saved under one layout resumes under another and continues the
+same sequence to the same parameters.
+
+The equivalence runs use model.zero_init=False (adaLN gates and final layer random, so the
+loss depends on self-attention and the MLP from step 0) and optim.lr=1e-3 (weights move by
+~1e-3 per step), so a wrong ring / TP / pipeline wiring changes both losses and parameters.
+Tolerances (fp32 on CPU): losses rel 1e-5; every parameter ||got - ref|| <= 1e-3 * ||ref - init||
+(Frobenius, relative to how far 4 steps moved it; measured <= 1.1e-4 for a correct layout. A
+ring skipping one K/V block gives 0.9, one TP/PP rank's MLP output scaled by 1.01 gives
+0.04-0.11, a resume without the optimizer state 0.12-0.16: the latter two leave losses within
+or just above 1e-5, the parameters catch them by 40-900x)."""
+import math
+
 import pytest
+import torch
 
 from sora_dist.config import JobConfig
 from sora_dist.parallel.spawn import run_distributed
 from sora_dist.train.trainer import Trainer
 
 STEPS = 4
+PARAM_REL = 1e-3
+WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
 
 
 def make_cfg(run_dir, **parallel):
@@ -16,21 +31,78 @@ def make_cfg(run_dir, **parallel):
     cfg.train.ckpt_every = 2
     cfg.logging.wandb_mode = "disabled"
     cfg.data.synthetic_buckets = [[3, 7, 9], [2, 6, 10]]  # odd shapes: padding in every layout
+    cfg.model.zero_init = False  # every weight matters from step 0
+    cfg.optim.lr = 1e-3
     for k, v in parallel.items():
         setattr(cfg.parallel, k, v)
     return cfg
 
 
-def train(cfg, stop_at=None):
+def full_params(model) -> dict:
+    """Whole fp32 tensors of every parameter, FQNs without wrapper prefixes. Collective under
+    a process group: DTensors are gathered and the per-rank dicts (a PP rank holds only its
+    stages) merged; where ranks hold copies, the first is kept and "_replica_err" records the
+    largest difference between copies."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for n, p in model.named_parameters():
+        t = p.full_tensor() if isinstance(p, DTensor) else p
+        for w in WRAPPER_PREFIXES:
+            n = n.replace(w, "")
+        out[n] = t.detach().float().cpu().clone()
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return out
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, out)
+    merged, err = {}, 0.0
+    for part in parts:
+        for n, t in part.items():
+            if n in merged:
+                err = max(err, float((merged[n] - t).abs().max()))
+            else:
+                merged[n] = t
+    merged["_replica_err"] = torch.tensor(err)
+    return merged
+
+
+def params_close(got: dict, ref: dict, init: dict, rel=PARAM_REL):
+    """Per parameter: ||got - ref|| <= rel * ||ref - init|| (Frobenius; relative to how far
+    training moved it, since Adam turns rounding-level gradient differences of elements with
+    near-zero gradients into update differences far above fp32 rounding of the weights)."""
+    got = dict(got)
+    assert float(got.pop("_replica_err", 0.0)) <= 1e-6, "ranks disagree on a replicated parameter"
+    assert got.keys() == ref.keys() == init.keys(), sorted(set(got) ^ set(ref))
+    bad, worst = {}, 0.0
+    for n, r in ref.items():
+        err = float((got[n] - r).norm())
+        moved = float((r - init[n]).norm())
+        worst = max(worst, err / max(moved, 1e-12))
+        if not err <= rel * moved + 1e-9:
+            bad[n] = (err, moved)
+    print("PARAMS worst", worst, "max moved", max(float((r - init[n]).norm()) for n, r in ref.items()))
+    assert not bad, bad
+
+
+def train(cfg, stop_at=None, params=False):
+    """Losses of the run; with params=True (losses, final params), and with params="init"
+    (losses, final params, initial params)."""
     tr = Trainer(cfg)
     try:
-        return tr.train(stop_at=stop_at)
+        init = full_params(tr.model) if params == "init" else None
+        losses = tr.train(stop_at=stop_at)
+        if not params:
+            return losses
+        return (losses, full_params(tr.model)) + ((init,) if init is not None else ())
     finally:
         tr.close()
 
 
-def _worker(rank, world, run_dir, parallel, stop_at):
-    return train(make_cfg(run_dir, **parallel), stop_at)
+def _worker(rank, world, run_dir, parallel, stop_at, params=False, ckpt_every=2):
+    cfg = make_cfg(run_dir, **parallel)
+    cfg.train.ckpt_every = ckpt_every
+    return train(cfg, stop_at, params)
 
 
 def close(a, b, rel=1e-5):
@@ -44,16 +116,22 @@ def close(a, b, rel=1e-5):
     (2, {"cp": 2, "cp_mode": "ring"}),
 ])
 def test_trainer_layout_matches_single_process(tmp_path, world, parallel):
-    ref = train(make_cfg(tmp_path / "ref"))
-    got = run_distributed(_worker, world, str(tmp_path / "par"), parallel, None)
+    ref, ref_params, init = train(make_cfg(tmp_path / "ref"), params="init")
+    got, got_params = run_distributed(_worker, world, str(tmp_path / "par"), parallel, None, True)
     close(got, ref)
+    params_close(got_params, ref_params, init)
 
 
 def test_checkpoint_from_tp2_resumes_in_one_process(tmp_path):
-    ref = train(make_cfg(tmp_path / "ref"))
-    first = run_distributed(_worker, 2, str(tmp_path / "run"), {"tp": 2}, 2)   # saves step 2
-    second = train(make_cfg(tmp_path / "run"))                                # resumes, tp=1
+    ref, ref_params, init = train(make_cfg(tmp_path / "ref"), params="init")
+    # ckpt_every=3: the TP2 run saves at its stop step 3, the one-process run resumes there.
+    first = run_distributed(_worker, 2, str(tmp_path / "run"), {"tp": 2}, 3, False, 3)
+    cfg = make_cfg(tmp_path / "run")
+    cfg.train.ckpt_every = 3
+    second, params = train(cfg, params=True)                                    # resumes, tp=1
+    assert len(first) == 3 and len(second) == 1
     close(first + second, ref)
+    params_close(params, ref_params, init)
 
 
 def test_dp2_checkpoint_resumes_in_one_process_with_the_data_stream_carried_over(tmp_path):
@@ -81,22 +159,22 @@ def test_trainer_pipeline_matches_single_process(tmp_path, parallel):
         c = make_cfg(run_dir, **par)
         c.model.depth = 4
         return c
-    ref_tr = Trainer(cfg_depth(tmp_path / "ref"))
-    ref = ref_tr.train()
-    ref_tr.close()
-    got = run_distributed(_pp_worker, 2, str(tmp_path / "pp"), parallel)
+    ref, ref_params, init = train(cfg_depth(tmp_path / "ref"), params="init")
+    got, got_params = run_distributed(_pp_worker, 2, str(tmp_path / "pp"), parallel)
     close(got, ref)
+    params_close(got_params, ref_params, init)  # every stage's parameters, merged over PP ranks
 
 
 def _pp_worker(rank, world, run_dir, parallel):
     cfg = make_cfg(run_dir, **parallel)
     cfg.model.depth = 4
-    return train(cfg)
+    return train(cfg, params=True)
 
 
 def _pp_stop_worker(rank, world, run_dir, parallel, stop_at):
     cfg = make_cfg(run_dir, **parallel)
     cfg.model.depth = 4
+    cfg.train.ckpt_every = 3  # a checkpoint at the stop step
     return train(cfg, stop_at)
 
 
@@ -104,63 +182,187 @@ def test_pp2_checkpoint_resumes_in_pp1(tmp_path):
     def cfg4(run_dir):
         c = make_cfg(run_dir)
         c.model.depth = 4
+        c.train.ckpt_every = 3
         return c
-    ref = train(cfg4(tmp_path / "ref"))
+    ref, ref_params, init = train(cfg4(tmp_path / "ref"), params="init")
     first = run_distributed(_pp_stop_worker, 2, str(tmp_path / "run"),
-                            {"pp": 2, "pp_schedule": "1f1b", "pp_microbatches": 2}, 2)
-    second = train(cfg4(tmp_path / "run"))  # one process holds every stage's FQNs
+                            {"pp": 2, "pp_schedule": "1f1b", "pp_microbatches": 2}, 3)
+    second, params = train(cfg4(tmp_path / "run"), params=True)  # one process holds every stage's FQNs
+    assert len(first) == 3 and len(second) == 1
     close(first + second, ref)
+    params_close(params, ref_params, init)
+
+
+COLUMN_PARALLEL = (".wq.weight", ".wk.weight", ".wv.weight", ".fc1.weight")
+
+
+def _init_report(tr) -> dict:
+    """Right after the trainer's meta init: every parameter whole (merged over ranks), and
+    whether the TP ranks' local shards of each column-parallel weight all differ."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    shards = {n: p.to_local().detach().clone() for n, p in tr.model.named_parameters()
+              if isinstance(p, DTensor) and n.endswith(COLUMN_PARALLEL)}
+    tp_group = tr.meshes["tp"].get_group() if tr.pdims.tp > 1 else None
+    differ, checked = True, 0
+    if tp_group is not None:
+        peers = [None] * dist.get_world_size(tp_group)
+        dist.all_gather_object(peers, shards, group=tp_group)
+        for n in shards:
+            for i in range(len(peers)):
+                for j in range(i + 1, len(peers)):
+                    checked += 1
+                    differ &= not torch.equal(peers[i][n], peers[j][n])
+    flags = [None] * dist.get_world_size()
+    dist.all_gather_object(flags, (differ, checked))
+    return {"init": full_params(tr.model), "tp_shards_differ": all(f[0] for f in flags),
+            "tp_shards_checked": sum(f[1] for f in flags),
+            "on_meta": any(p.is_meta for p in tr.model.parameters())}
+
+
+def reference_init(cfg, n_stages: int = 1) -> dict:
+    """What meta init must give whatever the layout: a plain model (or each pipeline stage)
+    allocated from the meta device and initialised by init_weights() from the train seed
+    (a stage not starting at block 0 from mix_seed(seed, first block))."""
+    from sora_dist.models.dit import build_dit
+    from sora_dist.parallel.pipeline import DiTStage, split_blocks
+    from sora_dist.parallel.rng import mix_seed
+
+    with torch.device("meta"):
+        model = build_dit(cfg.model)
+    ranges = split_blocks(model.args.depth, n_stages)
+    parts = [model] if n_stages == 1 else [DiTStage(model, r, s == 0, s == n_stages - 1)
+                                           for s, r in enumerate(ranges)]
+    out = {}
+    with torch.random.fork_rng():
+        for part in parts:
+            part.to_empty(device="cpu")
+            first = min(int(k) for k in part.blocks)
+            torch.manual_seed(cfg.train.seed if first == 0 else mix_seed(cfg.train.seed, first))
+            part.init_weights()
+            out.update({n: p.detach().clone() for n, p in part.named_parameters()})
+    return out
+
+
+def check_init_stats(params: dict, zero_init: bool, rel=0.07):
+    """VideoDiT's init, parameter by parameter (whole tensors): finite; biases 0; norm weights
+    1; t_embedder N(0, 0.02); every other weight xavier-uniform for its global shape
+    (|w| <= bound, std within `rel` of bound/sqrt(3): 5 standard errors at the smallest,
+    1024-element, weight; a fan taken from a TP shard's shape is 15-30% off); with zero_init
+    the adaLN output linears and the final layer are 0, without it they are random too."""
+    zeroed = lambda n: zero_init and (n.startswith("final_layer.") or
+                                      (n.startswith("blocks.") and ".adaLN_modulation." in n))
+    for n, w in params.items():
+        if n.startswith("_"):
+            continue
+        assert torch.isfinite(w).all(), n
+        if zeroed(n) or n.endswith(".bias"):
+            assert torch.count_nonzero(w) == 0, n
+        elif n == "null_text":
+            assert 0.01 < float(w.std()) < 0.03, n
+        elif "norm" in n.split(".")[-2]:
+            assert torch.equal(w, torch.ones_like(w)), n
+        elif n.startswith("t_embedder."):
+            assert abs(float(w.std()) / 0.02 - 1) < rel, (n, float(w.std()))
+        else:
+            w2 = w.reshape(w.shape[0], -1)
+            bound = math.sqrt(6.0 / (w2.shape[0] + w2.shape[1]))
+            assert float(w2.abs().max()) <= bound * (1 + 1e-6), n
+            assert abs(float(w2.std()) * math.sqrt(3) / bound - 1) < rel, (n, float(w2.std()), bound)
+    assert any(n.endswith(".adaLN_modulation.1.weight") for n in params)
 
 
 def _meta_worker(rank, world, run_dir):
     import torch.distributed as dist
 
-    cfg = make_cfg(run_dir, tp=2)
+    cfg = make_cfg(run_dir, tp=2)  # zero_init=False: adaLN and final layer random too
     cfg.train.meta_init = True
     tr = Trainer(cfg)
-    on_meta = any(p.is_meta for p in tr.model.parameters())
+    report = _init_report(tr)
     losses = tr.train()
     tr.close()
     gathered = [None] * world
     dist.all_gather_object(gathered, losses)
-    return {"losses": losses, "same_on_all_ranks": all(g == losses for g in gathered), "on_meta": on_meta}
+    return {"losses": losses, "same_on_all_ranks": all(g == losses for g in gathered), **report}
 
 
 def test_meta_init_trains_without_a_full_model_copy(tmp_path):
+    """TP2 meta init: each rank initialises only its shards, yet every weight is the whole-
+    tensor init from the seed (exactly what init_weights gives a plain model), so the TP
+    shards of a column-parallel weight differ (no repeated draw) and the init does not
+    depend on the layout."""
     out = run_distributed(_meta_worker, 2, str(tmp_path / "meta"))
     assert not out["on_meta"] and out["same_on_all_ranks"]
     assert all(x == x and x < 10 for x in out["losses"])  # finite
+    assert out["tp_shards_checked"] >= 2 * 4 and out["tp_shards_differ"]
+    init = dict(out["init"])
+    assert float(init.pop("_replica_err")) == 0
+    check_init_stats(init, zero_init=False)
+    ref = reference_init(make_cfg(tmp_path / "unused"))
+    assert init.keys() == ref.keys()
+    assert all(torch.equal(init[n], ref[n]) for n in ref), [n for n in ref if not torch.equal(init[n], ref[n])]
 
 
-def _meta_pp_worker(rank, world, run_dir, parallel, fp8):
+def _meta_pp_worker(rank, world, run_dir, parallel, fp8, zero_init):
     cfg = make_cfg(run_dir, **parallel)
     cfg.model.depth = 4
     cfg.model.fp8_linears = fp8
+    cfg.model.zero_init = zero_init
     cfg.train.meta_init = True
     tr = Trainer(cfg)
-    on_meta = any(p.is_meta for p in tr.model.parameters())
+    report = _init_report(tr)
     final_zero = all(float(p.abs().sum()) == 0 for n, p in tr.model.named_parameters()
                      if n.startswith("final_layer."))
     losses = tr.train()
     tr.close()
-    return {"losses": losses, "on_meta": on_meta, "final_zero": final_zero}
+    return {"losses": losses, "final_zero": final_zero, **report}
 
 
-@pytest.mark.parametrize("parallel, fp8", [
-    ({"pp": 2, "pp_schedule": "1f1b", "pp_microbatches": 2}, "none"),
-    ({"pp": 2, "pp_schedule": "zbv", "pp_microbatches": 2, "tp": 2}, "torchao"),
+@pytest.mark.parametrize("parallel, fp8, zero_init", [
+    ({"pp": 2, "pp_schedule": "1f1b", "pp_microbatches": 2}, "none", True),
+    ({"pp": 2, "pp_schedule": "zbv", "pp_microbatches": 2, "tp": 2}, "torchao", True),
+    ({"pp": 2, "pp_schedule": "1f1b", "pp_microbatches": 2}, "none", False),
 ])
-def test_meta_init_with_pipeline_stages(tmp_path, parallel, fp8):
+def test_meta_init_with_pipeline_stages(tmp_path, parallel, fp8, zero_init):
     """Each PP rank allocates and initialises only its stages (torchao FP8 linears converted
-    on the meta device). adaLN-Zero makes the first output exactly zero whatever the other
-    weights, so step 0's loss equals the eager run's."""
+    on the meta device), each stage from its own seed: per-parameter init statistics hold on
+    every stage, stages do not repeat one another's weights, TP shards differ, and each stage
+    is exactly the reference init of that stage. With adaLN-Zero the first output is exactly
+    zero whatever the other weights, so step 0's loss equals the eager run's."""
+    from sora_dist.parallel.pipeline import split_blocks
+
     def cfg4(run_dir):
         c = make_cfg(run_dir)
         c.model.depth = 4
+        c.model.zero_init = zero_init
         return c
-    ref = train(cfg4(tmp_path / "ref"))
     world = 2 * parallel.get("tp", 1)
-    out = run_distributed(_meta_pp_worker, world, str(tmp_path / "meta"), parallel, fp8)
-    assert not out["on_meta"] and out["final_zero"]
-    close(out["losses"][:1], ref[:1])
+    out = run_distributed(_meta_pp_worker, world, str(tmp_path / "meta"), parallel, fp8, zero_init)
+    assert not out["on_meta"]
     assert all(x == x and x < 10 for x in out["losses"])  # finite
+    init = dict(out["init"])
+    assert float(init.pop("_replica_err")) == 0
+    check_init_stats(init, zero_init)
+    final = [init[n] for n in init if n.startswith("final_layer.") and n.endswith(".weight")]
+    assert len(final) == 2 and all((torch.count_nonzero(w) == 0) == zero_init for w in final)
+    # Stages draw from their own seeds: the first blocks of any two stages (which would take
+    # the same draws from one seed) differ.
+    n_stages = 4 if parallel["pp_schedule"] == "zbv" else 2
+    firsts = [r[0] for r in split_blocks(4, n_stages)]
+    for name in ("attn.wq.weight", "mlp.fc1.weight", "adaLN_modulation.1.weight"):
+        if not zero_init or "adaLN" not in name:
+            for i, a in enumerate(firsts):
+                for b in firsts[i + 1:]:
+                    same = torch.equal(init[f"blocks.{a}.{name}"], init[f"blocks.{b}.{name}"])
+                    assert not same, (name, a, b)
+    if parallel.get("tp", 1) > 1:
+        assert out["tp_shards_checked"] > 0 and out["tp_shards_differ"]
+    ref_init = reference_init(cfg4(tmp_path / "unused"), n_stages)
+    assert init.keys() == ref_init.keys()
+    assert all(torch.equal(init[n], ref_init[n]) for n in ref_init), \
+        [n for n in ref_init if not torch.equal(init[n], ref_init[n])]
+    if zero_init:
+        assert out["final_zero"]
+        ref = train(cfg4(tmp_path / "ref"))
+        close(out["losses"][:1], ref[:1])

@@ -239,27 +239,39 @@ def test_fp8_sharded_matches_single_process_fp8(layout):
 
 def test_trainer_runs_fp8_and_resumes_exactly(tmp_path):
     """The trainer's apply_fp8 call: block linears train in FP8 under bf16 autocast, and a
-    resumed run continues the same loss sequence (checkpoints carry the same FQNs)."""
+    run stopped at step 3 and resumed from its checkpoint continues the same loss sequence to
+    bitwise the same final parameters (checkpoints carry the same FQNs). zero_init=False and
+    lr 1e-3: every FP8 linear feeds the loss from step 0 and the weights move measurably."""
     from sora_dist.train.trainer import Trainer
 
     def run(run_dir, stop_at=None):
         cfg = JobConfig()
         cfg.model.fp8_linears = "torchao"
-        cfg.train.run_dir, cfg.train.steps, cfg.train.ckpt_every = str(run_dir), 4, 2
+        cfg.model.zero_init = False
+        cfg.optim.lr = 1e-3
+        cfg.train.run_dir, cfg.train.steps, cfg.train.ckpt_every = str(run_dir), 4, 3
         cfg.train.device = "cpu"
         cfg.logging.wandb_mode = "disabled"
         tr = Trainer(cfg)
         try:
-            return tr.train(stop_at=stop_at), tr
+            init = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+            return tr.train(stop_at=stop_at), tr, init
         finally:
             tr.close()
 
-    full, tr = run(tmp_path / "a")
+    full, tr, init = run(tmp_path / "a")
     assert sum(isinstance(m, Float8Linear) for m in tr.model.modules()) == 20
     assert len(full) == 4 and all(torch.isfinite(torch.tensor(full)))
-    first, _ = run(tmp_path / "b", stop_at=2)
-    second, _ = run(tmp_path / "b")
+    first, _, _ = run(tmp_path / "b", stop_at=3)  # saves step 3 (ckpt_every=3)
+    second, resumed, _ = run(tmp_path / "b")
+    assert len(first) == 3 and len(second) == 1
     assert first + second == full
+    want = dict(tr.model.named_parameters())
+    got = dict(resumed.model.named_parameters())
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[n], want[n]) for n in want), [n for n in want if not torch.equal(got[n], want[n])]
+    # The FP8 linears were trained (not a vacuous comparison).
+    assert all(not torch.equal(want[n], init[n]) for n in want if n.endswith(("fc1.weight", "attn.wq.weight")))
 
 
 def test_te_row_padding_keeps_values_and_grads():
