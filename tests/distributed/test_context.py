@@ -235,7 +235,7 @@ def _ring_under_checkpointing(rank, world):
     from sora_dist.parallel.context import COMM_COUNTER
     from sora_dist.parallel.parallelize import apply_activation_checkpointing
     from sora_dist.parallel.rng import build_rng_tracker
-    from sora_dist.planner import live_bytes_of
+    from sora_dist.planning.measure import live_bytes_of
 
     meshes = ParallelDims(1, 1, 1, world, 1, 1, world).build_mesh("cpu")
     cp = meshes["cp"]
