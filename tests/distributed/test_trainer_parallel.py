@@ -273,10 +273,10 @@ def check_init_stats(params: dict, zero_init: bool, rel=0.07):
     assert any(n.endswith(".adaLN_modulation.1.weight") for n in params)
 
 
-def _meta_worker(rank, world, run_dir):
+def _meta_worker(rank, world, run_dir, parallel):
     import torch.distributed as dist
 
-    cfg = make_cfg(run_dir, tp=2)  # zero_init=False: adaLN and final layer random too
+    cfg = make_cfg(run_dir, **parallel)  # zero_init=False: adaLN and final layer random too
     cfg.train.meta_init = True
     tr = Trainer(cfg)
     report = _init_report(tr)
@@ -287,15 +287,18 @@ def _meta_worker(rank, world, run_dir):
     return {"losses": losses, "same_on_all_ranks": all(g == losses for g in gathered), **report}
 
 
-def test_meta_init_trains_without_a_full_model_copy(tmp_path):
-    """TP2 meta init: each rank initialises only its shards, yet every weight is the whole-
-    tensor init from the seed (exactly what init_weights gives a plain model), so the TP
-    shards of a column-parallel weight differ (no repeated draw) and the init does not
-    depend on the layout."""
-    out = run_distributed(_meta_worker, 2, str(tmp_path / "meta"))
+@pytest.mark.parametrize("parallel", [{"tp": 2}, {"dp": 2}], ids=["tp2", "dp2_fsdp"])
+def test_meta_init_trains_without_a_full_model_copy(tmp_path, parallel):
+    """Meta init (TP2; DP2 with FSDP: every parameter a Shard(0) DTensor): each rank
+    initialises only its shards, yet every weight is the whole-tensor init from the seed
+    (exactly what init_weights gives a plain model), so the TP shards of a column-parallel
+    weight differ (no repeated draw) and the init does not depend on the layout."""
+    out = run_distributed(_meta_worker, 2, str(tmp_path / "meta"), parallel)
     assert not out["on_meta"] and out["same_on_all_ranks"]
     assert all(x == x and x < 10 for x in out["losses"])  # finite
-    assert out["tp_shards_checked"] >= 2 * 4 and out["tp_shards_differ"]
+    if "tp" in parallel:
+        # 2 blocks x (attn wq/wk/wv, cross_attn wq/wk/wv, fc1) on both ranks
+        assert out["tp_shards_checked"] == 2 * 2 * 7 and out["tp_shards_differ"]
     init = dict(out["init"])
     assert float(init.pop("_replica_err")) == 0
     check_init_stats(init, zero_init=False)
