@@ -32,7 +32,7 @@ register_encode_config()
 def _setup_torch(cfg: EncodeConfig, world: int):
     import torch
 
-    from sora_dist.parallel.state import read_launch_env, select_device
+    from sora_dist.parallel.device import read_launch_env, select_device
 
     _, _, local_rank = read_launch_env()
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
@@ -96,7 +96,7 @@ def run_encode(cfg: EncodeConfig) -> dict:
     """Encode this rank's share; on rank 0 also merge the manifest. Returns this rank's stats."""
     from sora_dist.data import shards as sh
     from sora_dist.data.inputs import list_inputs
-    from sora_dist.parallel.state import read_launch_env
+    from sora_dist.parallel.device import read_launch_env
 
     validate_encode(cfg)
     env_rank, env_world, _ = read_launch_env()

@@ -124,7 +124,7 @@ def run_sample(cfg: SampleConfig) -> dict:
     from sora_dist.diffusion import build_diffusion
     from sora_dist.models.text import TextEncoder
     from sora_dist.models.vae import VideoVAE
-    from sora_dist.parallel.state import resolve_device_type
+    from sora_dist.parallel.device import resolve_device_type
 
     validate_sample(cfg)
     job = _job_config(cfg.run_dir)

@@ -50,7 +50,12 @@ class Objective:
     ) -> torch.Tensor:
         """Mean-squared error between the model output and the objective's target."""
         x_t, t, drop, target = self.training_inputs(x0, generator)
-        out = model(x_t, t, text, text_mask, drop)
+        return self.loss(model(x_t, t, text, text_mask, drop), target)
+
+    @staticmethod
+    def loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The training loss of a model output: fp32 mean-squared error to the target. The one
+        definition: the trainer and the pipeline's last stage (parallel/pipeline.py) use it."""
         return F.mse_loss(out.float(), target.float())
 
     def model_time(self, t: torch.Tensor) -> torch.Tensor:

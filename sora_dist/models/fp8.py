@@ -206,7 +206,7 @@ def _check_cuda_fp8(model: nn.Module, what: str, device=None) -> None:
                 f"model.fp8_linears=te needs the model on a CUDA device (it is on {dev}); "
                 f"use model.fp8_linears=torchao or none")
         return
-    from sora_dist.parallel.state import device_capability
+    from sora_dist.parallel.device import device_capability
 
     cap = device_capability(where)
     if cap < (8, 9):

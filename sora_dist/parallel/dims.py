@@ -7,12 +7,15 @@ handed sub-meshes of this mesh (picotron-style: the grid is written down once, h
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
+
+from torch.distributed.device_mesh import init_device_mesh
 
 from sora_dist.config.validate import check_world, resolve_dp
 
 
-@dataclass(frozen=True)
+@dataclass
 class ParallelDims:
     dp_replicate: int
     dp_shard: int
@@ -21,6 +24,8 @@ class ParallelDims:
     cp_ulysses: int
     tp: int
     world_size: int
+    # Built once by build_mesh(); every parallel step reads its sub-meshes from here.
+    _meshes: Optional["Meshes"] = field(default=None, init=False, repr=False, compare=False)
 
     mesh_names = ("dp_replicate", "dp_shard", "pp", "cp_ring", "cp_ulysses", "tp")
 
@@ -44,8 +49,13 @@ class ParallelDims:
         return (self.dp_replicate, self.dp_shard, self.pp, self.cp_ring, self.cp_ulysses, self.tp)
 
     def build_mesh(self, device_type: str) -> "Meshes":
-        from torch.distributed.device_mesh import init_device_mesh
-
+        """Build (once) and keep the mesh. One process gets a mesh with no process group: every
+        parallel step is then degree 1 and asks for no sub-mesh."""
+        if self._meshes is not None:
+            return self._meshes
+        if self.world_size == 1:
+            self._meshes = Meshes(None, {}, device_type)
+            return self._meshes
         world = init_device_mesh(device_type, self.mesh_shape, mesh_dim_names=self.mesh_names)
         flat = {
             # data split and loss average
@@ -56,7 +66,20 @@ class ParallelDims:
             # grads/loss of one sample group are averaged over these
             "dp_cp": world["dp_replicate", "dp_shard", "cp_ring", "cp_ulysses"]._flatten("dp_cp"),
         }
-        return Meshes(world, flat)
+        self._meshes = Meshes(world, flat, device_type)
+        return self._meshes
+
+    @property
+    def meshes(self) -> "Meshes":
+        if self._meshes is None:
+            raise RuntimeError("ParallelDims.build_mesh(device_type) has not run yet")
+        return self._meshes
+
+    def local_rank(self, name: str) -> int:
+        """This rank's coordinate on mesh dim `name` ("tp", "cp", "pp", "dp", ...): 0 where
+        that degree is 1, so degree-1 steps never touch a process group."""
+        size = {"dp": self.dp, "cp": self.cp}.get(name) or getattr(self, name)
+        return self.meshes[name].get_local_rank() if size > 1 else 0
 
     def coords(self, rank: int) -> dict[str, int]:
         """This rank's coordinate on each mesh dim (same arithmetic as the mesh layout)."""
@@ -72,9 +95,13 @@ class ParallelDims:
 class Meshes:
     """The world mesh plus its flattened views; `meshes["tp"]`, `meshes["dp_shard_cp"]`, ..."""
 
-    def __init__(self, world, flat: dict):
+    def __init__(self, world, flat: dict, device_type: str):
         self.world = world
         self._flat = flat
+        self.device_type = device_type
 
     def __getitem__(self, name: str):
+        if self.world is None:
+            raise RuntimeError(f"mesh dim {name!r} asked for in a one-process run (no process group); "
+                               "a parallel step of degree 1 should not need it")
         return self._flat[name] if name in self._flat else self.world[name]

@@ -14,14 +14,22 @@ optimizer state are keyed like the unsplit model and load across PP degrees.
 """
 from __future__ import annotations
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+from typing import Callable, Optional
 
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed import pipelining
+
+from sora_dist.config.parallel import PP_SCHEDULES
 from sora_dist.models.dit import Conditioning, VideoDiT, init_dit_weights
 from sora_dist.models.embeddings import build_rope_3d
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv")
+# torch's schedule class for each parallel.pp_schedule; the first two run one stage per rank.
+_SCHEDULE_CLASSES = {"gpipe": pipelining.ScheduleGPipe, "1f1b": pipelining.Schedule1F1B,
+                     "interleaved_1f1b": pipelining.ScheduleInterleaved1F1B,
+                     "interleaved_zb": pipelining.ScheduleInterleavedZeroBubble,
+                     "zbv": pipelining.ScheduleZBVZeroBubble}
 
 
 def stage_ids_for_rank(pp_rank: int, pp: int, virtual: int, schedule: str) -> list[int]:
@@ -70,7 +78,7 @@ class DiTStage(nn.Module):
     embed = VideoDiT.embed
     head = VideoDiT.head
     to_latents = VideoDiT.to_latents
-    seq = None  # SequenceSharding under SP/CP: set by PipelineRunner after parallelize_dit
+    seq = None  # SequenceSharding under SP/CP: set by PipelineRunner from parallelize_dit's result
 
     def set_shape(self, shape_THW: tuple[int, int, int]) -> None:
         self.shape_THW = tuple(shape_THW)
@@ -115,29 +123,23 @@ def prune_model(model: VideoDiT, keep_blocks: set[int], first: bool, last: bool)
         model.final_layer = None
 
 
-def _unwrap(m: nn.Module) -> "DiTStage":
-    """The DiTStage inside compile / checkpoint wrappers."""
-    while not isinstance(m, DiTStage):
-        m = getattr(m, "_orig_mod", None) or getattr(m, "module")
-    return m
-
-
-def mse_loss(out, target):
-    return F.mse_loss(out.float(), target.float())
-
-
 class PipelineRunner:
     """Holds this rank's stages and builds one schedule per input shape (bucketed batches
-    change the P2P buffer shapes, and torch's stages infer shapes once), cached by shape."""
+    change the P2P buffer shapes, and torch's stages infer shapes once), cached by shape.
+    `loss_fn(output, target)` runs on the last stage (the objective's loss)."""
 
-    def __init__(self, model: VideoDiT, pp_mesh, device, schedule: str, microbatches: int, virtual: int = 1,
-                 stage_wrapper=None, meshes=None):
-        if schedule not in SCHEDULES:
-            raise ValueError(f"parallel.pp_schedule={schedule!r}: use one of {SCHEDULES}")
+    def __init__(self, model: VideoDiT, pp_mesh, device, schedule: str, microbatches: int, virtual: int,
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 stage_wrapper: Optional[Callable] = None):
+        """stage_wrapper(stage) parallelizes one stage in place and returns its ParallelPart
+        (parallelize.parallelize_dit); without one, stages run as they are."""
+        if schedule not in PP_SCHEDULES:
+            raise ValueError(f"parallel.pp_schedule={schedule!r}: use one of {PP_SCHEDULES}")
         self.pp = pp_mesh.size()
         self.pp_rank = pp_mesh.get_local_rank()
         self.group = pp_mesh.get_group()
         self.device, self.schedule_name, self.microbatches = device, schedule, microbatches
+        self.loss_fn = loss_fn
         virtual = 2 if schedule == "zbv" else virtual
         if schedule in ("gpipe", "1f1b") and virtual != 1:
             raise ValueError(f"parallel.pp_schedule={schedule} runs one stage per rank; "
@@ -148,19 +150,14 @@ class PipelineRunner:
         ranges = split_blocks(model.args.depth, self.n_stages)
         self.stage_ids = stage_ids_for_rank(self.pp_rank, self.pp, virtual, schedule)
         self.stages = [DiTStage(model, ranges[s], s == 0, s == self.n_stages - 1) for s in self.stage_ids]
-        if stage_wrapper is not None:  # TP / FSDP / recompute applied per stage module
-            self.stages = [stage_wrapper(m) for m in self.stages]
-            for st in self.stages:
-                inner = _unwrap(st)
-                # A wrapper may re-register the stage's direct parameter (TP/FSDP make DTensor
-                # params): point the model at it so optimizer/checkpoint see the live one.
-                if inner.is_first:
-                    model.register_parameter("null_text", inner.null_text)
-                info = getattr(inner, "_sora_parallel", None)
-                if info is not None and (info.sequence_parallel or info.cp > 1):
-                    from sora_dist.parallel.parallelize import SequenceSharding
-
-                    inner.seq = SequenceSharding(meshes, info.tp, info.sequence_parallel, info.cp)
+        # TP / CP / FSDP / recompute applied per stage module (in place).
+        self.parts = [stage_wrapper(st) for st in self.stages] if stage_wrapper is not None else []
+        for st, part in zip(self.stages, self.parts):
+            # A wrapper may re-register the stage's direct parameter (TP/FSDP make DTensor
+            # params): point the model at it so optimizer/checkpoint see the live one.
+            if st.is_first:
+                model.register_parameter("null_text", st.null_text)
+            st.seq = part.sequence
         keep = {b for s in self.stage_ids for b in ranges[s]}
         prune_model(model, keep, 0 in self.stage_ids, self.n_stages - 1 in self.stage_ids)
         self.has_first = 0 in self.stage_ids
@@ -169,17 +166,11 @@ class PipelineRunner:
 
     def _schedule(self, key):
         if key not in self._schedules:
-            from torch.distributed import pipelining as P
-
-            stages = [P.PipelineStage(m, s, self.n_stages, self.device, group=self.group)
+            stages = [pipelining.PipelineStage(m, s, self.n_stages, self.device, group=self.group)
                       for m, s in zip(self.stages, self.stage_ids)]
-            cls = {"gpipe": P.ScheduleGPipe, "1f1b": P.Schedule1F1B,
-                   "interleaved_1f1b": P.ScheduleInterleaved1F1B,
-                   "interleaved_zb": P.ScheduleInterleavedZeroBubble,
-                   "zbv": P.ScheduleZBVZeroBubble}[self.schedule_name]
             single = self.schedule_name in ("gpipe", "1f1b")
-            self._schedules[key] = cls(stages[0] if single else stages, self.microbatches,
-                                       loss_fn=mse_loss, scale_grads=True)
+            self._schedules[key] = _SCHEDULE_CLASSES[self.schedule_name](
+                stages[0] if single else stages, self.microbatches, loss_fn=self.loss_fn, scale_grads=True)
         return self._schedules[key]
 
     def step(self, x_t, t, text, text_mask, drop, target) -> torch.Tensor:
@@ -187,7 +178,7 @@ class PipelineRunner:
         the microbatch losses) on every PP rank."""
         key = (tuple(x_t.shape), tuple(text.shape))
         for st in self.stages:
-            _unwrap(st).set_shape(x_t.shape[-3:])
+            st.set_shape(x_t.shape[-3:])
         sched = self._schedule(key)
         losses: list = []
         args = (x_t, t, text, text_mask.long(), drop.long()) if self.has_first else ()
@@ -195,5 +186,5 @@ class PipelineRunner:
         loss = torch.stack([l.detach().float() for l in losses]).mean() if self.has_last else torch.zeros((), device=x_t.device)
         loss = loss.to(x_t.device)
         # The loss lives on the last stage; share it with the other PP ranks for logging.
-        torch.distributed.all_reduce(loss, group=self.group)
+        dist.all_reduce(loss, group=self.group)
         return loss

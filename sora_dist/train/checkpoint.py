@@ -12,9 +12,11 @@ previous checkpoint as the newest complete one. Nothing is unpickled on load.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import warnings
+from dataclasses import dataclass
 from typing import Optional
 
 import torch.distributed as dist
@@ -26,6 +28,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from sora_dist.fsutil import atomic_write_text  # noqa: F401,E402  (used by the trainer too)
+
+log = logging.getLogger("sora_dist")
 
 MARKER = "COMPLETE"
 # One process without a process group is a supported layout, not a mistake.
@@ -151,3 +155,80 @@ def load_model_only(path: str, model) -> None:
 def latest(root: str) -> Optional[tuple[int, str]]:
     done = list_complete(root)
     return done[-1] if done else None
+
+
+@dataclass
+class TrainState:
+    """The loop's own counters: saved per rank with the data position."""
+    step: int = 0
+    skipped: int = 0  # non-finite steps skipped so far
+
+
+class CheckpointManager:
+    """Owns what a training checkpoint holds (torchtitan's CheckpointManager): the model, optimizer
+    and EMA as DCP shards (any layout), and per rank the loader position and the TrainState.
+
+    The data position belongs to a DP rank, not a global rank: a new layout (other tp/cp/pp) maps
+    global ranks differently, so it is looked up by DP coordinate; another DP size carries the
+    stream over from every old DP rank's position (loader.load_elastic_state)."""
+
+    def __init__(self, folder: str, model, optimizer, ema, loader, state: TrainState,
+                 dp_rank: int, dp_size: int, keep: int):
+        self.folder, self.model, self.optimizer, self.ema = folder, model, optimizer, ema
+        self.loader, self.state, self.dp_rank, self.dp_size, self.keep = loader, state, dp_rank, dp_size, keep
+
+    def save(self) -> str:
+        rank_state = {"data": self.loader.state_dict(), "dp_rank": self.dp_rank, "dp_size": self.dp_size,
+                      "step": self.state.step, "skipped": self.state.skipped}
+        path = save(self.folder, self.state.step, self.model, self.optimizer, self.ema,
+                    rank_state=rank_state, keep=self.keep)
+        log.info("saved checkpoint %s", path)
+        return path
+
+    def resume(self) -> bool:
+        """Load the newest complete checkpoint, if any, into everything this manager owns."""
+        found = latest(self.folder)
+        if found is None:
+            return False
+        step, path = found
+        saved = load(path, self.model, self.optimizer, self.ema)
+        by_dp, old_size = self._saved_data_states(path)
+        if old_size == self.dp_size:
+            self.loader.load_state_dict(by_dp[self.dp_rank])
+        elif by_dp:
+            log.info("%s", self.loader.load_elastic_state(list(by_dp.values())))
+        else:
+            raise CheckpointError(f"{path} holds no data position (rank_state/ missing); "
+                                  "restore the folder or start with train.init_from")
+        self.state.step, self.state.skipped = step, saved.get("skipped", 0)
+        log.info("resumed from %s (step %d)", path, step)
+        return True
+
+    def _saved_data_states(self, path: str) -> tuple[dict, int]:
+        """({dp_rank: loader state}, saved DP size) of a checkpoint. Rank 0 reads the per-rank
+        files once and broadcasts (every DP rank's state is saved by all its TP/CP/PP peers:
+        one is kept per DP rank), so a restart of N ranks reads N small files, not N^2."""
+        out = [None]
+        if _rank() == 0:
+            by_dp, sizes, err = {}, set(), ""
+            try:  # any failure is broadcast, so no rank is left waiting in the collective
+                for s in rank_states(path):
+                    if "data" in s:
+                        by_dp[int(s["dp_rank"])] = s["data"]
+                        sizes.add(int(s["dp_size"]))
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                err = f"{path}/rank_state is unreadable ({type(e).__name__}: {e})"
+            if not err and len(sizes) > 1:
+                err = f"{path}: rank states from DP sizes {sorted(sizes)}; the folder mixes two runs"
+            elif not err and sizes and sorted(by_dp) != list(range(max(sizes))):
+                err = (f"{path}: data positions of DP ranks {sorted(by_dp)} of {max(sizes)}; "
+                       "rank_state/ is incomplete")
+            if err:
+                err += "; delete this step folder to resume from the previous checkpoint"
+            out = [(by_dp, max(sizes, default=0), err)]
+        if dist.is_initialized():  # every rank raises together, none is left waiting
+            dist.broadcast_object_list(out, src=0)
+        by_dp, size, err = out[0]
+        if err:
+            raise CheckpointError(err)
+        return by_dp, size

@@ -17,7 +17,7 @@ register_configs()
 def main(dcfg: DictConfig) -> None:
     import logging
 
-    from sora_dist.parallel.state import is_comm_failure, shutdown_distributed
+    from sora_dist.parallel.device import is_comm_failure, shutdown_distributed
     from sora_dist.train.trainer import Trainer
 
     try:

@@ -1,6 +1,8 @@
-"""Rank-0 metrics: one console line per log step, wandb (offline by default), TensorBoard."""
+"""Rank-0 metrics: one console line per log step, wandb (offline by default), TensorBoard, and
+run_dir/metrics.jsonl (one line per step)."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Optional
@@ -20,6 +22,7 @@ class MetricLogger:
         self.rank = rank
         self.wandb = None
         self.tb = None
+        self.jsonl_path = os.path.join(run_dir, "metrics.jsonl")
         if rank != 0:
             return
         if cfg.wandb_mode != "disabled":
@@ -45,7 +48,17 @@ class MetricLogger:
             except Exception as e:
                 log.warning("tensorboard disabled: %s", e)
 
+    def record(self, step: int, m: dict) -> None:
+        """metrics.jsonl: one line per step, appended across restarts (a resumed run rewrites the
+        steps after its checkpoint; readers keep the last line of each step)."""
+        if self.rank != 0:
+            return
+        row = {"step": step, **{k: v for k, v in m.items() if k not in ("tokens", "flops")}}
+        with open(self.jsonl_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
     def log(self, step: int, total: int, m: dict) -> None:
+        """The console line, wandb and TensorBoard of a log step."""
         if self.rank != 0:
             return
         parts = [f"step {step:>6d}/{total}", f"loss {m['loss']:.5f}", f"grad_norm {m['grad_norm']:.3f}",

@@ -7,7 +7,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from sora_dist.parallel.context import build_cp_attention, gather_sequence, shard_sequence
+from sora_dist.parallel.context_parallel import build_cp_attention
+from sora_dist.parallel.sequence import gather_sequence, shard_sequence
 from sora_dist.parallel.dims import ParallelDims
 from sora_dist.parallel.spawn import run_distributed
 
@@ -108,7 +109,7 @@ def _helpers_and_errors(rank, world):
         out["shard_error"] = str(e)
     # bf16 through the ring (fused bf16 blocks, fp32 merge) against fp32 SDPA on the same bf16
     # values, with the byte counter switched on.
-    from sora_dist.parallel.context import COMM_COUNTER
+    from sora_dist.parallel.context_parallel import COMM_COUNTER
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, 8, 8).bfloat16() for _ in range(3))
     ref = [t.float().requires_grad_() for t in (q, k, v)]
@@ -232,8 +233,8 @@ def _ring_under_checkpointing(rank, world):
 
     from sora_dist.models.dit import Conditioning, DiTArgs, DiTBlock
     from sora_dist.models.embeddings import build_rope_3d
-    from sora_dist.parallel.context import COMM_COUNTER
-    from sora_dist.parallel.parallelize import apply_activation_checkpointing
+    from sora_dist.parallel.context_parallel import COMM_COUNTER
+    from sora_dist.parallel.activation_checkpoint import apply_activation_checkpointing
     from sora_dist.parallel.rng import build_rng_tracker
     from sora_dist.planning.measure import live_bytes_of
 

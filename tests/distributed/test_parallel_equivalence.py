@@ -73,7 +73,7 @@ def rel_err(g: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def equivalence_worker(rank: int, world: int, layout: dict, args_kw: dict) -> dict:
-    from sora_dist.parallel.parallelize import finalize_grads, parallelize_dit
+    from sora_dist.parallel.parallelize import parallelize_dit
 
     args = tiny_args(**args_kw)
     cfg = make_cfg(**layout)
@@ -90,14 +90,15 @@ def equivalence_worker(rank: int, world: int, layout: dict, args_kw: dict) -> di
     assert not zero, f"reference grads are zero (comparison would be vacuous): {zero}"
 
     meshes = pdims.build_mesh("cpu")
-    model = parallelize_dit(build_model(args), pdims, meshes, cfg)
+    part = parallelize_dit(build_model(args), pdims, cfg)
+    model = part.module
     dp_rank = pdims.coords(rank)["dp"]
     mine = [v[dp_rank * B_LOCAL:(dp_rank + 1) * B_LOCAL] for v in batch]
     out = model(*mine[:5])
     assert out.shape == mine[5].shape, (out.shape, mine[5].shape)
     loss = F.mse_loss(out, mine[5])
     loss.backward()
-    finalize_grads(model)
+    part.finalize_grads()
 
     global_loss = loss.detach().clone()
     if pdims.dp > 1:
@@ -165,7 +166,8 @@ def dropout_worker(rank: int, world: int, layout: dict) -> dict:
     grads, masks = [], []
     for ac in ("none", "full"):
         cfg = make_cfg(activation_checkpointing=ac, **layout)
-        model = parallelize_dit(build_model(args), pdims, meshes, cfg)
+        part = parallelize_dit(build_model(args), pdims, cfg)
+        model = part.module
         seen = []
         hook = model.blocks["0"].mlp.register_forward_hook(lambda m, i, o: seen.append(o.detach() == 0))
         torch.manual_seed(1)
@@ -245,14 +247,16 @@ def init_violations(full: dict, args: DiTArgs) -> list:
 
 
 def meta_init_worker(rank: int, world: int, layout: dict) -> dict:
-    from sora_dist.parallel.parallelize import finalize_grads, parallelize_dit
+    from sora_dist.parallel.parallelize import parallelize_dit
 
     args = tiny_args()
     cfg = make_cfg(**layout)
     pdims = ParallelDims.from_config(cfg.parallel, world)
     with torch.device("meta"):
         model = VideoDiT(args)
-    model = parallelize_dit(model, pdims, pdims.build_mesh("cpu"), cfg)
+    pdims.build_mesh("cpu")
+    part = parallelize_dit(model, pdims, cfg)
+    model = part.module
     same, nonzero, full = True, 0, {}
     for name, p in model.named_parameters():
         full_p = (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
@@ -264,7 +268,7 @@ def meta_init_worker(rank: int, world: int, layout: dict) -> dict:
     x, t, text, mask, drop, target = global_batch(1, args)
     loss = F.mse_loss(model(x, t, text, mask, drop), target)
     loss.backward()
-    finalize_grads(model)
+    part.finalize_grads()
     return {"same": same, "nonzero": nonzero, "loss": loss.item(),
             "on_meta": any(p.is_meta for p in model.parameters()),
             "init_violations": init_violations(full, args)}

@@ -5,6 +5,7 @@ import torch.distributed as dist
 
 from sora_dist.config import ModelConfig, ParallelConfig
 from sora_dist.models.dit import build_dit
+from sora_dist.diffusion.base import Objective
 from sora_dist.parallel.dims import ParallelDims
 from sora_dist.parallel.pipeline import PipelineRunner, split_blocks, stage_ids_for_rank
 from sora_dist.parallel.spawn import run_distributed
@@ -42,7 +43,8 @@ def _pp_worker(rank, world, schedule, virtual, microbatches):
     pdims = ParallelDims.from_config(ParallelConfig(pp=world, pp_schedule=schedule, pp_virtual_stages=virtual), world)
     meshes = pdims.build_mesh("cpu")
     m, _ = make_model_and_batch()
-    runner = PipelineRunner(m, meshes["pp"], torch.device("cpu"), schedule, microbatches, virtual)
+    runner = PipelineRunner(m, meshes["pp"], torch.device("cpu"), schedule, microbatches, virtual,
+                            Objective.loss)
     for thw in SHAPES:  # the last shape's grads are compared
         m.zero_grad(set_to_none=True)
         loss = runner.step(*make_model_and_batch(thw)[1])
@@ -84,7 +86,7 @@ def _pp_composed_worker(rank, world, parallel, schedule, virtual):
     from torch.distributed.tensor import DTensor
 
     from sora_dist.config import JobConfig
-    from sora_dist.parallel.parallelize import finalize_grads, parallelize_dit
+    from sora_dist.parallel.parallelize import parallelize_dit
 
     cfg = JobConfig()
     cfg.model.depth = DEPTH
@@ -96,11 +98,11 @@ def _pp_composed_worker(rank, world, parallel, schedule, virtual):
     m, batch = make_model_and_batch()
     B = batch[0].shape[0] // pdims.dp
     local = [x[dp_rank * B:(dp_rank + 1) * B] for x in batch]  # this DP rank's share
-    runner = PipelineRunner(m, meshes["pp"], torch.device("cpu"), schedule, 2, virtual,
-                            stage_wrapper=lambda st: parallelize_dit(st, pdims, meshes, cfg), meshes=meshes)
+    runner = PipelineRunner(m, meshes["pp"], torch.device("cpu"), schedule, 2, virtual, Objective.loss,
+                            stage_wrapper=lambda st: parallelize_dit(st, pdims, cfg))
     loss = runner.step(*local)
-    for st in runner.stages:
-        finalize_grads(st)
+    for part in runner.parts:
+        part.finalize_grads()
     grads = {}
     for n, p in sorted(m.named_parameters()):
         g = p.grad

@@ -36,7 +36,7 @@ def _full_state(model, optimizer) -> dict:
 
 
 def reshard_worker(rank: int, world: int, layout: dict, seed: int, load_from, save_root) -> dict:
-    from sora_dist.parallel.parallelize import finalize_grads, parallelize_dit
+    from sora_dist.parallel.parallelize import parallelize_dit
     from sora_dist.parallel.grad import clip_grad_norm_
     from sora_dist.train import checkpoint as ckpt
     from sora_dist.train.optim import build_optimizer
@@ -44,13 +44,15 @@ def reshard_worker(rank: int, world: int, layout: dict, seed: int, load_from, sa
     args = tiny_args()
     cfg = make_cfg(**layout)
     pdims = ParallelDims.from_config(cfg.parallel, world)
-    model = parallelize_dit(_seeded_model(args, seed), pdims, pdims.build_mesh("cpu"), cfg)
+    pdims.build_mesh("cpu")
+    part = parallelize_dit(_seeded_model(args, seed), pdims, cfg)
+    model = part.module
     optimizer = build_optimizer(model, cfg.optim)
     if load_from is None:
         dp_rank = pdims.coords(rank)["dp"]
         batch = [v[dp_rank * B_LOCAL:(dp_rank + 1) * B_LOCAL] for v in global_batch(pdims.dp, args)]
         F.mse_loss(model(*batch[:5]), batch[5]).backward()
-        finalize_grads(model)
+        part.finalize_grads()
         clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
     else:

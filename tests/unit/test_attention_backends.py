@@ -113,7 +113,7 @@ def test_fp8_attention_needs_the_te_backend():
 # ---- blockwise kernels with log-sum-exp (ring context parallelism) ------------------------------
 
 def test_fused_block_kernel_choice():
-    from sora_dist.models.attention import fused_block_kernel
+    from sora_dist.parallel.context_parallel.kernels import fused_block_kernel
     assert fused_block_kernel("cpu", torch.float32, 64, True) == "cpu_flash"
     assert fused_block_kernel("cuda", torch.bfloat16, 128, False) == "cuda_flash"
     assert fused_block_kernel("cuda", torch.bfloat16, 128, True) == "cuda_efficient"
@@ -137,7 +137,7 @@ def test_block_kernels_merge_to_full_attention(kernel, dtype, tol):
     """Two K/V blocks through a fused kernel, merged by LSE, equal full attention in both
     directions, including (with a mask) a batch row whose second block is all padding and one
     with no valid key at all (output and grads 0, nothing NaN). CUDA kernels run where a GPU is."""
-    from sora_dist.models.attention import block_attention, block_attention_backward
+    from sora_dist.parallel.context_parallel.kernels import block_attention, block_attention_backward
     B, H, S, D = 3, 2, 6, 8
     g = torch.Generator().manual_seed(1)
     q, k, v, do = (torch.randn(B, H, S if i in (0, 3) else 2 * S, D, generator=g, dtype=torch.float64)
@@ -187,7 +187,7 @@ def test_cuda_block_kernels_call_conventions_on_meta(kernel, dtype, masked):
     """The CUDA aten ops' argument lists and output shapes (LSE padding of the efficient kernel
     included), checked through their meta implementations; the numerics are checked on a GPU
     machine by test_block_kernels_merge_to_full_attention."""
-    from sora_dist.models.attention import block_attention, block_attention_backward
+    from sora_dist.parallel.context_parallel.kernels import block_attention, block_attention_backward
     B, H, S, D = 2, 4, 100, 64
     q, k, v = (torch.randn(B, H, S, D, device="meta", dtype=dtype) for _ in range(3))
     mask = torch.ones(B, S, dtype=torch.bool, device="meta") if masked else None
@@ -199,7 +199,7 @@ def test_cuda_block_kernels_call_conventions_on_meta(kernel, dtype, masked):
 
 
 def test_ring_kernel_choice_errors():
-    from sora_dist.parallel.context import resolve_block_kernel
+    from sora_dist.parallel.context_parallel.kernels import resolve_block_kernel
     q = torch.zeros(1, 1, 2, 8)
     assert resolve_block_kernel("auto", q, True) == "cpu_flash"
     assert resolve_block_kernel("math", q, False) == "math"
@@ -213,7 +213,7 @@ def test_te_context_parallel_needs_the_te_backend():
     """TE's own CP path is taken only with a TE inner attention; SDPA keeps sora_dist's CP."""
     with pytest.raises(ValueError, match="attention_backend=te"):
         CoreAttention("sdpa").set_te_context_parallel(None, [0], None, "p2p")
-    from sora_dist.parallel.context import TE_COMM_TYPES, ContextParallelAttention
+    from sora_dist.parallel.context_parallel import TE_COMM_TYPES, ContextParallelAttention
     cpa = ContextParallelAttention("ring", None, inner=CoreAttention("sdpa"), te_context_parallel=True)
     assert not cpa.te_cp and "te_context_parallel" not in repr(cpa)
     assert TE_COMM_TYPES == {"ring": "p2p", "ulysses": "a2a", "hybrid": "a2a+p2p"}

@@ -189,7 +189,7 @@ def test_config_fp8_needs_width_divisible_by_16_and_te_linears_need_tp1():
 
 def _tp_fp8_worker(rank: int, world: int, layout: dict) -> dict:
     from sora_dist.parallel.dims import ParallelDims
-    from sora_dist.parallel.parallelize import finalize_grads, parallelize_dit
+    from sora_dist.parallel.parallelize import parallelize_dit
 
     cfg = cfg_with(fp8_linears="torchao", hidden_size=32, num_heads=4, mlp_ratio=2.0)
     for k, v in layout.items():
@@ -206,10 +206,12 @@ def _tp_fp8_worker(rank: int, world: int, layout: dict) -> dict:
     ref = build()
     ref_loss = F.mse_loss(ref(x, t, text, mask), target)
     ref_loss.backward()
-    model = parallelize_dit(build(), pdims, pdims.build_mesh("cpu"), cfg)
+    pdims.build_mesh("cpu")
+    part = parallelize_dit(build(), pdims, cfg)
+    model = part.module
     loss = F.mse_loss(model(x, t, text, mask), target)
     loss.backward()
-    finalize_grads(model)
+    part.finalize_grads()
     refp = dict(ref.named_parameters())
     errs = {}
     for n, p in model.named_parameters():

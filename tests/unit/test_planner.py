@@ -266,7 +266,9 @@ def _parallel_saved_worker(rank, world, grid, batch):
             setattr(cfg.parallel, k, v)
         pdims = ParallelDims.from_config(cfg.parallel, world)
         torch.manual_seed(0)
-        model = parallelize_dit(build_model(m), pdims, pdims.build_mesh("cpu"), cfg)
+        pdims.build_mesh("cpu")
+        part = parallelize_dit(build_model(m), pdims, cfg)
+        model = part.module
         out.append(measure_saved_bytes(model, tiny_inputs(m, grid, batch, PAR_TEXT_LEN)))
     return torch.tensor(out)
 
