@@ -16,16 +16,16 @@ import subprocess
 import sys
 import time
 
+from sora_dist.data.demo_clips import make_demo_clips
+from sora_dist.models.text import build_tiny_text_encoder
+from sora_dist.models.vae import build_tiny_vae
+
 # Bucket table sized for the tiny demo: latents 8x8, 6x10, 10x6 (even, so 2x2 patches fit).
 DEMO_OVERRIDES = ["resolutions=[[64,64],[48,80],[80,48]]", "frames=[1,9,17]", "target_fps=12",
                   "samples_per_shard=8", "text_max_length=32"]
 
 
 def run_demo(workdir: str, n_clips: int = 24, ranks: int = 1, images: int = 2) -> str:
-    from sora_dist.data.demo_clips import make_demo_clips
-    from sora_dist.models.text import build_tiny_text_encoder
-    from sora_dist.models.vae import build_tiny_vae
-
     workdir = os.path.abspath(workdir)
     clips = os.path.join(workdir, "clips")
     manifest = os.path.join(clips, "manifest.jsonl")

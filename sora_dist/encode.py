@@ -16,12 +16,26 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import hydra
+import torch
 from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
 
-from sora_dist.config.encode import EncodeConfig, register_encode_config, validate_against_vae, validate_encode
+from sora_dist.config.encode import (
+    EncodeConfig,
+    register_encode_config,
+    validate_against_vae,
+    validate_encode,
+)
 from sora_dist.config.validate import ConfigError
+from sora_dist.data import shards as sh
+from sora_dist.data.inputs import list_inputs
+from sora_dist.data.video_io import BadInput, load_clip, parse_buckets
+from sora_dist.models.text import TextEncoder
+from sora_dist.models.vae import VideoVAE
+from sora_dist.parallel.device import read_launch_env, select_device
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hydra_configs")
 log = logging.getLogger("sora_dist.encode")
@@ -30,10 +44,6 @@ register_encode_config()
 
 
 def _setup_torch(cfg: EncodeConfig, world: int):
-    import torch
-
-    from sora_dist.parallel.device import read_launch_env, select_device
-
     _, _, local_rank = read_launch_env()
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     # Ranks on one node share its cores; oversubscribing threads makes every rank slower.
@@ -47,8 +57,6 @@ def _setup_torch(cfg: EncodeConfig, world: int):
 
 def _load(it, buckets, cfg):
     """Caption check, then decode + bucket; a bad input comes back as its BadInput."""
-    from sora_dist.data.video_io import BadInput, load_clip
-
     try:
         if not it.caption:  # checked first: it costs nothing, a decode does
             raise BadInput("no_caption", it.source, "caption missing or empty; add <stem>.txt or a "
@@ -65,7 +73,6 @@ def _prefetch(items, fn, workers: int):
         for it in items:
             yield it, fn(it)
         return
-    from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
         queue = collections.deque()
@@ -94,10 +101,6 @@ def _run_id() -> str:
 
 def run_encode(cfg: EncodeConfig) -> dict:
     """Encode this rank's share; on rank 0 also merge the manifest. Returns this rank's stats."""
-    from sora_dist.data import shards as sh
-    from sora_dist.data.inputs import list_inputs
-    from sora_dist.parallel.device import read_launch_env
-
     validate_encode(cfg)
     env_rank, env_world, _ = read_launch_env()
     rank = env_rank if cfg.rank is None else cfg.rank
@@ -118,12 +121,6 @@ def run_encode(cfg: EncodeConfig) -> dict:
         os.remove(stale)
     done = sh.DoneList(cfg.output, rank=rank)
     todo = [it for it in mine if not done.is_done(it.source, cfg.retry_rejects)]
-
-    from tqdm import tqdm
-
-    from sora_dist.data.video_io import BadInput, parse_buckets
-    from sora_dist.models.text import TextEncoder
-    from sora_dist.models.vae import VideoVAE
 
     device, dtype = _setup_torch(cfg, world)
     vae = VideoVAE.load(cfg.vae_path, device=device, dtype=dtype)

@@ -15,10 +15,22 @@ import logging
 import os
 
 import hydra
+import torch
 from omegaconf import DictConfig, OmegaConf
 
+from sora_dist.config import to_job_config
 from sora_dist.config.sample import SampleConfig, register_sample_config, validate_sample
 from sora_dist.config.validate import ConfigError
+from sora_dist.data.shards import load_manifest
+from sora_dist.data.video_io import BadInput, load_clip, parse_buckets, probe, write_mp4
+from sora_dist.diffusion import build_diffusion
+from sora_dist.fsutil import atomic_write_text
+from sora_dist.models.dit import build_dit
+from sora_dist.models.text import TextEncoder
+from sora_dist.models.vae import VideoVAE
+from sora_dist.parallel.device import resolve_device_type
+from sora_dist.train import checkpoint as ckpt
+from sora_dist.train.optim import EMA
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hydra_configs")
 log = logging.getLogger("sora_dist.sample")
@@ -27,8 +39,6 @@ register_sample_config()
 
 
 def _job_config(run_dir: str):
-    from sora_dist.config import to_job_config
-
     path = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(path):
         raise ConfigError(f"run_dir={run_dir!r} has no config.yaml; point it at a sora-train run folder")
@@ -39,8 +49,6 @@ def _resolve_models(cfg: SampleConfig, job) -> tuple[str, str, int]:
     """VAE / text-encoder folders and text length: explicit, else from the run's shard manifest."""
     manifest = {}
     if job.data.source == "shards" and job.data.shards:
-        from sora_dist.data.shards import load_manifest
-
         try:
             manifest = load_manifest(job.data.shards)[1]
         except FileNotFoundError:
@@ -64,12 +72,6 @@ def _prompts(cfg: SampleConfig) -> list[str]:
 
 
 def _load_model(cfg: SampleConfig, job, device):
-    import torch
-
-    from sora_dist.models.dit import build_dit
-    from sora_dist.train import checkpoint as ckpt
-    from sora_dist.train.optim import EMA
-
     path = cfg.checkpoint
     if path is None:
         found = ckpt.latest(os.path.join(cfg.run_dir, "checkpoints"))
@@ -90,10 +92,6 @@ def _load_model(cfg: SampleConfig, job, device):
 
 def _cond_latent(cfg: SampleConfig, vae, shape_BCTHW, device):
     """Encode the conditioning image/video into k latent frames at the start or end of the clip."""
-    import torch
-
-    from sora_dist.data.video_io import BadInput, load_clip, parse_buckets, probe
-
     k = cfg.cond_latent_frames
     T = shape_BCTHW[2]
     if k >= T:
@@ -117,15 +115,6 @@ def _cond_latent(cfg: SampleConfig, vae, shape_BCTHW, device):
 
 
 def run_sample(cfg: SampleConfig) -> dict:
-    import torch
-
-    from sora_dist.fsutil import atomic_write_text
-    from sora_dist.data.video_io import write_mp4
-    from sora_dist.diffusion import build_diffusion
-    from sora_dist.models.text import TextEncoder
-    from sora_dist.models.vae import VideoVAE
-    from sora_dist.parallel.device import resolve_device_type
-
     validate_sample(cfg)
     job = _job_config(cfg.run_dir)
     prompts = _prompts(cfg)

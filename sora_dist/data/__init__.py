@@ -10,14 +10,13 @@ Data is split over DP ranks only: every TP/CP/PP rank of one DP group gets the s
 """
 from __future__ import annotations
 
+from sora_dist.data.loader import ShardLoader
+from sora_dist.data.synthetic import SyntheticLatents
+
 
 def build_loader(data_cfg, model_cfg, dp_rank: int = 0, dp_size: int = 1):
     if data_cfg.source == "synthetic":
-        from sora_dist.data.synthetic import SyntheticLatents
-
         return SyntheticLatents(data_cfg, model_cfg.in_channels, model_cfg.text_dim, dp_rank, dp_size)
     if data_cfg.source == "shards":
-        from sora_dist.data.loader import ShardLoader
-
         return ShardLoader(data_cfg, dp_rank=dp_rank, dp_size=dp_size, model_cfg=model_cfg)
     raise ValueError(f"data.source={data_cfg.source!r}: use 'synthetic' or 'shards'")

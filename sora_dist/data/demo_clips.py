@@ -10,6 +10,7 @@ import os
 import random
 
 import torch
+from PIL import Image
 
 from sora_dist.data.video_io import write_mp4
 
@@ -60,8 +61,6 @@ def make_demo_clips(out_dir: str, n: int = 12, seed: int = 0, sizes=None, fps_ch
         path = write_mp4(frames, os.path.join(out_dir, f"clip_{i:04d}.mp4"), fps)
         rows.append({"path": os.path.basename(path), "caption": caption})
     for i in range(images):
-        from PIL import Image  # stills exercise the image -> 1-frame bucket path
-
         h, w = rng.choice(sizes)
         frames, caption = render_clip(h, w, 1, seed * 100_003 + n + i)
         name = f"still_{i:04d}.png"

@@ -21,10 +21,12 @@ import hashlib
 import io
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import numpy as np
 import torch
+import webdataset as wds
 
 from sora_dist.data.shards import load_manifest
 
@@ -140,8 +142,6 @@ class ShardLoader:
         return out
 
     def _read(self, names: list[str]) -> list[tuple[str, dict]]:
-        import webdataset as wds
-
         urls = [os.path.join(self.folder, n) for n in names]
         # Plain tar expansion: no node/worker splitting here, the DP split is ours.
         pipe = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples())
@@ -168,8 +168,6 @@ class ShardLoader:
         if self.prefetch:
             # Read the next block's bytes in a thread (file I/O releases the GIL); the order does
             # not depend on it, only the stall at block boundaries does.
-            from concurrent.futures import ThreadPoolExecutor
-
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(1, thread_name_prefix="shard-prefetch")
             nxt = self._next_key(self.epoch, self.block, len(blocks))

@@ -16,6 +16,7 @@ are simply redone on the rerun.
 """
 from __future__ import annotations
 
+import fcntl
 import glob
 import hashlib
 import io
@@ -28,6 +29,7 @@ from collections import Counter
 from typing import Iterable, Optional
 
 import numpy as np
+import webdataset as wds
 
 from sora_dist.fsutil import atomic_write_text
 
@@ -137,8 +139,6 @@ class ShardWriter:
         os.makedirs(out_dir, exist_ok=True)
         # Two live writers of one rank would clobber each other's temp shards and indices. flock
         # (not a marker file) so a killed run never leaves a stale lock: the kernel drops it.
-        import fcntl
-
         self._lock = open(os.path.join(out_dir, f".rank-r{rank:03d}.lock"), "w")
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -158,8 +158,6 @@ class ShardWriter:
         self.shards_written: list[str] = []
 
     def _open(self) -> None:
-        import webdataset as wds
-
         self._name = f"shard-r{self.rank:03d}-{self.next_idx:06d}.tar"
         self._tmp = os.path.join(self.out_dir, f".{self._name}.tmp")
         self._file = open(self._tmp, "wb")

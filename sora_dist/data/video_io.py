@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Optional, Sequence
 
+import av
 import torch
 import torch.nn.functional as F
 
@@ -73,8 +74,6 @@ def _has_mp4_signature(path: str) -> bool:
 def probe(path: str, max_side: int = 4096) -> VideoInfo:
     """Read-only header check. Raises BadInput for missing/zero-length/corrupt/truncated/
     unsupported-codec/huge-resolution files; decodes at most one frame."""
-    import av
-
     path = str(path)
     if not os.path.isfile(path):
         raise BadInput("missing", path, "file does not exist; fix the manifest path")
@@ -210,8 +209,6 @@ def read_frames(info: VideoInfo, num_frames: int, fps: float,
     Only the needed frames are kept, and decoding stops after the last one. With `size`, each
     kept frame is resized/cropped right away, so memory scales with the bucket, not the source
     resolution (a 4K source never has more than one full-size frame alive)."""
-    import av
-
     if info.is_image:
         wanted = [0]
     else:
@@ -259,8 +256,6 @@ def write_mp4(frames_TCHW: torch.Tensor, path: str, fps: float, codec: Optional[
     uint8 frames are taken as [0, 255]; float frames as [-1, 1] (what VAE decode returns).
     Odd sizes are padded by one edge pixel because yuv420p needs even width and height.
     """
-    import av
-
     if frames_TCHW.ndim != 4 or frames_TCHW.shape[1] not in (1, 3):
         raise ValueError(f"write_mp4 wants frames (T, 3, H, W); got shape {tuple(frames_TCHW.shape)}")
     if fps <= 0:

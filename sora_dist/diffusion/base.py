@@ -5,6 +5,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 
 def randn_like_cpu(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -75,7 +76,6 @@ class Objective:
 def progress_iter(seq, enabled: bool, desc: str):
     if not enabled:
         return seq
-    from tqdm import tqdm
 
     return tqdm(seq, desc=desc, leave=False)
 

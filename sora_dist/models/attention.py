@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 def sdpa_attention(
@@ -38,7 +39,6 @@ def sdpa_priority(kernel: str) -> Optional[list]:
         raise ValueError(f"model.sdpa_kernel={kernel!r}: use one of {SDPA_KERNELS}")
     if kernel == "auto":
         return None
-    from torch.nn.attention import SDPBackend
 
     order = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
              "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
@@ -127,7 +127,6 @@ class CoreAttention(nn.Module):
         if self.backend == "sdpa":
             if self._sdpa_priority is None:
                 return sdpa_attention(q_BHSD, k_BHSD, v_BHSD, kv_mask_BS)
-            from torch.nn.attention import sdpa_kernel
 
             with sdpa_kernel(self._sdpa_priority, set_priority=True):
                 return sdpa_attention(q_BHSD, k_BHSD, v_BHSD, kv_mask_BS)

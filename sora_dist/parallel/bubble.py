@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch.distributed import pipelining as P
 
 from sora_dist.parallel.pipeline import stage_ids_for_rank
 
@@ -85,8 +86,6 @@ def simulate(order: dict, stage_of_rank: dict) -> tuple[float, float]:
 
 def schedule_bubbles(rank, world, microbatches):
     """run_distributed target: {schedule: (replayed bubble, empty-slot fraction)}."""
-    from torch.distributed import pipelining as P
-
     out = {}
     for name, virtual in SCHEDULES:
         ids = stage_ids_for_rank(rank, world, virtual, name)

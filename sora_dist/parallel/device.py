@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import resource
 from dataclasses import dataclass
 
 import torch
@@ -111,8 +112,6 @@ def memory_stats(device: torch.device) -> dict:
     if device.type == "cuda":
         return {"mem_gib": torch.cuda.max_memory_allocated(device) / 2**30}
     try:
-        import resource
-
         return {"mem_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     except Exception:
         return {}

@@ -1,12 +1,15 @@
 """`sora-train`: Hydra entry point. Thin: compose config -> Trainer -> train."""
 from __future__ import annotations
 
+import logging
 import os
 
 import hydra
 from omegaconf import DictConfig
 
 from sora_dist.config import ConfigError, register_configs, to_job_config
+from sora_dist.parallel.device import is_comm_failure, shutdown_distributed
+from sora_dist.train.trainer import Trainer
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "hydra_configs")
 
@@ -15,11 +18,6 @@ register_configs()
 
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="train")
 def main(dcfg: DictConfig) -> None:
-    import logging
-
-    from sora_dist.parallel.device import is_comm_failure, shutdown_distributed
-    from sora_dist.train.trainer import Trainer
-
     try:
         cfg = to_job_config(dcfg)
         trainer = Trainer(cfg)
