@@ -1,7 +1,7 @@
 """Attention backends behind one seam.
 
 Model code calls a `CoreAttention` module on (B, heads, S, head_dim) tensors. Context
-parallelism (parallel/context.py) and transformer-engine replace that module, nothing else:
+parallelism (parallel/context_parallel/) and transformer-engine replace that module, nothing else:
 the CP wrapper keeps the CoreAttention it found as `inner` and calls it on the local
 (Ulysses) attention, whichever backend that is.
 
@@ -93,7 +93,7 @@ class CoreAttention(nn.Module):
     FP8 when `fp8_recipe` is set by models/fp8.py:apply_fp8). TE fixes the head count at
     construction, and that is only known at call time (TP and Ulysses change the local heads),
     so one TE module per (heads, head_dim) is built on first use. With context parallelism the
-    CP wrapper (parallel/context.py) can hand TE its CP groups (`set_te_context_parallel`) and
+    CP wrapper (parallel/context_parallel/attention.py) can hand TE its CP groups (`set_te_context_parallel`) and
     call `forward_te_cp` on the local sequence shard: TE's own CP attention (ring "p2p",
     Ulysses "a2a" or hierarchical "a2a+p2p") then runs, FP8 included. They are kept out of the
     module tree: they hold no parameters (vanilla softmax) and their FP8 metadata is not worth

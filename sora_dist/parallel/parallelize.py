@@ -132,13 +132,13 @@ def parallelize_dit(model: nn.Module, pdims: ParallelDims, cfg) -> ParallelPart:
     if cp > 1:
         apply_cp_attention(model, meshes, p.cp_mode, p.ring_kernel, p.te_context_parallel)
     seq = None
-    if sp or cp > 1:
+    if tp > 1 or cp > 1:  # (under TP alone: no sharding, but embed() needs local parameters)
         seq = SequenceSharding(meshes["tp"] if sp else None, meshes["cp"] if cp > 1 else None)
         apply_sequence_sharding(model, seq)
-        if model.args.dropout > 0:
-            # Dropout acts on the residual stream, which is token-sharded here: one stream per shard.
-            for blk in model.blocks.values():
-                blk.mlp.dropout = TrackedDropout(model.args.dropout, tracker, "seq")
+    if model.args.dropout > 0 and (sp or cp > 1):
+        # Dropout acts on the residual stream, which is token-sharded here: one stream per shard.
+        for blk in model.blocks.values():
+            blk.mlp.dropout = TrackedDropout(model.args.dropout, tracker, "seq")
     apply_activation_checkpointing(model, t.activation_checkpointing, tracker)
     if t.compile:
         for blk in model.blocks.values():
