@@ -10,7 +10,7 @@ RoPE table and key mask sharded with shard_sequence). Per rank (max over ranks) 
   * saved: bytes kept for backward (saved_tensors_hooks, unique storages);
   * step time, wall and CPU (median; process CPU time is less disturbed by other load, and CP=4
     on a 2-core machine is oversubscribed, so its wall time is not scaling);
-  * bytes sent (the CommCounter in parallel/context.py), against Ulysses at the same CP.
+  * bytes sent (the CommCounter in parallel/context_parallel/comm.py), against Ulysses at the same CP.
 Ring runs twice: fused CPU flash blocks with LSE (the default) and the fp32 math blocks.
 A tenth of the tokens is padding (key mask), as in bucketed video batches.
 """
@@ -26,11 +26,11 @@ import torch.distributed as dist
 from sora_dist.models.attention import CoreAttention
 from sora_dist.models.dit import Conditioning, DiTArgs, DiTBlock
 from sora_dist.models.embeddings import build_rope_3d
-from sora_dist.parallel.context import (
-    COMM_COUNTER, DEFAULT_MAX_SCORE_ELEMS, build_cp_attention, shard_sequence,
-)
+from sora_dist.parallel.context_parallel import COMM_COUNTER, build_cp_attention
+from sora_dist.parallel.context_parallel.ring import DEFAULT_MAX_SCORE_ELEMS
+from sora_dist.parallel.sequence import shard_sequence
 from sora_dist.parallel.dims import ParallelDims
-from sora_dist.parallel.spawn import run_distributed
+from sora_dist.testing import run_distributed
 from sora_dist.planning.measure import cpu_peak_bytes, saved_bytes_of
 
 LAYOUTS = [  # (label, mode, cp_ring, cp_ulysses, ring block kernel)

@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from sora_dist.parallel.bubble import SCHEDULES, schedule_bubbles  # noqa: E402
-from sora_dist.parallel.spawn import run_distributed  # noqa: E402
+from sora_dist.testing import run_distributed  # noqa: E402
 
 
 def main():

@@ -36,7 +36,7 @@ from sora_dist.models.attention import CoreAttention
 from sora_dist.models.dit import Conditioning, DiTArgs, DiTBlock
 from sora_dist.models.embeddings import build_rope_3d
 from sora_dist.models.fp8 import build_te_recipe, convert_te, convert_torchao
-from sora_dist.parallel.parallelize import apply_activation_checkpointing
+from sora_dist.parallel.activation_checkpoint import apply_activation_checkpointing
 from sora_dist.parallel.rng import build_rng_tracker
 from sora_dist.planning.measure import cpu_peak_bytes, live_bytes_of, saved_bytes_of
 

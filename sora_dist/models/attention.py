@@ -17,6 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from sora_dist.config.model import ATTENTION_BACKENDS, SDPA_KERNELS
+
 
 def sdpa_attention(
     q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor,
@@ -27,14 +29,11 @@ def sdpa_attention(
     return F.scaled_dot_product_attention(q_BHSD, k_BHSD, v_BHSD, attn_mask=mask)
 
 
-# model.sdpa_kernel: which SDPA kernel to try first. The rest follow as fallbacks (in torch's
-# order), so a kernel that cannot take a call (cuDNN or flash with a padding mask, fp32, ...)
-# hands it on instead of failing. "auto" leaves torch's own choice.
-SDPA_KERNELS = ("auto", "cudnn", "flash", "efficient", "math")
-
-
 def sdpa_priority(kernel: str) -> Optional[list]:
-    """SDPBackend priority list for model.sdpa_kernel, or None for torch's default order."""
+    """SDPBackend priority list for model.sdpa_kernel, or None for torch's default order. The
+    chosen kernel goes first and the rest follow as fallbacks (in torch's order), so a kernel
+    that cannot take a call (cuDNN or flash with a padding mask, fp32, ...) hands it on instead
+    of failing. "auto" leaves torch's own choice."""
     if kernel not in SDPA_KERNELS:
         raise ValueError(f"model.sdpa_kernel={kernel!r}: use one of {SDPA_KERNELS}")
     if kernel == "auto":
@@ -103,6 +102,8 @@ class CoreAttention(nn.Module):
 
     def __init__(self, backend: str = "sdpa", sdpa_kernel: str = "auto"):
         super().__init__()
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention backend {backend!r}; use {' or '.join(map(repr, ATTENTION_BACKENDS))}")
         self.backend = backend
         self.sdpa_kernel = sdpa_kernel
         self._sdpa_priority = sdpa_priority(sdpa_kernel)
@@ -116,8 +117,6 @@ class CoreAttention(nn.Module):
             self._te_cores: dict[tuple[int, int, bool], nn.Module] = {}
             # (cp_group or [a2a_group, p2p_group], cp_global_ranks, cp_stream, cp_comm_type)
             self._te_cp: Optional[tuple] = None
-        elif backend != "sdpa":
-            raise ValueError(f"unknown attention backend {backend!r}; use 'sdpa' or 'te'")
 
     def extra_repr(self) -> str:
         return (f"backend={self.backend}" + (", fp8" if self.fp8_recipe is not None else "")

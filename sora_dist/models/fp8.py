@@ -26,12 +26,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sora_dist.config.model import FP8_LINEARS, FP8_RECIPES
 from sora_dist.models.attention import CoreAttention, import_te, te_autocast
 
 log = logging.getLogger("sora_dist")
 
-FP8_LINEARS = ("none", "torchao", "te")
-FP8_RECIPES = ("current", "delayed")
 
 # Leaf paths (inside one DiT block) of the linears that run in FP8; everything else is skipped.
 _BLOCK_LINEAR = re.compile(r"(^|\.)blocks\.\d+\.(.+\.)?((attn|cross_attn)\.(wq|wk|wv|wo)|mlp\.(fc1|fc2))$")

@@ -12,9 +12,11 @@ import torch
 import torch.nn as nn
 from torch.distributed import pipelining as P
 
-from sora_dist.parallel.pipeline import stage_ids_for_rank
+from sora_dist.config.parallel import PP_SCHEDULES, pp_min_virtual_stages
+from sora_dist.parallel.pipeline import SCHEDULE_CLASSES, stage_ids_for_rank
 
-SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2), ("interleaved_zb", 2), ("zbv", 2)]
+# Each schedule with the fewest stages per rank it runs.
+SCHEDULES = [(s, pp_min_virtual_stages(s)) for s in PP_SCHEDULES]
 COST = {"F": 1.0, "B": 2.0, "I": 1.0, "W": 1.0}
 
 
@@ -91,11 +93,7 @@ def schedule_bubbles(rank, world, microbatches):
         ids = stage_ids_for_rank(rank, world, virtual, name)
         n_stages = world * virtual
         stages = [P.PipelineStage(nn.Linear(4, 4), s, n_stages, torch.device("cpu")) for s in ids]
-        cls = {"gpipe": P.ScheduleGPipe, "1f1b": P.Schedule1F1B,
-               "interleaved_1f1b": P.ScheduleInterleaved1F1B,
-               "interleaved_zb": P.ScheduleInterleavedZeroBubble,
-               "zbv": P.ScheduleZBVZeroBubble}[name]
-        sched = cls(stages[0] if virtual == 1 else stages, microbatches, loss_fn=lambda a, b: a.sum())
+        sched = SCHEDULE_CLASSES[name](stages[0] if virtual == 1 else stages, microbatches, loss_fn=lambda a, b: a.sum())
         order = sched.pipeline_order
         stage_of_rank = {r: stage_ids_for_rank(r, world, virtual, name) for r in range(world)}
         out[name] = simulate(order, stage_of_rank)

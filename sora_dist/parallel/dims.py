@@ -12,6 +12,7 @@ from typing import Optional
 
 from torch.distributed.device_mesh import init_device_mesh
 
+from sora_dist.config.parallel import ulysses_degree
 from sora_dist.config.validate import check_world, resolve_dp
 
 
@@ -33,7 +34,7 @@ class ParallelDims:
     def from_config(cls, p, world_size: int) -> "ParallelDims":
         check_world(p, world_size)  # clear error before any group is created
         dp = resolve_dp(p, world_size)
-        ulysses = {"ulysses": p.cp, "ring": 1, "hybrid": p.ulysses_degree}[p.cp_mode]
+        ulysses = ulysses_degree(p.cp_mode, p.cp, p.ulysses_degree)
         return cls(p.dp_replicate, dp // p.dp_replicate, p.pp, p.cp // ulysses, ulysses, p.tp, world_size)
 
     @property

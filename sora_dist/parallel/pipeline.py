@@ -21,12 +21,17 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed import pipelining
 
-from sora_dist.config.parallel import PP_SCHEDULES
+from sora_dist.config.parallel import (
+    PP_ONE_STAGE_SCHEDULES,
+    PP_SCHEDULES,
+    pp_schedule_problems,
+    pp_virtual_stages,
+)
 from sora_dist.models.dit import Conditioning, VideoDiT, init_dit_weights
 from sora_dist.models.embeddings import build_rope_3d
 
 # torch's schedule class for each parallel.pp_schedule; the first two run one stage per rank.
-_SCHEDULE_CLASSES = {"gpipe": pipelining.ScheduleGPipe, "1f1b": pipelining.Schedule1F1B,
+SCHEDULE_CLASSES = {"gpipe": pipelining.ScheduleGPipe, "1f1b": pipelining.Schedule1F1B,
                      "interleaved_1f1b": pipelining.ScheduleInterleaved1F1B,
                      "interleaved_zb": pipelining.ScheduleInterleavedZeroBubble,
                      "zbv": pipelining.ScheduleZBVZeroBubble}
@@ -140,10 +145,10 @@ class PipelineRunner:
         self.group = pp_mesh.get_group()
         self.device, self.schedule_name, self.microbatches = device, schedule, microbatches
         self.loss_fn = loss_fn
-        virtual = 2 if schedule == "zbv" else virtual
-        if schedule in ("gpipe", "1f1b") and virtual != 1:
-            raise ValueError(f"parallel.pp_schedule={schedule} runs one stage per rank; "
-                             "set parallel.pp_virtual_stages=1 or use interleaved_1f1b")
+        virtual = pp_virtual_stages(schedule, virtual)
+        problems = pp_schedule_problems(schedule, virtual)
+        if problems:
+            raise ValueError(problems[0])
         self.n_stages = self.pp * virtual
         if model.args.depth < self.n_stages:
             raise ValueError(f"model depth {model.args.depth} < {self.n_stages} pipeline stages")
@@ -168,8 +173,8 @@ class PipelineRunner:
         if key not in self._schedules:
             stages = [pipelining.PipelineStage(m, s, self.n_stages, self.device, group=self.group)
                       for m, s in zip(self.stages, self.stage_ids)]
-            single = self.schedule_name in ("gpipe", "1f1b")
-            self._schedules[key] = _SCHEDULE_CLASSES[self.schedule_name](
+            single = self.schedule_name in PP_ONE_STAGE_SCHEDULES
+            self._schedules[key] = SCHEDULE_CLASSES[self.schedule_name](
                 stages[0] if single else stages, self.microbatches, loss_fn=self.loss_fn, scale_grads=True)
         return self._schedules[key]
 

@@ -13,7 +13,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from sora_dist.config.model import DiTArgs
 from sora_dist.models.dit import VideoDiT
-from sora_dist.parallel.parallelize import apply_activation_checkpointing
+from sora_dist.parallel.activation_checkpoint import apply_activation_checkpointing
 from sora_dist.parallel.rng import build_rng_tracker
 
 

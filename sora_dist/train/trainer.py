@@ -13,10 +13,10 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-
 from omegaconf import OmegaConf
 
 from sora_dist.config import JobConfig, validate
+from sora_dist.config.model import DiTArgs
 from sora_dist.data import build_loader
 from sora_dist.diffusion import build_diffusion
 from sora_dist.fsutil import atomic_write_text
@@ -27,7 +27,6 @@ from sora_dist.parallel.dims import ParallelDims
 from sora_dist.parallel.grad import clip_grad_norm_
 from sora_dist.parallel.parallelize import parallelize
 from sora_dist.parallel.rng import seed_step
-from sora_dist.planner import ModelDims, step_flops
 from sora_dist.train.checkpoint import CheckpointManager, TrainState, load_model_only
 from sora_dist.train.metrics import MetricLogger, setup_console
 from sora_dist.train.optim import EMA, build_optimizer, set_lr
@@ -83,6 +82,7 @@ class Trainer:
             model = build_dit(cfg.model).to(self.device)
         apply_fp8(model, cfg, self.device)  # model.fp8_linears / fp8_attention; before any sharding (torchtitan order)
         self.n_params = count_params(model)
+        self.model_args = DiTArgs.from_config(cfg.model)  # dimensions for the MFU numerator
         self.diffusion = build_diffusion(cfg.diffusion)
         # TP/CP/recompute/compile/FSDP for any world size; under PP this rank's stages.
         self.parallel = parallelize(model, self.pdims, cfg, self.device, self.diffusion.loss)
@@ -174,22 +174,12 @@ class Trainer:
                 raise NonFiniteLossError(
                     f"{self.nonfinite_streak} consecutive non-finite losses at step {step}: "
                     "lower optim.lr, check the data, or raise train.max_nonfinite_streak")
-        p = cfg.model.patch_size
-        T, H, W = x0.shape[-3:]
-        tokens = x0.shape[0] * math.ceil(T / p[0]) * math.ceil(H / p[1]) * math.ceil(W / p[2]) * self.dp_size
-        return {"loss": loss_avg, "grad_norm": grad_norm, "lr": lr, "tokens": tokens,
-                "skipped": self.state.skipped, "flops": self._model_flops(x0.shape, text.shape[1])}
-
-    def _model_flops(self, shape, text_len: int) -> float:
-        """Model FLOPs of this step over all DP ranks (fwd + bwd, no recompute): the MFU numerator."""
-        m = self.cfg.model
-        r = m.resolved()
-        dims = ModelDims(hidden=r["hidden_size"], depth=r["depth"], heads=r["num_heads"], mlp_ratio=m.mlp_ratio,
-                         text_dim=m.text_dim, text_len=text_len, in_channels=m.in_channels,
-                         patch=tuple(m.patch_size), qk_norm=m.qk_norm)
-        p = m.patch_size
-        seq = math.ceil(shape[-3] / p[0]) * math.ceil(shape[-2] / p[1]) * math.ceil(shape[-1] / p[2])
-        return step_flops(dims, seq, shape[0] * self.dp_size)[0].total
+        # Tokens and model FLOPs (fwd + bwd, no recompute: the MFU numerator) over all DP ranks.
+        seq = math.prod(math.ceil(n / p) for n, p in zip(x0.shape[-3:], cfg.model.patch_size))
+        samples = x0.shape[0] * self.dp_size
+        return {"loss": loss_avg, "grad_norm": grad_norm, "lr": lr, "tokens": samples * seq,
+                "skipped": self.state.skipped,
+                "flops": samples * self.model_args.flops_per_sample(seq, text.shape[1])}
 
     # ---- the loop ----------------------------------------------------------------------------
     def train(self, stop_at: Optional[int] = None) -> list[float]:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from sora_dist.parallel.context_parallel import build_cp_attention
 from sora_dist.parallel.sequence import gather_sequence, shard_sequence
 from sora_dist.parallel.dims import ParallelDims
-from sora_dist.parallel.spawn import run_distributed
+from sora_dist.testing import run_distributed
 
 pytestmark = pytest.mark.distributed
 

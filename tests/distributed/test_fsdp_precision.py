@@ -7,7 +7,7 @@ from sora_dist.config import JobConfig
 from sora_dist.models.dit import build_dit
 from sora_dist.parallel.dims import ParallelDims
 from sora_dist.parallel.fsdp import apply_fsdp
-from sora_dist.parallel.spawn import run_distributed
+from sora_dist.testing import run_distributed
 
 
 def _worker(rank, world):

@@ -18,7 +18,7 @@ from sora_dist.config import JobConfig
 from sora_dist.models import DiTArgs, VideoDiT
 from sora_dist.parallel.dims import ParallelDims
 from sora_dist.parallel.grad import clip_grad_norm_
-from sora_dist.parallel.spawn import run_distributed
+from sora_dist.testing import run_distributed
 
 pytestmark = pytest.mark.distributed
 

@@ -8,7 +8,7 @@ from sora_dist.models.dit import build_dit
 from sora_dist.diffusion.base import Objective
 from sora_dist.parallel.dims import ParallelDims
 from sora_dist.parallel.pipeline import PipelineRunner, split_blocks, stage_ids_for_rank
-from sora_dist.parallel.spawn import run_distributed
+from sora_dist.testing import run_distributed
 
 DEPTH = 4
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from sora_dist.parallel.dims import ParallelDims
-from sora_dist.parallel.spawn import run_distributed
+from sora_dist.testing import run_distributed
 
 from sora_dist.models import VideoDiT
 from test_parallel_equivalence import B_LOCAL, global_batch, make_cfg, tiny_args

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from sora_dist.config import JobConfig
-from sora_dist.parallel.spawn import run_distributed
+from sora_dist.testing import run_distributed
 from sora_dist.train.trainer import Trainer
 
 STEPS = 4
@@ -204,7 +204,7 @@ def _init_report(tr) -> dict:
 
     shards = {n: p.to_local().detach().clone() for n, p in tr.model.named_parameters()
               if isinstance(p, DTensor) and n.endswith(COLUMN_PARALLEL)}
-    tp_group = tr.meshes["tp"].get_group() if tr.pdims.tp > 1 else None
+    tp_group = tr.pdims.meshes["tp"].get_group() if tr.pdims.tp > 1 else None
     differ, checked = True, 0
     if tp_group is not None:
         peers = [None] * dist.get_world_size(tp_group)

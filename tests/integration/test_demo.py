@@ -66,7 +66,7 @@ def _sampling_worker(rank, world, shards, run_dir):
 def test_training_logs_sample_videos_to_wandb(tmp_path):
     """logging.sample_every in a 2-rank run: rank 0 samples the fixed prompts in a separate
     process from the new checkpoint; the mp4s land in run_dir/samples and in the wandb run."""
-    from sora_dist.parallel.spawn import run_distributed
+    from sora_dist.testing import run_distributed
 
     shards = run_demo(str(tmp_path / "demo"), n_clips=3, ranks=1, images=0)
     assert run_distributed(_sampling_worker, 2, shards, str(tmp_path / "run"))

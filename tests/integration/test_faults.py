@@ -5,7 +5,7 @@ import subprocess
 import sys
 import time
 
-from sora_dist.parallel.spawn import free_port
+from sora_dist.testing import free_port
 
 
 def test_kill9_one_rank_makes_the_other_fail_fast_with_clear_message(tmp_path):

@@ -40,7 +40,7 @@ def test_torchrun_tp2_matches_one_process(tmp_path):
             "model.zero_init=false", "optim.lr=1e-3"]
     from sora_dist.config import JobConfig
     from sora_dist.models.dit import build_dit
-    from sora_dist.parallel.spawn import free_port
+    from sora_dist.testing import free_port
 
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                 "--master_port", str(free_port())]

@@ -230,7 +230,7 @@ def test_fp8_sharded_matches_single_process_fp8(layout):
     FSDP2 all-gathers the high-precision weight before the cast, so the sharded run reproduces
     the single-process FP8 run (measured: grads within 2.5e-7 for TP+SP, 9e-8 for FSDP; both
     ranks feed the same batch, so the DP average is that batch's gradient)."""
-    from sora_dist.parallel.spawn import run_distributed
+    from sora_dist.testing import run_distributed
 
     for rank, r in enumerate(run_distributed(_tp_fp8_worker, 2, layout, all_ranks=True)):
         assert r["fp8"] == 20, rank

@@ -1,4 +1,5 @@
-"""Run a function on N local gloo processes (tests and CPU benchmarks).
+"""Test and CPU-benchmark helpers (not used by the jobs): run a function on N local gloo
+processes.
 
 Each rank gets the default process group initialised; what rank 0 returns comes back, or with
 all_ranks=True the list of every rank's result (so a test can check what each rank measured).
@@ -6,8 +7,10 @@ Always barrier + destroy_process_group at exit so no rank leaves a peer hanging.
 """
 from __future__ import annotations
 
+import datetime
 import os
 import socket
+import sys
 import tempfile
 import traceback
 from typing import Any, Callable
@@ -27,7 +30,6 @@ def _worker(rank, world_size, port, fn, args, out_dir, all_ranks=False):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)  # N ranks share few cores
-    import datetime
 
     dist.init_process_group("gloo", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=300))
@@ -46,7 +48,6 @@ def _worker(rank, world_size, port, fn, args, out_dir, all_ranks=False):
     # Leave without interpreter teardown: gloo's background threads can still be joinable when
     # C++ static destructors run, which aborts the process ("terminate called without an
     # active exception") after the work has succeeded.
-    import sys
 
     sys.stdout.flush()
     sys.stderr.flush()
