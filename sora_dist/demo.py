@@ -66,7 +66,7 @@ def train_and_sample(workdir: str, shards: str, steps: int = 60, sample_steps: i
     """sora-train on the shards, then sora-sample from the run. Returns the mp4 folder."""
     workdir = os.path.abspath(workdir)
     run = os.path.join(workdir, "run")
-    _run([sys.executable, "-m", "sora_dist.train.cli", "data.source=shards", f"data.shards={shards}",
+    _run([sys.executable, "-m", "sora_dist.train", "data.source=shards", f"data.shards={shards}",
           f"train.run_dir={run}", f"train.steps={steps}", "train.ckpt_every=20", "optim.lr=3e-4",
           "optim.warmup_steps=5", "logging.log_every=10"], "training")
     out = os.path.join(workdir, "samples")

@@ -23,6 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from sora_dist.config import CONFIG_DIR
 from sora_dist.config.encode import (
     EncodeConfig,
     register_encode_config,
@@ -37,7 +38,6 @@ from sora_dist.models.text import TextEncoder
 from sora_dist.models.vae import VideoVAE
 from sora_dist.parallel.device import read_launch_env, select_device
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hydra_configs")
 log = logging.getLogger("sora_dist.encode")
 
 register_encode_config()

@@ -18,7 +18,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from sora_dist.config import to_job_config
+from sora_dist.config import CONFIG_DIR, to_job_config
 from sora_dist.config.sample import SampleConfig, register_sample_config, validate_sample
 from sora_dist.config.validate import ConfigError
 from sora_dist.data.shards import load_manifest
@@ -29,10 +29,9 @@ from sora_dist.models.dit import build_dit
 from sora_dist.models.text import TextEncoder
 from sora_dist.models.vae import VideoVAE
 from sora_dist.parallel.device import resolve_device_type
-from sora_dist.train import checkpoint as ckpt
-from sora_dist.train.optim import EMA
+from sora_dist.training import checkpoint as ckpt
+from sora_dist.training.optim import EMA
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hydra_configs")
 log = logging.getLogger("sora_dist.sample")
 
 register_sample_config()

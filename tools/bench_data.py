@@ -24,7 +24,7 @@ from sora_dist.data.loader import ShardLoader
 from sora_dist.encode import run_encode
 from sora_dist.models.text import build_tiny_text_encoder
 from sora_dist.models.vae import build_tiny_vae
-from sora_dist.train.trainer import Trainer
+from sora_dist.training.trainer import Trainer
 
 
 def _encode_worker(cfg_kwargs: dict, threads: int) -> None:

@@ -62,7 +62,7 @@ $PY "${BENCH[@]}" --sdpa-kernel "${BEST:-auto}" --recompute none,op,full 2>&1 | 
 step "4. trainer on CUDA: XL blocks (hidden 1152, 4 of them), 4096 tokens/sample, bf16"
 RUN=/tmp/sora_gpu_check_run
 rm -rf "$RUN"
-TRAIN=($PY -m sora_dist.train.cli train.run_dir=$RUN train.steps=20 train.ckpt_every=10
+TRAIN=($PY -m sora_dist.train train.run_dir=$RUN train.steps=20 train.ckpt_every=10
        logging.log_every=5 train.device=${GPU_CHECK_DEVICE:-cuda} model.flavor=${GPU_CHECK_FLAVOR:-XL}
        model.depth=4 "data.synthetic_buckets=[${GPU_CHECK_BUCKET:-[16,32,32]}]" data.batch_size=2
        logging.wandb_mode=disabled)

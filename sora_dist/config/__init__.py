@@ -5,6 +5,7 @@ group or tensor exists so bad input fails fast with a message that names the fie
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from sora_dist.config.data import DataConfig
@@ -14,6 +15,10 @@ from sora_dist.config.optim import OptimConfig
 from sora_dist.config.parallel import ParallelConfig
 from sora_dist.config.train import LoggingConfig, TrainConfig
 from sora_dist.config.validate import ConfigError, validate
+
+# The Hydra config folder every entry point (train, encode, sample) composes from.
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                          "hydra_configs")
 
 
 @dataclass
@@ -43,7 +48,7 @@ def to_job_config(cfg) -> JobConfig:
 
 
 __all__ = [
-    "ConfigError", "DataConfig", "DiffusionConfig", "FLAVORS", "JobConfig", "LoggingConfig",
+    "CONFIG_DIR", "ConfigError", "DataConfig", "DiffusionConfig", "FLAVORS", "JobConfig", "LoggingConfig",
     "ModelConfig", "OptimConfig", "ParallelConfig", "TrainConfig", "register_configs",
     "to_job_config", "validate",
 ]

@@ -1,6 +1,6 @@
 """A checkpoint saved under one parallel layout loads bit-exactly under another.
 
-Layout A trains one step (so AdamW has state) and saves with sora_dist.train.checkpoint;
+Layout A trains one step (so AdamW has state) and saves with sora_dist.training.checkpoint;
 layout B builds a differently seeded model, loads A, saves again; layout C loads B. The full
 (unsharded) model and optimizer tensors must be identical in A, B and C.
 """
@@ -38,8 +38,8 @@ def _full_state(model, optimizer) -> dict:
 def reshard_worker(rank: int, world: int, layout: dict, seed: int, load_from, save_root) -> dict:
     from sora_dist.parallel.parallelize import parallelize_dit
     from sora_dist.parallel.grad import clip_grad_norm_
-    from sora_dist.train import checkpoint as ckpt
-    from sora_dist.train.optim import build_optimizer
+    from sora_dist.training import checkpoint as ckpt
+    from sora_dist.training.optim import build_optimizer
 
     args = tiny_args()
     cfg = make_cfg(**layout)

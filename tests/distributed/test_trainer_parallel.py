@@ -17,7 +17,7 @@ import torch
 
 from sora_dist.config import JobConfig
 from sora_dist.testing import run_distributed
-from sora_dist.train.trainer import Trainer
+from sora_dist.training.trainer import Trainer
 
 STEPS = 4
 PARAM_REL = 1e-3

@@ -49,7 +49,7 @@ def test_main_job_end_to_end(tmp_path):
 
 def _sampling_worker(rank, world, shards, run_dir):
     from sora_dist.config import JobConfig
-    from sora_dist.train.trainer import Trainer
+    from sora_dist.training.trainer import Trainer
 
     cfg = JobConfig()
     cfg.data.source, cfg.data.shards, cfg.data.batch_size = "shards", shards, 1

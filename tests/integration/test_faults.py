@@ -17,7 +17,7 @@ def test_kill9_one_rank_makes_the_other_fail_fast_with_clear_message(tmp_path):
         log = open(tmp_path / f"rank{r}.log", "w+")
         logs.append(log)
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "sora_dist.train.cli", f"train.run_dir={tmp_path}/run", "parallel.cp=2",
+            [sys.executable, "-m", "sora_dist.train", f"train.run_dir={tmp_path}/run", "parallel.cp=2",
              "parallel.timeout_s=60", "train.steps=100000", "train.ckpt_every=0",
              "logging.wandb_mode=disabled", "data.synthetic_buckets=[[1,4,4]]", "model.depth=1"],
             stdout=log, stderr=subprocess.STDOUT, env=env))
@@ -53,7 +53,7 @@ def test_kill9_during_checkpointing_resumes_from_a_complete_one(tmp_path):
     env = dict(os.environ, WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
 
     def cmd(run):
-        return [sys.executable, "-m", "sora_dist.train.cli", f"train.run_dir={run}", "train.steps=16",
+        return [sys.executable, "-m", "sora_dist.train", f"train.run_dir={run}", "train.steps=16",
                 "train.ckpt_every=1", "train.ckpt_keep=2", "logging.wandb_mode=disabled",
                 "data.synthetic_buckets=[[1,4,4]]"]
 

@@ -7,13 +7,13 @@ import subprocess
 import sys
 import time
 
-from sora_dist.train.trainer import REQUEUE_EXIT_CODE
+from sora_dist.training.trainer import REQUEUE_EXIT_CODE
 
 STEPS = 120
 
 
 def cmd(run_dir):
-    return [sys.executable, "-m", "sora_dist.train.cli", f"train.run_dir={run_dir}",
+    return [sys.executable, "-m", "sora_dist.train", f"train.run_dir={run_dir}",
             f"train.steps={STEPS}", "train.ckpt_every=0", "logging.wandb_mode=disabled",
             "logging.log_every=1", "data.synthetic_buckets=[[1,4,4]]", "model.depth=1"]
 

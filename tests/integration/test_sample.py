@@ -23,7 +23,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    from sora_dist.train.trainer import Trainer
+    from sora_dist.training.trainer import Trainer
 
     d = tmp_path_factory.mktemp("e2e")
     man = make_demo_clips(str(d / "clips"), n=6, sizes=[(32, 32), (32, 48)], fps_choices=(8,), frame_choices=(9,))

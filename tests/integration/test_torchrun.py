@@ -26,7 +26,7 @@ def _run(cmd, tmp_path):
 def _final_params(run_dir, cfg):
     """The run's last checkpoint (step 4) loaded into a one-process model."""
     from sora_dist.models.dit import build_dit
-    from sora_dist.train import checkpoint as ckpt
+    from sora_dist.training import checkpoint as ckpt
 
     step, path = ckpt.latest(os.path.join(run_dir, "checkpoints"))
     assert step == 4, path
@@ -36,7 +36,7 @@ def _final_params(run_dir, cfg):
 
 
 def test_torchrun_tp2_matches_one_process(tmp_path):
-    args = ["-m", "sora_dist.train.cli", "train.steps=4", "logging.wandb_mode=disabled",
+    args = ["-m", "sora_dist.train", "train.steps=4", "logging.wandb_mode=disabled",
             "model.zero_init=false", "optim.lr=1e-3"]
     from sora_dist.config import JobConfig
     from sora_dist.models.dit import build_dit

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from sora_dist.config import JobConfig
-from sora_dist.train import checkpoint as ckpt
-from sora_dist.train.trainer import NonFiniteLossError, Trainer
+from sora_dist.training import checkpoint as ckpt
+from sora_dist.training.trainer import NonFiniteLossError, Trainer
 
 
 def make_cfg(run_dir, steps=6, **train):
@@ -107,12 +107,12 @@ def test_run_dir_has_resolved_config_and_wandb(tmp_path):
 
 def test_cli_runs_and_rejects_bad_config(tmp_path):
     env = dict(os.environ, WANDB_MODE="disabled")
-    ok = subprocess.run([sys.executable, "-m", "sora_dist.train.cli", f"train.run_dir={tmp_path}",
+    ok = subprocess.run([sys.executable, "-m", "sora_dist.train", f"train.run_dir={tmp_path}",
                          "train.steps=2", "logging.wandb_mode=disabled"],
                         capture_output=True, text=True, env=env, timeout=300)
     assert ok.returncode == 0, ok.stderr
     assert "step      2/2" in ok.stderr + ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "sora_dist.train.cli", f"train.run_dir={tmp_path}/x",
+    bad = subprocess.run([sys.executable, "-m", "sora_dist.train", f"train.run_dir={tmp_path}/x",
                           "model.num_heads=5"], capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode != 0
     assert "model.hidden_size=64 is not divisible by model.num_heads=5" in bad.stderr
@@ -120,7 +120,7 @@ def test_cli_runs_and_rejects_bad_config(tmp_path):
 
 
 def _params(tr) -> dict:
-    from sora_dist.train.optim import named_params
+    from sora_dist.training.optim import named_params
 
     return {n: p.detach().clone() for n, p in named_params(tr.model).items()}
 

@@ -2,7 +2,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from sora_dist.config import FLAVORS, ConfigError, JobConfig, register_configs, to_job_config, validate
-from sora_dist.train.cli import CONFIG_DIR
+from sora_dist.config import CONFIG_DIR
 
 
 def cfg_with(**sections):

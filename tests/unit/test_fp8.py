@@ -244,7 +244,7 @@ def test_trainer_runs_fp8_and_resumes_exactly(tmp_path):
     run stopped at step 3 and resumed from its checkpoint continues the same loss sequence to
     bitwise the same final parameters (checkpoints carry the same FQNs). zero_init=False and
     lr 1e-3: every FP8 linear feeds the loss from step 0 and the weights move measurably."""
-    from sora_dist.train.trainer import Trainer
+    from sora_dist.training.trainer import Trainer
 
     def run(run_dir, stop_at=None):
         cfg = JobConfig()

@@ -1,17 +1,15 @@
-"""`sora-train`: Hydra entry point. Thin: compose config -> Trainer -> train."""
+"""`sora-train` / `python -m sora_dist.train`: the training job's Hydra entry point. Thin:
+compose config -> Trainer (sora_dist/training/) -> train."""
 from __future__ import annotations
 
 import logging
-import os
 
 import hydra
 from omegaconf import DictConfig
 
-from sora_dist.config import ConfigError, register_configs, to_job_config
+from sora_dist.config import CONFIG_DIR, ConfigError, register_configs, to_job_config
 from sora_dist.parallel.device import is_comm_failure, shutdown_distributed
-from sora_dist.train.trainer import Trainer
-
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "hydra_configs")
+from sora_dist.training.trainer import Trainer
 
 register_configs()
 

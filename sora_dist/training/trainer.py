@@ -27,10 +27,10 @@ from sora_dist.parallel.dims import ParallelDims
 from sora_dist.parallel.grad import clip_grad_norm_
 from sora_dist.parallel.parallelize import parallelize
 from sora_dist.parallel.rng import seed_step
-from sora_dist.train.checkpoint import CheckpointManager, TrainState, load_model_only
-from sora_dist.train.metrics import MetricLogger, setup_console
-from sora_dist.train.optim import EMA, build_optimizer, set_lr
-from sora_dist.train.sampling import SampleLogger
+from sora_dist.training.checkpoint import CheckpointManager, TrainState, load_model_only
+from sora_dist.training.metrics import MetricLogger, setup_console
+from sora_dist.training.optim import EMA, build_optimizer, set_lr
+from sora_dist.training.sampling import SampleLogger
 
 log = logging.getLogger("sora_dist")
 
