@@ -154,21 +154,30 @@ def parallelize_dit(model: nn.Module, pdims: ParallelDims, cfg) -> ParallelPart:
     return ParallelPart(model, tracker, seq, use_fsdp, grad_mesh)
 
 
+# nn.init.normal_/uniform_ hand a DTensor to torch-function modes as themselves (tensor=...
+# keyword); xavier_uniform_ etc. reach Tensor.uniform_ directly.
+_RANDOM_INITS = (torch.Tensor.uniform_, torch.Tensor.normal_, nn.init.uniform_, nn.init.normal_)
+
+
 class _FullDraws(TorchFunctionMode):
-    """uniform_/normal_ on a DTensor (nn.init's random draws) on CPU, where DTensor has no
-    distributed RNG: draw the global tensor on every rank (same seed, same order) and keep the
-    local shard. One parameter at a time, never the whole model."""
+    """A random init of a DTensor on CPU, where DTensor has no distributed RNG: draw the global
+    tensor on every rank (same seed, same order) and keep this rank's shard of it. One
+    parameter at a time, never the whole model."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in (torch.Tensor.uniform_, torch.Tensor.normal_) and isinstance(args[0], DTensor):
-            t = args[0]
-            full = torch.empty(t.shape, dtype=t.dtype, device=t.to_local().device)
-            func(full, *args[1:], **kwargs)
-            shard = distribute_tensor(full, t.device_mesh, t.placements, src_data_rank=None)
-            t.to_local().copy_(shard.to_local())
-            return t
-        return func(*args, **kwargs)
+        kwargs = dict(kwargs or {})
+        t = kwargs.get("tensor", args[0] if args else None)
+        if func not in _RANDOM_INITS or not isinstance(t, DTensor):
+            return func(*args, **kwargs)
+        full = torch.empty(t.shape, dtype=t.dtype, device=t.to_local().device)
+        if "tensor" in kwargs:
+            kwargs["tensor"] = full
+        else:
+            args = (full, *args[1:])
+        func(*args, **kwargs)
+        shard = distribute_tensor(full, t.device_mesh, t.placements, src_data_rank=None)
+        t.to_local().copy_(shard.to_local())
+        return t
 
 
 def materialize(model: nn.Module, device_type: str, seed: int) -> None:

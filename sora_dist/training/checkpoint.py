@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from sora_dist.fsutil import atomic_write_text  # noqa: F401,E402  (used by the trainer too)
+from sora_dist.fsutil import atomic_write_text
 
 log = logging.getLogger("sora_dist")
 

@@ -16,7 +16,6 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from sora_dist.config import JobConfig, validate
-from sora_dist.config.model import DiTArgs
 from sora_dist.data import build_loader
 from sora_dist.diffusion import build_diffusion
 from sora_dist.fsutil import atomic_write_text
@@ -82,7 +81,7 @@ class Trainer:
             model = build_dit(cfg.model).to(self.device)
         apply_fp8(model, cfg, self.device)  # model.fp8_linears / fp8_attention; before any sharding (torchtitan order)
         self.n_params = count_params(model)
-        self.model_args = DiTArgs.from_config(cfg.model)  # dimensions for the MFU numerator
+        self.model_args = model.args  # its dimensions answer the FLOPs of a step (MFU)
         self.diffusion = build_diffusion(cfg.diffusion)
         # TP/CP/recompute/compile/FSDP for any world size; under PP this rank's stages.
         self.parallel = parallelize(model, self.pdims, cfg, self.device, self.diffusion.loss)

@@ -29,34 +29,25 @@ def _heads_to_seq(x_BHSD: torch.Tensor, group) -> torch.Tensor:
     return y.transpose(0, 1).reshape(B, U * h, S // U, D)
 
 
-class _SeqToHeads(torch.autograd.Function):
-    # The adjoint of an all-to-all is the reverse all-to-all.
+class _Reshard(torch.autograd.Function):
+    """One of the two all-to-alls; its backward is the other (the adjoint of an all-to-all is
+    the reverse all-to-all)."""
+
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _seq_to_heads(x, group)
+    def forward(ctx, x, group, to_heads: bool):
+        ctx.group, ctx.to_heads = group, to_heads
+        return (_seq_to_heads if to_heads else _heads_to_seq)(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _heads_to_seq(grad, ctx.group), None
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _heads_to_seq(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _seq_to_heads(grad, ctx.group), None
+        return (_heads_to_seq if ctx.to_heads else _seq_to_heads)(grad, ctx.group), None, None
 
 
 def seq_to_heads(x_BHSD: torch.Tensor, group) -> torch.Tensor:
     """Differentiable (B, H, S/U, D) -> (B, H/U, S, D)."""
-    return _SeqToHeads.apply(x_BHSD, group)
+    return _Reshard.apply(x_BHSD, group, True)
 
 
 def heads_to_seq(x_BHSD: torch.Tensor, group) -> torch.Tensor:
     """Differentiable (B, H/U, S, D) -> (B, H, S/U, D)."""
-    return _HeadsToSeq.apply(x_BHSD, group)
+    return _Reshard.apply(x_BHSD, group, False)
