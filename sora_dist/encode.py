@@ -20,16 +20,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import hydra
 import torch
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from sora_dist.config import CONFIG_DIR
-from sora_dist.config.encode import (
-    EncodeConfig,
-    register_encode_config,
-    validate_against_vae,
-    validate_encode,
-)
+from sora_dist.config.encode import EncodeConfig, validate_against_vae, validate_encode
 from sora_dist.config.validate import ConfigError
 from sora_dist.data import shards as sh
 from sora_dist.data.inputs import list_inputs
@@ -40,7 +36,7 @@ from sora_dist.parallel.device import read_launch_env, select_device
 
 log = logging.getLogger("sora_dist.encode")
 
-register_encode_config()
+ConfigStore.instance().store(name="encode_schema", node=EncodeConfig)  # typed schema of encode.yaml
 
 
 def _setup_torch(cfg: EncodeConfig, world: int):

@@ -16,10 +16,11 @@ import os
 
 import hydra
 import torch
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from sora_dist.config import CONFIG_DIR, to_job_config
-from sora_dist.config.sample import SampleConfig, register_sample_config, validate_sample
+from sora_dist.config.sample import SampleConfig, validate_sample
 from sora_dist.config.validate import ConfigError
 from sora_dist.data.shards import load_manifest
 from sora_dist.data.video_io import BadInput, load_clip, parse_buckets, probe, write_mp4
@@ -34,7 +35,7 @@ from sora_dist.training.optim import EMA
 
 log = logging.getLogger("sora_dist.sample")
 
-register_sample_config()
+ConfigStore.instance().store(name="sample_schema", node=SampleConfig)  # typed schema of sample.yaml
 
 
 def _job_config(run_dir: str):

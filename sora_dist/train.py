@@ -5,11 +5,18 @@ from __future__ import annotations
 import logging
 
 import hydra
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from sora_dist.config import CONFIG_DIR, ConfigError, register_configs, to_job_config
+from sora_dist.config import CONFIG_DIR, ConfigError, JobConfig, to_job_config
 from sora_dist.parallel.device import is_comm_failure, shutdown_distributed
 from sora_dist.training.trainer import Trainer
+
+
+def register_configs() -> None:
+    """The typed schema hydra_configs/train.yaml composes onto (Hydra's ConfigStore)."""
+    ConfigStore.instance().store(name="job_schema", node=JobConfig)
+
 
 register_configs()
 

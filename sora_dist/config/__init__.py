@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from omegaconf import OmegaConf
+
 from sora_dist.config.data import DataConfig
 from sora_dist.config.diffusion import DiffusionConfig
 from sora_dist.config.model import FLAVORS, ModelConfig
@@ -32,23 +34,14 @@ class JobConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
-def register_configs() -> None:
-    from hydra.core.config_store import ConfigStore
-
-    cs = ConfigStore.instance()
-    cs.store(name="job_schema", node=JobConfig)
-
-
 def to_job_config(cfg) -> JobConfig:
     """OmegaConf DictConfig (from Hydra) -> typed JobConfig object."""
-    from omegaconf import OmegaConf
-
     merged = OmegaConf.merge(OmegaConf.structured(JobConfig), cfg)
     return OmegaConf.to_object(merged)
 
 
 __all__ = [
     "CONFIG_DIR", "ConfigError", "DataConfig", "DiffusionConfig", "FLAVORS", "JobConfig", "LoggingConfig",
-    "ModelConfig", "OptimConfig", "ParallelConfig", "TrainConfig", "register_configs",
+    "ModelConfig", "OptimConfig", "ParallelConfig", "TrainConfig",
     "to_job_config", "validate",
 ]

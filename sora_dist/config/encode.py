@@ -104,7 +104,3 @@ def validate_against_vae(cfg: EncodeConfig, temporal: int, spatial: int) -> None
         raise ConfigError(f"encode.resolutions has {bad_r}; H and W must divide by the VAE's spatial factor {spatial}")
 
 
-def register_encode_config() -> None:
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(name="encode_schema", node=EncodeConfig)

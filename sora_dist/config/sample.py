@@ -75,7 +75,3 @@ def validate_sample(cfg: SampleConfig) -> None:
         raise ConfigError(f"device={cfg.device!r}: use auto, cpu or cuda")
 
 
-def register_sample_config() -> None:
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(name="sample_schema", node=SampleConfig)

@@ -4,7 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-
 # train.activation_checkpointing values, by rising recompute cost (the planner ranks them so).
 ACTIVATION_CHECKPOINTING = ("none", "op", "selective", "full")
 

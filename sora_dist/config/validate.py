@@ -4,10 +4,19 @@ from __future__ import annotations
 from typing import Optional
 
 from sora_dist.config.model import (
-    ATTENTION_BACKENDS, FP8_LINEARS, FP8_RECIPES, SDPA_KERNELS, DiTArgs, shape_problems,
+    ATTENTION_BACKENDS,
+    FP8_LINEARS,
+    FP8_RECIPES,
+    SDPA_KERNELS,
+    DiTArgs,
+    shape_problems,
 )
 from sora_dist.config.parallel import (
-    CP_MODES, PP_SCHEDULES, PP_ZERO_BUBBLE_SCHEDULES, RING_KERNELS, layout_problems,
+    CP_MODES,
+    PP_SCHEDULES,
+    PP_ZERO_BUBBLE_SCHEDULES,
+    RING_KERNELS,
+    layout_problems,
 )
 from sora_dist.config.train import ACTIVATION_CHECKPOINTING
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from sora_dist.config.model import FP8_LINEARS, FP8_RECIPES
 from sora_dist.models.attention import CoreAttention, import_te, te_autocast
+from sora_dist.parallel.device import device_capability
 
 log = logging.getLogger("sora_dist")
 
@@ -205,8 +206,6 @@ def _check_cuda_fp8(model: nn.Module, what: str, device=None) -> None:
                 f"model.fp8_linears=te needs the model on a CUDA device (it is on {dev}); "
                 f"use model.fp8_linears=torchao or none")
         return
-    from sora_dist.parallel.device import device_capability
-
     cap = device_capability(where)
     if cap < (8, 9):
         raise RuntimeError(

@@ -1,8 +1,8 @@
 import pytest
 from hydra import compose, initialize_config_dir
 
-from sora_dist.config import FLAVORS, ConfigError, JobConfig, register_configs, to_job_config, validate
-from sora_dist.config import CONFIG_DIR
+from sora_dist.config import CONFIG_DIR, FLAVORS, ConfigError, JobConfig, to_job_config, validate
+from sora_dist.train import register_configs
 
 
 def cfg_with(**sections):
