@@ -36,7 +36,13 @@ from sora_dist.parallel.device import read_launch_env, select_device
 
 log = logging.getLogger("sora_dist.encode")
 
-ConfigStore.instance().store(name="encode_schema", node=EncodeConfig)  # typed schema of encode.yaml
+
+def register_configs() -> None:
+    """The typed schema hydra_configs/encode.yaml composes onto (Hydra's ConfigStore)."""
+    ConfigStore.instance().store(name="encode_schema", node=EncodeConfig)
+
+
+register_configs()
 
 
 def _setup_torch(cfg: EncodeConfig, world: int):

@@ -35,7 +35,13 @@ from sora_dist.training.optim import EMA
 
 log = logging.getLogger("sora_dist.sample")
 
-ConfigStore.instance().store(name="sample_schema", node=SampleConfig)  # typed schema of sample.yaml
+
+def register_configs() -> None:
+    """The typed schema hydra_configs/sample.yaml composes onto (Hydra's ConfigStore)."""
+    ConfigStore.instance().store(name="sample_schema", node=SampleConfig)
+
+
+register_configs()
 
 
 def _job_config(run_dir: str):

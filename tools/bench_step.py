@@ -32,6 +32,7 @@ import torch
 
 from sora_dist import planning as P
 from sora_dist.config.model import SDPA_KERNELS
+from sora_dist.config.train import DEVICES
 from sora_dist.models.attention import CoreAttention
 from sora_dist.models.dit import Conditioning, DiTArgs, DiTBlock
 from sora_dist.models.embeddings import build_rope_3d
@@ -54,7 +55,7 @@ def parse_args(argv=None):
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--iters", type=int, default=3)
-    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    ap.add_argument("--device", choices=DEVICES, default="auto")
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="bf16 peak to compute MFU against (CUDA default 989; CPU: measured)")
     ap.add_argument("--peak-tflops-fp8", type=float, default=None, help="CUDA default 1979")
@@ -116,8 +117,8 @@ def bench_args(a, **build) -> DiTArgs:
 class Stack(torch.nn.Module):
     def __init__(self, args: DiTArgs, n: int):
         super().__init__()
-        # A ModuleDict like VideoDiT's, so models/fp8.py and parallelize.py's activation
-        # checkpointing treat it the same way.
+        # A ModuleDict like VideoDiT's, so models/fp8.py and parallel/activation_checkpoint.py
+        # treat it the same way.
         self.blocks = torch.nn.ModuleDict({str(i): DiTBlock(args) for i in range(n)})
 
     def forward(self, x, cond):

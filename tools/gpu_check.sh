@@ -43,7 +43,7 @@ for m in ("omegaconf", "hydra", "torchao", "transformer_engine", "webdataset", "
 EOF
 
 step "2. attention seam on CUDA (ring block kernels vs full attention)"
-$PY -m pytest -q -p no:cacheprovider tests/unit/test_attention_backends.py 2>&1 \
+$PY -m pytest -q -p no:cacheprovider tests/unit/test_cp_kernels.py tests/unit/test_attention_backends.py 2>&1 \
     | tee "$OUT_DIR/pytest_attention.txt" | tail -5
 
 step "3. bench_step: 2 blocks, hidden 3072, 24 heads, 32768 tokens, bf16"

@@ -43,7 +43,7 @@ def parse_args(argv=None):
                    help="fp8: transformer-engine FP8 attention (q/k/v/o in fp8, fp8 peak)")
     w.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM 989)")
     w.add_argument("--peak-tflops-fp8", type=float, default=1979.0)
-    w.add_argument("--cp-mode", choices=("auto", "ulysses", "ring"), default="auto",
+    w.add_argument("--cp-mode", choices=P.PLANNER_CP_MODES, default="auto",
                    help="CP attention; auto: Ulysses if heads divide, else hybrid in-node Ulysses x ring")
     w.add_argument("--mfu", type=float, default=0.4, help="achieved share of peak on executed FLOPs")
     w.add_argument("--headroom", type=float, default=0.10, help="share of memory kept free")

@@ -1,4 +1,5 @@
-"""One config tree (DESIGN.md): typed dataclasses registered in Hydra's ConfigStore.
+"""One config tree (DESIGN.md): typed dataclasses, registered in Hydra's ConfigStore by the entry
+points (sora_dist/{train,encode,sample}.py).
 
 YAML under hydra_configs/ only composes and overrides; `validate()` runs before any process
 group or tensor exists so bad input fails fast with a message that names the field and the fix.

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+DATA_SOURCES = ("synthetic", "shards")
+
 
 @dataclass
 class DataConfig:

@@ -3,6 +3,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+OBJECTIVES = ("ddpm", "flow")
+BETA_SCHEDULES = ("linear", "cosine")
+# The samplers each objective has.
+SAMPLERS = {"ddpm": ("ddpm", "ddim"), "flow": ("euler",)}
+
 
 @dataclass
 class DiffusionConfig:

@@ -5,6 +5,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+from sora_dist.config.train import DEVICES
 from sora_dist.config.validate import ConfigError
 
 
@@ -87,8 +88,8 @@ def validate_encode(cfg: EncodeConfig) -> None:
         raise ConfigError(f"encode.max_side={cfg.max_side} must be >= 1")
     if cfg.text_max_length < 2:
         raise ConfigError(f"encode.text_max_length={cfg.text_max_length} must be >= 2")
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"encode.device={cfg.device!r}: use auto, cpu or cuda")
+    if cfg.device not in DEVICES:
+        raise ConfigError(f"encode.device={cfg.device!r}: use {', '.join(DEVICES)}")
     if cfg.dtype not in ("fp32", "bf16"):
         raise ConfigError(f"encode.dtype={cfg.dtype!r}: use fp32 or bf16")
 
@@ -102,5 +103,3 @@ def validate_against_vae(cfg: EncodeConfig, temporal: int, spatial: int) -> None
     bad_r = [r for r in cfg.resolutions if r[0] % spatial or r[1] % spatial]
     if bad_r:
         raise ConfigError(f"encode.resolutions has {bad_r}; H and W must divide by the VAE's spatial factor {spatial}")
-
-

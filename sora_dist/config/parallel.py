@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Process-group backend: "auto" is nccl on CUDA, gloo on CPU (parallel/device.py).
+BACKENDS = ("auto", "gloo", "nccl")
 # Context-parallel attention: all-to-all seq<->heads, K/V rotation, or Ulysses inside ring.
 CP_MODES = ("ulysses", "ring", "hybrid")
-# Ring attention's per-block kernel (models/attention.py picks the fused op per device).
+# Ring attention's per-block kernel (parallel/context_parallel/kernels.py picks the fused op per device).
 RING_KERNELS = ("auto", "fused", "math")
 # Pipeline schedules (torch.distributed.pipelining), by how many stages each rank runs:
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv")

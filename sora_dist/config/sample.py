@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from sora_dist.config.train import DEVICES
 from sora_dist.config.validate import ConfigError
 
 
@@ -71,7 +72,5 @@ def validate_sample(cfg: SampleConfig) -> None:
         raise ConfigError(f"cond_position={cfg.cond_position!r}: use 'first' or 'last'")
     if cfg.cond_latent_frames < 1:
         raise ConfigError(f"cond_latent_frames={cfg.cond_latent_frames} must be >= 1")
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"device={cfg.device!r}: use auto, cpu or cuda")
-
-
+    if cfg.device not in DEVICES:
+        raise ConfigError(f"device={cfg.device!r}: use {', '.join(DEVICES)}")

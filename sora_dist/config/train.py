@@ -6,6 +6,9 @@ from typing import Optional
 
 # train.activation_checkpointing values, by rising recompute cost (the planner ranks them so).
 ACTIVATION_CHECKPOINTING = ("none", "op", "selective", "full")
+# train.device (and the encode/sample jobs' device): "auto" takes CUDA when one is visible.
+DEVICES = ("auto", "cpu", "cuda")
+MIXED_PRECISIONS = ("bf16", "fp32")
 
 
 @dataclass

@@ -3,22 +3,12 @@ from __future__ import annotations
 
 from typing import Optional
 
-from sora_dist.config.model import (
-    ATTENTION_BACKENDS,
-    FP8_LINEARS,
-    FP8_RECIPES,
-    SDPA_KERNELS,
-    DiTArgs,
-    shape_problems,
-)
-from sora_dist.config.parallel import (
-    CP_MODES,
-    PP_SCHEDULES,
-    PP_ZERO_BUBBLE_SCHEDULES,
-    RING_KERNELS,
-    layout_problems,
-)
-from sora_dist.config.train import ACTIVATION_CHECKPOINTING
+from sora_dist.config.data import DATA_SOURCES
+from sora_dist.config.diffusion import BETA_SCHEDULES, OBJECTIVES, SAMPLERS
+from sora_dist.config.model import ATTENTION_BACKENDS, FP8_LINEARS, FP8_RECIPES, SDPA_KERNELS, DiTArgs, shape_problems
+from sora_dist.config.parallel import (BACKENDS, CP_MODES, PP_SCHEDULES, PP_ZERO_BUBBLE_SCHEDULES, RING_KERNELS,
+                                       layout_problems)
+from sora_dist.config.train import ACTIVATION_CHECKPOINTING, DEVICES, MIXED_PRECISIONS
 
 
 class ConfigError(ValueError):
@@ -86,14 +76,14 @@ def validate(cfg, world_size: Optional[int] = None) -> None:
                f"model.fp8_linears=te does not compose with DTensor tensor parallel "
                f"(parallel.tp={p.tp}); use parallel.tp=1 or model.fp8_linears=torchao")
 
-    _check(diff.objective in ("ddpm", "flow"),
-           f"diffusion.objective={diff.objective!r}: use 'ddpm' or 'flow'")
-    _check(diff.beta_schedule in ("linear", "cosine"),
-           f"diffusion.beta_schedule={diff.beta_schedule!r}: use 'linear' or 'cosine'")
+    _check(diff.objective in OBJECTIVES,
+           f"diffusion.objective={diff.objective!r}: use {_either(OBJECTIVES, quote=True)}")
+    _check(diff.beta_schedule in BETA_SCHEDULES,
+           f"diffusion.beta_schedule={diff.beta_schedule!r}: use {_either(BETA_SCHEDULES, quote=True)}")
     _check(diff.num_timesteps >= 2, f"diffusion.num_timesteps={diff.num_timesteps} must be >= 2")
     _check(0.0 <= diff.caption_dropout < 1.0,
            f"diffusion.caption_dropout={diff.caption_dropout} must be in [0, 1)")
-    ok_samplers = {"ddpm": ("ddpm", "ddim"), "flow": ("euler",)}[diff.objective]
+    ok_samplers = SAMPLERS[diff.objective]
     _check(diff.sampler in ok_samplers,
            f"diffusion.sampler={diff.sampler!r} does not fit objective={diff.objective!r}; "
            f"use one of {list(ok_samplers)}")
@@ -104,9 +94,9 @@ def validate(cfg, world_size: Optional[int] = None) -> None:
     _check(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0 (0 = off)")
 
     _check(t.steps >= 1, f"train.steps={t.steps} must be >= 1")
-    _check(t.device in ("auto", "cpu", "cuda"), f"train.device={t.device!r}: use auto, cpu or cuda")
-    _check(t.mixed_precision in ("bf16", "fp32"),
-           f"train.mixed_precision={t.mixed_precision!r}: use 'bf16' or 'fp32'")
+    _check(t.device in DEVICES, f"train.device={t.device!r}: use {_either(DEVICES)}")
+    _check(t.mixed_precision in MIXED_PRECISIONS,
+           f"train.mixed_precision={t.mixed_precision!r}: use {_either(MIXED_PRECISIONS, quote=True)}")
     _check(t.activation_checkpointing in ACTIVATION_CHECKPOINTING,
            f"train.activation_checkpointing={t.activation_checkpointing!r}: use none, selective, op or full")
     # TE attention is no aten op the SAC policy could keep: op would recompute attention itself.
@@ -132,9 +122,6 @@ def validate(cfg, world_size: Optional[int] = None) -> None:
         _check(m.fp8_linears != "te", "train.meta_init=true does not combine with model.fp8_linears=te "
                                       "(te.Linear is not materialised by the DiT init); use "
                                       "model.fp8_linears=torchao or train.meta_init=false")
-        if world_size is not None:
-            _check(world_size > 1, "train.meta_init=true needs a multi-process launch (parallelize "
-                                   "allocates the shards); set train.meta_init=false for one process")
 
     lg = cfg.logging
     _check(lg.sample_every >= 0, f"logging.sample_every={lg.sample_every} must be >= 0")
@@ -143,7 +130,7 @@ def validate(cfg, world_size: Optional[int] = None) -> None:
                "logging.sample_every needs the run's VAE and text encoder, which come from the shard "
                "manifest: use data.source=shards, or set logging.sample_every=0")
         _check(len(lg.sample_prompts) > 0, "logging.sample_prompts is empty")
-    _check(d.source in ("synthetic", "shards"), f"data.source={d.source!r}: use 'synthetic' or 'shards'")
+    _check(d.source in DATA_SOURCES, f"data.source={d.source!r}: use {_either(DATA_SOURCES, quote=True)}")
     _check(d.batch_size >= 1, f"data.batch_size={d.batch_size} must be >= 1")
     if d.source == "shards":
         _check(bool(d.shards), "data.source=shards needs data.shards=<folder written by sora-encode>")
@@ -159,7 +146,7 @@ def validate(cfg, world_size: Optional[int] = None) -> None:
     _check(p.cp_mode in CP_MODES, f"parallel.cp_mode={p.cp_mode!r}: use {_either(CP_MODES)}")
     _check(p.ring_kernel in RING_KERNELS,
            f"parallel.ring_kernel={p.ring_kernel!r}: use {_either(RING_KERNELS)}")
-    _check(p.backend in ("auto", "gloo", "nccl"), f"parallel.backend={p.backend!r}: use auto, gloo or nccl")
+    _check(p.backend in BACKENDS, f"parallel.backend={p.backend!r}: use {_either(BACKENDS)}")
     _check(p.pp_schedule in PP_SCHEDULES,
            f"parallel.pp_schedule={p.pp_schedule!r}: use one of {list(PP_SCHEDULES)}")
     # The same rules the planner applies to its candidate layouts.

@@ -6,7 +6,7 @@ from sora_dist.diffusion.flow import RectifiedFlow
 
 
 def build_diffusion(cfg):
-    """cfg: DiffusionConfig. Returns an object with training_loss(...) and sample(...)."""
+    """cfg: DiffusionConfig. Returns an Objective: training_inputs(...), loss(...) and sample(...)."""
     if cfg.objective == "ddpm":
         return GaussianDiffusion(cfg.num_timesteps, cfg.beta_schedule, cfg.caption_dropout)
     if cfg.objective == "flow":

@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 
+from sora_dist.config.diffusion import SAMPLERS
 from sora_dist.diffusion.base import Objective, check_cond, guided, progress_iter, randn_like_cpu
 
 
@@ -87,8 +88,8 @@ class GaussianDiffusion(Objective):
                cond_latent=None, cond_frames_mask_T=None, eta: float = 0.0, progress: bool = False):
         """DDPM ancestral (Alg. 2 on the respaced chain, posterior variance) or DDIM(eta)."""
         check_cond(noise, cond_latent, cond_frames_mask_T)
-        if sampler not in ("ddpm", "ddim"):
-            raise ValueError(f"sampler {sampler!r} does not fit DDPM; use 'ddpm' or 'ddim'")
+        if sampler not in SAMPLERS["ddpm"]:
+            raise ValueError(f"sampler {sampler!r} does not fit DDPM; use one of {SAMPLERS['ddpm']}")
         generator = generator or torch.Generator().manual_seed(0)
         eps_fn = guided(model, guidance_scale)
         fixed_noise = randn_like_cpu(noise, generator)  # noise for the conditioning frames

@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 
+from sora_dist.config.diffusion import SAMPLERS
 from sora_dist.diffusion.base import Objective, check_cond, guided, progress_iter
 
 
@@ -32,8 +33,8 @@ class RectifiedFlow(Objective):
                guidance_scale: float = 1.0, generator: Optional[torch.Generator] = None,
                cond_latent=None, cond_frames_mask_T=None, eta: float = 0.0, progress: bool = False):
         check_cond(noise, cond_latent, cond_frames_mask_T)
-        if sampler != "euler":
-            raise ValueError(f"sampler {sampler!r} does not fit rectified flow; use 'euler'")
+        if sampler not in SAMPLERS["flow"]:
+            raise ValueError(f"sampler {sampler!r} does not fit rectified flow; use one of {SAMPLERS['flow']}")
         v_fn = guided(model, guidance_scale)
         ts = torch.linspace(1.0, 0.0, max(steps, 1) + 1)
         x = noise

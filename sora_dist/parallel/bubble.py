@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from torch.distributed import pipelining as P
 
-from sora_dist.config.parallel import PP_SCHEDULES, pp_min_virtual_stages
+from sora_dist.config.parallel import PP_ONE_STAGE_SCHEDULES, PP_SCHEDULES, pp_min_virtual_stages
 from sora_dist.parallel.pipeline import SCHEDULE_CLASSES, stage_ids_for_rank
 
 # Each schedule with the fewest stages per rank it runs.
@@ -93,7 +93,7 @@ def schedule_bubbles(rank, world, microbatches):
         ids = stage_ids_for_rank(rank, world, virtual, name)
         n_stages = world * virtual
         stages = [P.PipelineStage(nn.Linear(4, 4), s, n_stages, torch.device("cpu")) for s in ids]
-        sched = SCHEDULE_CLASSES[name](stages[0] if virtual == 1 else stages, microbatches, loss_fn=lambda a, b: a.sum())
+        sched = SCHEDULE_CLASSES[name](stages[0] if name in PP_ONE_STAGE_SCHEDULES else stages, microbatches, loss_fn=lambda a, b: a.sum())
         order = sched.pipeline_order
         stage_of_rank = {r: stage_ids_for_rank(r, world, virtual, name) for r in range(world)}
         out[name] = simulate(order, stage_of_rank)

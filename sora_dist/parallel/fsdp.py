@@ -3,7 +3,7 @@ fallback (replicated parameters, gradient all-reduce) when FSDP is off.
 
 CP ranks hold the same parameters and see different tokens of the same samples, so they
 join the shard group (torchtitan's `dp_shard_cp`): gradients are averaged over DP x CP.
-parallelize.py scales the token gradients by cp so that this average is the mean over DP
+parallel/sequence.py scales the token gradients by cp so that this average is the mean over DP
 of the full-sequence gradient.
 """
 from __future__ import annotations

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Optional
 
 import torch
@@ -41,8 +42,10 @@ from torch.overrides import TorchFunctionMode
 
 from sora_dist.parallel.activation_checkpoint import apply_activation_checkpointing
 from sora_dist.parallel.context_parallel import apply_cp_attention
+from sora_dist.parallel.device import autocast
 from sora_dist.parallel.dims import ParallelDims
 from sora_dist.parallel.fsdp import allreduce_grads, apply_fsdp, fsdp_mesh, mp_policy, reduce_partial_grads
+from sora_dist.parallel.grad import clip_grad_norm_
 from sora_dist.parallel.pipeline import PipelineRunner
 from sora_dist.parallel.rng import RNGStatesTracker, TrackedDropout, build_rng_tracker, mix_seed
 from sora_dist.parallel.sequence import SequenceSharding, apply_sequence_sharding
@@ -71,16 +74,15 @@ class ParallelPart:
 
 @dataclass
 class ParallelModel:
-    """What `parallelize` returns. `model` holds this rank's parameters under their full-model
-    names (optimizer, EMA and checkpoints use it); `parts` are what runs."""
+    """What `parallelize` returns: the one step path for every layout. `model` holds this rank's
+    parameters under their full-model names (optimizer, EMA and checkpoints use it); `parts` are
+    what runs (the model, or this rank's pipeline stages)."""
     model: nn.Module
     parts: list[ParallelPart]
     pipeline: Optional[PipelineRunner]
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-    @property
-    def model_parts(self) -> list[nn.Module]:
-        return [p.module for p in self.parts]
+    autocast: Callable[[], Any]  # the forward's mixed-precision context (bf16 on GPU)
+    pp_mesh: Any = None          # PP mesh when pp > 1: stages hold disjoint parameters
 
     @property
     def rng_trackers(self) -> list[RNGStatesTracker]:
@@ -88,16 +90,24 @@ class ParallelModel:
 
     def forward_backward(self, x_t, t, text, text_mask, drop, target) -> torch.Tensor:
         """Forward and backward of one batch; returns the detached batch loss (under PP, the
-        mean over microbatches, on every PP rank)."""
+        mean over microbatches, on every PP rank). Autocast covers the forward only: backward
+        runs in the dtypes the forward saved (the pipeline schedule interleaves the two, so
+        there it covers the schedule)."""
         if self.pipeline is not None:
-            return self.pipeline.step(x_t, t, text, text_mask, drop, target)
-        loss = self.loss_fn(self.model(x_t, t, text, text_mask, drop), target)
+            with self.autocast():
+                return self.pipeline.step(x_t, t, text, text_mask, drop, target)
+        with self.autocast():
+            loss = self.loss_fn(self.model(x_t, t, text, text_mask, drop), target)
         loss.backward()
         return loss.detach()
 
     def finalize_grads(self) -> None:
         for p in self.parts:
             p.finalize_grads()
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Global grad norm over every rank's parameters (clipped in place when max_norm > 0)."""
+        return clip_grad_norm_(self.model.parameters(), max_norm, self.pp_mesh)
 
 
 def parallelize(model: nn.Module, pdims: ParallelDims, cfg, device: torch.device,
@@ -106,13 +116,15 @@ def parallelize(model: nn.Module, pdims: ParallelDims, cfg, device: torch.device
     the meta device). Under PP the model is cut into this rank's stages (the loss runs on the
     last one) and each stage is parallelized like a whole model."""
     pdims.build_mesh(device.type)
+    mixed = partial(autocast, device, cfg.train.mixed_precision)
     if pdims.pp > 1:
         p = cfg.parallel
-        pipeline = PipelineRunner(model, pdims.meshes["pp"], device, p.pp_schedule, p.pp_microbatches,
+        pp_mesh = pdims.meshes["pp"]
+        pipeline = PipelineRunner(model, pp_mesh, device, p.pp_schedule, p.pp_microbatches,
                                   p.pp_virtual_stages, loss_fn,
                                   stage_wrapper=lambda st: parallelize_dit(st, pdims, cfg))
-        return ParallelModel(model, pipeline.parts, pipeline, loss_fn)
-    return ParallelModel(model, [parallelize_dit(model, pdims, cfg)], None, loss_fn)
+        return ParallelModel(model, pipeline.parts, pipeline, loss_fn, mixed, pp_mesh)
+    return ParallelModel(model, [parallelize_dit(model, pdims, cfg)], None, loss_fn, mixed)
 
 
 def parallelize_dit(model: nn.Module, pdims: ParallelDims, cfg) -> ParallelPart:

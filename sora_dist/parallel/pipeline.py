@@ -21,12 +21,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed import pipelining
 
-from sora_dist.config.parallel import (
-    PP_ONE_STAGE_SCHEDULES,
-    PP_SCHEDULES,
-    pp_schedule_problems,
-    pp_virtual_stages,
-)
+from sora_dist.config.parallel import PP_ONE_STAGE_SCHEDULES, PP_SCHEDULES, layout_problems, pp_virtual_stages
 from sora_dist.models.dit import Conditioning, VideoDiT, init_dit_weights
 from sora_dist.models.embeddings import build_rope_3d
 
@@ -83,7 +78,7 @@ class DiTStage(nn.Module):
     embed = VideoDiT.embed
     head = VideoDiT.head
     to_latents = VideoDiT.to_latents
-    seq = None  # SequenceSharding under SP/CP: set by PipelineRunner from parallelize_dit's result
+    seq = None  # SequenceSharding under TP/CP: set by PipelineRunner from parallelize_dit's result
 
     def set_shape(self, shape_THW: tuple[int, int, int]) -> None:
         self.shape_THW = tuple(shape_THW)
@@ -145,13 +140,14 @@ class PipelineRunner:
         self.group = pp_mesh.get_group()
         self.device, self.schedule_name, self.microbatches = device, schedule, microbatches
         self.loss_fn = loss_fn
-        virtual = pp_virtual_stages(schedule, virtual)
-        problems = pp_schedule_problems(schedule, virtual)
+        a = model.args
+        # validate() checked the config with the same rules; this guards direct use.
+        problems = layout_problems(heads=a.num_heads, mlp_width=a.mlp_width, depth=a.depth, pp=self.pp,
+                                   pp_schedule=schedule, virtual=virtual, microbatches=microbatches)
         if problems:
             raise ValueError(problems[0])
+        virtual = pp_virtual_stages(schedule, virtual)
         self.n_stages = self.pp * virtual
-        if model.args.depth < self.n_stages:
-            raise ValueError(f"model depth {model.args.depth} < {self.n_stages} pipeline stages")
         ranges = split_blocks(model.args.depth, self.n_stages)
         self.stage_ids = stage_ids_for_rank(self.pp_rank, self.pp, virtual, schedule)
         self.stages = [DiTStage(model, ranges[s], s == 0, s == self.n_stages - 1) for s in self.stage_ids]

@@ -59,8 +59,8 @@ class SequenceSharding:
     `shard()` (after embed): pad the tokens to a multiple of cp (x tp under SP; `token_mask`
     marks the real ones) and keep this rank's chunk: CP chunk by cp rank, then SP chunk by tp
     rank. RoPE and the mask are sharded over CP only, because attention (after the SP
-    all-gather) sees the whole CP-local sequence. `gather()` (before head): the inverse, with
-    the padding dropped.
+    all-gather) sees the whole CP-local sequence. `gather_tp` then `gather_cp` (around the
+    final layer): the inverse, with the padding dropped.
     """
 
     def __init__(self, tp_mesh, cp_mesh):
@@ -103,9 +103,6 @@ class SequenceSharding:
             rope = shard_sequence(rope, 0, self.cp_mesh)
             mask = None if mask is None else shard_sequence(mask, 1, self.cp_mesh).contiguous()
         return cond.with_(rope_SP2=rope, token_mask_BS=mask)
-
-    def gather(self, tokens: torch.Tensor, cond) -> torch.Tensor:
-        return self.gather_cp(self.gather_tp(tokens), cond)
 
     def gather_tp(self, tokens: torch.Tensor) -> torch.Tensor:
         """SP token shards -> this rank's whole CP chunk."""

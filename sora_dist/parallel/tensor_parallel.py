@@ -28,6 +28,8 @@ from torch.distributed.tensor.parallel import (
 )
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
+from sora_dist.config.parallel import layout_problems
+
 
 class ReplicateCompute(ParallelStyle):
     """Parameters replicated over TP; the module runs on replicated (local) inputs.
@@ -60,12 +62,10 @@ class ReplicateCompute(ParallelStyle):
 
 
 def check_tp_divisible(num_heads: int, mlp_hidden: int, tp: int) -> None:
-    if num_heads % tp:
-        raise ValueError(f"tensor parallel: num_heads={num_heads} is not divisible by tp={tp}; "
-                         f"change parallel.tp or model.num_heads")
-    if mlp_hidden % tp:
-        raise ValueError(f"tensor parallel: MLP width {mlp_hidden} is not divisible by tp={tp}; "
-                         f"change parallel.tp or model.mlp_ratio")
+    """validate()'s rule (config.parallel.layout_problems), for direct use of apply_tp."""
+    problems = layout_problems(heads=num_heads, mlp_width=mlp_hidden, depth=1, tp=tp)
+    if problems:
+        raise ValueError(f"tensor parallel: {problems[0]}")
 
 
 def block_plan(sequence_parallel: bool, qk_norm: bool) -> dict[str, ParallelStyle]:
@@ -137,7 +137,7 @@ def check_tp_linears(model: nn.Module) -> None:
 
 def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool) -> nn.Module:
     """Shard a VideoDiT over `tp_mesh` in place. The embed/head seams (local direct params,
-    moving tokens between the full sequence and SP/CP shards) are installed by parallelize.py."""
+    moving tokens between the full sequence and SP/CP shards) are installed by sequence.apply_sequence_sharding."""
     a = model.args
     check_tp_divisible(a.num_heads, int(a.hidden_size * a.mlp_ratio), tp_mesh.size())
     check_tp_linears(model)

@@ -13,7 +13,7 @@ parameters and FLOPs, and layouts are rejected by config validation's own rules.
 from sora_dist.config.model import DiTArgs, Flops
 from sora_dist.planning.flops import RECOMPUTES, recomputed_fraction, step_flops
 from sora_dist.planning.layouts import (
-    CAPTION_TOKENS, GPUS_PER_NODE, LATENT_CHANNELS, T5_XXL_DIM, GiB, Hardware, Layout, Plan,
+    CAPTION_TOKENS, GPUS_PER_NODE, LATENT_CHANNELS, PLANNER_CP_MODES, T5_XXL_DIM, GiB, Hardware, Layout, Plan,
     candidate_layouts, check_layout, cp_attention_mode, estimate, flavor_model, plan_all,
     recommend,
 )
@@ -24,7 +24,7 @@ from sora_dist.planning.memory import (
 )
 
 __all__ = [
-    "CAPTION_TOKENS", "GPUS_PER_NODE", "LATENT_CHANNELS", "PRECISIONS", "RECOMPUTES", "T5_XXL_DIM",
+    "CAPTION_TOKENS", "GPUS_PER_NODE", "LATENT_CHANNELS", "PLANNER_CP_MODES", "PRECISIONS", "RECOMPUTES", "T5_XXL_DIM",
     "BlockActs", "DiTArgs", "Flops", "GiB", "Hardware", "Layout", "Plan", "Precision",
     "backward_working_bytes", "block_activations", "candidate_layouts", "check_layout",
     "checkpoint_input_bytes", "cp_attention_mode", "estimate", "estimate_saved_bytes",

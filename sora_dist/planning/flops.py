@@ -12,7 +12,7 @@ RECOMPUTES = ACTIVATION_CHECKPOINTING  # by rising recompute cost
 
 def recomputed_fraction(depth: int, recompute: str) -> float:
     """Share of blocks whose matmuls run again in backward: "selective" wraps every other block
-    (i % 2 == 0), as the trainer and parallelize.py do; "op" keeps every matmul and attention
+    (i % 2 == 0), as parallel/activation_checkpoint.py does; "op" keeps every matmul and attention
     output (it replays only the elementwise ops between them, not counted in FLOPs)."""
     if recompute in ("none", "op"):
         return 0.0

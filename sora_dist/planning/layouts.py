@@ -165,13 +165,17 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+# The planner's --cp-mode: "auto" picks per layout (Ulysses, hybrid or ring), the others force one.
+PLANNER_CP_MODES = ("auto", "ulysses", "ring")
+
+
 def candidate_layouts(m: DiTArgs, hw: Hardware, microbatches: Optional[int] = None,
                       recomputes=RECOMPUTES, cp_mode: str = "auto") -> list[Layout]:
     """Every (tp, cp, pp, dp, recompute) with tp*cp*pp*dp = gpus. cp_mode "auto" picks the
     attention per layout (cp_attention_mode); "ulysses"/"ring" force it (Ulysses then needs
     heads % (tp*cp) == 0). Divisibility is checked later so rejected layouts show why."""
-    if cp_mode not in ("auto", "ulysses", "ring"):
-        raise ValueError(f"cp_mode={cp_mode!r}: use auto, ulysses or ring")
+    if cp_mode not in PLANNER_CP_MODES:
+        raise ValueError(f"cp_mode={cp_mode!r}: use one of {PLANNER_CP_MODES}")
     heads = m.num_heads
     out = []
     for tp in _divisors(hw.gpus):

@@ -124,7 +124,7 @@ def outer_activations(m: DiTArgs, prec: Precision, seq: int, text_len: int,
                       samples: int) -> tuple[float, float]:
     """(embed side, head side) saved bytes for `samples` samples of `seq` tokens. The embedders
     run on the whole sequence before it is sharded; the final layer runs on each rank's CP
-    chunk (parallelize.py gathers its narrow output), so callers pass the chunk for the head."""
+    chunk (parallel/sequence.py gathers its narrow output), so callers pass the chunk for the head."""
     D, C, P, L, p = m.hidden_size, m.in_channels, m.patch_volume, text_len, prec
     blocks = m.depth > 0  # the RoPE table and projected caption are saved by blocks only
     embed = (seq * C * P * p.act                                 # latents (conv input)
@@ -146,7 +146,7 @@ def saved_bytes_per_microbatch(
     layers: Optional[int] = None, embed: bool = True, head: bool = True,
 ) -> float:
     """Saved bytes of one microbatch on one rank holding `layers` blocks (default: all), with
-    the embedders (`embed`) and/or the final layer (`head`), as parallelize.py lays it out:
+    the embedders (`embed`) and/or the final layer (`head`), as parallel/sequence.py lays it out:
     the sequence is padded to a multiple of cp*tp (SP), each CP rank keeps its chunk."""
     return sum(saved_bytes_parts(m, prec, seq, text_len, batch, tp, cp, sp, recompute,
                                  attn_backend, layers, embed, head).values())
@@ -197,7 +197,7 @@ def checkpoint_input_bytes(m: DiTArgs, prec: Precision, tokens: int, tp: int,
 
 def sac_block_bytes(m: DiTArgs, prec: Precision, tokens: int, samples: int, tp: int,
                     text_len: int) -> float:
-    """What op-level selective checkpointing keeps of one block (parallelize.sac_save_ops):
+    """What op-level selective checkpointing keeps of one block (activation_checkpoint.sac_save_ops):
     the outputs of its matmuls and attention kernels. tokens: this CP rank's tokens of all
     samples. Column-parallel outputs (q, k, v, cross q, fc1) and the attention outputs / LSE
     split over TP by heads; row-parallel outputs (wo, cross wo, fc2) are each rank's full-size

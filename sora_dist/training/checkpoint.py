@@ -132,7 +132,8 @@ def load(path: str, model, optimizer=None, ema=None, strict: bool = True) -> dic
                 return json.load(f)
         except ValueError:
             # Not raised here, on this rank alone (the others would wait in their next
-            # collective): the trainer's rank-0 read of every rank_state reports it to all ranks.
+            # collective): CheckpointManager._saved_data_states, the rank-0 read of every rank_state,
+            # reports it to all ranks.
             return {}
     return {}
 
@@ -203,6 +204,12 @@ class CheckpointManager:
         self.state.step, self.state.skipped = step, saved.get("skipped", 0)
         log.info("resumed from %s (step %d)", path, step)
         return True
+
+    def load_weights(self, path: str) -> None:
+        """Model weights only (train.init_from: fine-tuning from another run's checkpoint); the
+        optimizer, EMA and data position start fresh."""
+        load_model_only(path, self.model)
+        log.info("initialised weights from %s", path)
 
     def _saved_data_states(self, path: str) -> tuple[dict, int]:
         """({dp_rank: loader state}, saved DP size) of a checkpoint. Rank 0 reads the per-rank

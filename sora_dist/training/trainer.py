@@ -21,12 +21,11 @@ from sora_dist.diffusion import build_diffusion
 from sora_dist.fsutil import atomic_write_text
 from sora_dist.models.dit import build_dit, count_params
 from sora_dist.models.fp8 import apply_fp8
-from sora_dist.parallel.device import autocast, init_distributed, memory_stats, peak_tflops
+from sora_dist.parallel.device import init_distributed, memory_stats, peak_tflops
 from sora_dist.parallel.dims import ParallelDims
-from sora_dist.parallel.grad import clip_grad_norm_
 from sora_dist.parallel.parallelize import parallelize
 from sora_dist.parallel.rng import seed_step
-from sora_dist.training.checkpoint import CheckpointManager, TrainState, load_model_only
+from sora_dist.training.checkpoint import CheckpointManager, TrainState
 from sora_dist.training.metrics import MetricLogger, setup_console
 from sora_dist.training.optim import EMA, build_optimizer, set_lr
 from sora_dist.training.sampling import SampleLogger
@@ -101,8 +100,7 @@ class Trainer:
             atomic_write_text(os.path.join(self.run_dir, "config.yaml"),
                               OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         if not (t.resume and self.checkpoint.resume()) and t.init_from:
-            load_model_only(t.init_from, self.model)
-            log.info("initialised weights from %s", t.init_from)
+            self.checkpoint.load_weights(t.init_from)
         self.metrics = MetricLogger(cfg.logging, self.run_dir, self.rank, asdict(cfg))
         self.samples = SampleLogger(cfg.logging, self.run_dir, self.device.type, self.metrics)
         self.peak_tflops = peak_tflops(self.device, cfg.logging.peak_tflops)
@@ -151,11 +149,9 @@ class Trainer:
         text = batch["text"].to(self.device, non_blocking=True)
         mask = batch["text_mask"].to(self.device, non_blocking=True)
         x_t, t_model, drop, target = self.diffusion.training_inputs(x0, gen)
-        with autocast(self.device, cfg.train.mixed_precision):
-            loss = self.parallel.forward_backward(x_t, t_model, text, mask, drop, target)
+        loss = self.parallel.forward_backward(x_t, t_model, text, mask, drop, target)
         self.parallel.finalize_grads()
-        pp_mesh = self.pdims.meshes["pp"] if self.pdims.pp > 1 else None
-        grad_norm = clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip, pp_mesh)
+        grad_norm = self.parallel.clip_grad_norm_(cfg.optim.grad_clip)
         loss_avg, grad_norm, self._stop_agreed = self._reduce_step_stats(loss, grad_norm)
         if math.isfinite(loss_avg) and math.isfinite(grad_norm):
             self.optimizer.step()

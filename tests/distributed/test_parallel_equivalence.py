@@ -161,13 +161,12 @@ def dropout_worker(rank: int, world: int, layout: dict) -> dict:
 
     args = tiny_args(dropout=0.3)
     pdims = ParallelDims.from_config(make_cfg(**layout).parallel, world)
-    meshes = pdims.build_mesh("cpu")
+    pdims.build_mesh("cpu")
     x, t, text, mask, drop, target = global_batch(1, args)
     grads, masks = [], []
     for ac in ("none", "full"):
         cfg = make_cfg(activation_checkpointing=ac, **layout)
-        part = parallelize_dit(build_model(args), pdims, cfg)
-        model = part.module
+        model = parallelize_dit(build_model(args), pdims, cfg).module
         seen = []
         hook = model.blocks["0"].mlp.register_forward_hook(lambda m, i, o: seen.append(o.detach() == 0))
         torch.manual_seed(1)

@@ -40,7 +40,7 @@ class ContextParallelAttention(nn.Module):
     """CoreAttention over a sequence sharded on the CP group: Ulysses over `ulysses_group`
     (inner), then ring over `ring_group` (outer); either may be None. The inner CoreAttention
     runs the local attention when there is no ring (ring blocks need the log-sum-exp, so they
-    call the LSE-returning kernels of models/attention.py directly). With a TE inner and
+    call the LSE-returning kernels of kernels.py directly). With a TE inner and
     te_context_parallel, TE's own CP attention replaces both for unmasked batches."""
 
     def __init__(self, mode: str, cp_group, ulysses_group=None, ring_group=None,

@@ -18,6 +18,7 @@ import torch
 from sora_dist.config.parallel import RING_KERNELS
 from sora_dist.parallel.device import device_capability
 
+
 def fused_block_kernel(device_type: str, dtype: torch.dtype, head_dim: int,
                        has_mask: bool, capability: tuple[int, int] = (9, 0)) -> Optional[str]:
     """The fused aten kernel for a block on this device/dtype/mask, or None (use math).
