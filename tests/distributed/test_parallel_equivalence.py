@@ -19,6 +19,9 @@ from sora_dist.models import DiTArgs, VideoDiT
 from sora_dist.parallel.dims import ParallelDims
 from sora_dist.parallel.grad import clip_grad_norm_
 from sora_dist.testing import run_distributed
+from sora_dist.training.optim import clean_fqn
+
+from init_rule import init_violations
 
 pytestmark = pytest.mark.distributed
 
@@ -106,7 +109,7 @@ def equivalence_worker(rank: int, world: int, layout: dict, args_kw: dict) -> di
         global_loss /= pdims.dp
     errs = {}
     for name, p in model.named_parameters():
-        name = name.replace("_checkpoint_wrapped_module.", "")
+        name = clean_fqn(name)
         errs[name] = rel_err(full_grad(p), ref_grads[name])
     assert set(errs) == set(ref_grads), set(ref_grads) ^ set(errs)
     # Clip to half the norm: checks the norm and the in-place scaling across meshes.
@@ -114,7 +117,7 @@ def equivalence_worker(rank: int, world: int, layout: dict, args_kw: dict) -> di
     coef = 0.5 * ref_norm / (ref_norm + 1e-6)
     clip_errs = {}
     for name, p in model.named_parameters():
-        name = name.replace("_checkpoint_wrapped_module.", "")
+        name = clean_fqn(name)
         clip_errs[name] = rel_err(full_grad(p), ref_grads[name] * coef)
     return {"loss": global_loss.item(), "ref_loss": ref_loss.item(), "norm": norm.item(),
             "ref_norm": ref_norm.item(), "grad_errs": errs, "clip_errs": clip_errs}
@@ -172,7 +175,7 @@ def dropout_worker(rank: int, world: int, layout: dict) -> dict:
         torch.manual_seed(1)
         F.mse_loss(model(x, t, text, mask, drop), target).backward()
         hook.remove()
-        grads.append({n.replace("_checkpoint_wrapped_module.", ""): full_grad(p)
+        grads.append({clean_fqn(n): full_grad(p)
                       for n, p in model.named_parameters()})
         masks.append(seen[0])
     others = [torch.empty_like(masks[0]) for _ in range(world)]
@@ -188,61 +191,6 @@ def test_dropout_streams_tp_sp_with_recompute():
         assert r["same_grads"], (rank, "activation recompute changed dropout masks")
         assert r["masks_differ_across_ranks"], (rank, "TP ranks drew the same dropout mask for different tokens")
         assert 0.15 < r["drop_fraction"] < 0.45, (rank, r["drop_fraction"])
-
-
-def init_violations(full: dict, args: DiTArgs) -> list:
-    """What breaks VideoDiT's init rule (init_dit_weights) in these full weights, recomputed
-    here from each parameter's module type and GLOBAL shape: Linear/Conv3d weights xavier
-    uniform with fans (out, in * kernel), i.e. bound sqrt(3) * std, std = sqrt(2 / (fan_in +
-    fan_out)); timestep-MLP weights and the null caption N(0, 0.02); every bias zero; norm
-    weights one; adaLN gates and the final layer zero under adaLN-Zero. Statistical checks allow
-    5 standard errors of the sample std / mean (std: at least 15%), counting numel/4 independent
-    draws (on CPU the 4 shards of a weight may repeat one draw), and require the largest |w| of
-    a uniform weight within [0.9, 1] x its bound (a local-shard fan moves the bound by >= 15%)."""
-    import torch.nn as nn
-
-    from sora_dist.models.dit import RMSNorm
-
-    modules = dict(VideoDiT(args).named_modules())  # module types only
-    zeroed = set()
-    if args.zero_init:
-        for i in range(args.depth):
-            zeroed |= {f"blocks.{i}.adaLN_modulation.1.{a}" for a in ("weight", "bias")}
-        zeroed |= {f"final_layer.{m}.{a}" for m in ("adaLN_modulation.1", "linear") for a in ("weight", "bias")}
-    bad = []
-    assert set(full) == {n for n, _ in VideoDiT(args).named_parameters()}, set(full)
-
-    def check_std(name, t, std, kurt):
-        n = t.numel() / 4
-        tol = max(0.15, 5 * math.sqrt((kurt - 1) / (4 * n)))  # SE of a sample std
-        if not abs(t.std().item() / std - 1) <= tol:
-            bad.append(f"{name}: std {t.std().item():.4g} vs {std:.4g} (tol {tol:.2f})")
-        if not abs(t.mean().item()) <= 5 * std / math.sqrt(n):
-            bad.append(f"{name}: mean {t.mean().item():.3g}")
-
-    for name, t in sorted(full.items()):
-        mod_name, _, attr = name.rpartition(".")
-        mod = modules.get(mod_name)
-        if not torch.isfinite(t).all():
-            bad.append(f"{name}: not finite")
-        elif name in zeroed or attr == "bias":
-            if not torch.equal(t, torch.zeros_like(t)):
-                bad.append(f"{name}: not zero")
-        elif isinstance(mod, (nn.LayerNorm, RMSNorm)):
-            if not torch.equal(t, torch.ones_like(t)):
-                bad.append(f"{name}: norm weight not one")
-        elif name == "null_text" or name.startswith("t_embedder."):
-            check_std(name, t, 0.02, 3.0)
-        elif isinstance(mod, (nn.Linear, nn.Conv3d)) and attr == "weight":
-            fan_out, fan_in = t.shape[0], t[0].numel()
-            std = math.sqrt(2.0 / (fan_in + fan_out))
-            bound, top = math.sqrt(3.0) * std, t.abs().max().item()
-            if not 0.9 * bound <= top <= bound * (1 + 1e-6):
-                bad.append(f"{name}: max |w| {top:.4g} vs xavier bound {bound:.4g}")
-            check_std(name, t, std, 1.8)
-        else:
-            bad.append(f"{name}: no init rule for {type(mod).__name__}")
-    return bad
 
 
 def meta_init_worker(rank: int, world: int, layout: dict) -> dict:
@@ -263,7 +211,7 @@ def meta_init_worker(rank: int, world: int, layout: dict) -> dict:
         dist.all_gather(copies, full_p.contiguous())
         same &= all(torch.equal(copies[0], c) for c in copies)
         nonzero += int(full_p.abs().sum() > 0)
-        full[name.replace("_checkpoint_wrapped_module.", "")] = full_p.clone()
+        full[clean_fqn(name)] = full_p.clone()
     x, t, text, mask, drop, target = global_batch(1, args)
     loss = F.mse_loss(model(x, t, text, mask, drop), target)
     loss.backward()

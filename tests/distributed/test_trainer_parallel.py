@@ -16,12 +16,15 @@ import pytest
 import torch
 
 from sora_dist.config import JobConfig
+from sora_dist.config.model import DiTArgs
 from sora_dist.testing import run_distributed
+from sora_dist.training.optim import named_params
 from sora_dist.training.trainer import Trainer
+
+from init_rule import init_violations, reference_init
 
 STEPS = 4
 PARAM_REL = 1e-3
-WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
 
 
 def make_cfg(run_dir, **parallel):
@@ -47,10 +50,8 @@ def full_params(model) -> dict:
     from torch.distributed.tensor import DTensor
 
     out = {}
-    for n, p in model.named_parameters():
+    for n, p in named_params(model).items():
         t = p.full_tensor() if isinstance(p, DTensor) else p
-        for w in WRAPPER_PREFIXES:
-            n = n.replace(w, "")
         out[n] = t.detach().float().cpu().clone()
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return out
@@ -219,58 +220,6 @@ def _init_report(tr) -> dict:
             "on_meta": any(p.is_meta for p in tr.model.parameters())}
 
 
-def reference_init(cfg, n_stages: int = 1) -> dict:
-    """What meta init must give whatever the layout: a plain model (or each pipeline stage)
-    allocated from the meta device and initialised by init_weights() from the train seed
-    (a stage not starting at block 0 from mix_seed(seed, first block))."""
-    from sora_dist.models.dit import build_dit
-    from sora_dist.parallel.pipeline import DiTStage, split_blocks
-    from sora_dist.parallel.rng import mix_seed
-
-    with torch.device("meta"):
-        model = build_dit(cfg.model)
-    ranges = split_blocks(model.args.depth, n_stages)
-    parts = [model] if n_stages == 1 else [DiTStage(model, r, s == 0, s == n_stages - 1)
-                                           for s, r in enumerate(ranges)]
-    out = {}
-    with torch.random.fork_rng():
-        for part in parts:
-            part.to_empty(device="cpu")
-            first = min(int(k) for k in part.blocks)
-            torch.manual_seed(cfg.train.seed if first == 0 else mix_seed(cfg.train.seed, first))
-            part.init_weights()
-            out.update({n: p.detach().clone() for n, p in part.named_parameters()})
-    return out
-
-
-def check_init_stats(params: dict, zero_init: bool, rel=0.07):
-    """VideoDiT's init, parameter by parameter (whole tensors): finite; biases 0; norm weights
-    1; t_embedder N(0, 0.02); every other weight xavier-uniform for its global shape
-    (|w| <= bound, std within `rel` of bound/sqrt(3): 5 standard errors at the smallest,
-    1024-element, weight; a fan taken from a TP shard's shape is 15-30% off); with zero_init
-    the adaLN output linears and the final layer are 0, without it they are random too."""
-    zeroed = lambda n: zero_init and (n.startswith("final_layer.") or
-                                      (n.startswith("blocks.") and ".adaLN_modulation." in n))
-    for n, w in params.items():
-        if n.startswith("_"):
-            continue
-        assert torch.isfinite(w).all(), n
-        if zeroed(n) or n.endswith(".bias"):
-            assert torch.count_nonzero(w) == 0, n
-        elif n == "null_text":
-            assert 0.01 < float(w.std()) < 0.03, n
-        elif "norm" in n.split(".")[-2]:
-            assert torch.equal(w, torch.ones_like(w)), n
-        elif n.startswith("t_embedder."):
-            assert abs(float(w.std()) / 0.02 - 1) < rel, (n, float(w.std()))
-        else:
-            w2 = w.reshape(w.shape[0], -1)
-            bound = math.sqrt(6.0 / (w2.shape[0] + w2.shape[1]))
-            assert float(w2.abs().max()) <= bound * (1 + 1e-6), n
-            assert abs(float(w2.std()) * math.sqrt(3) / bound - 1) < rel, (n, float(w2.std()), bound)
-    assert any(n.endswith(".adaLN_modulation.1.weight") for n in params)
-
-
 def _meta_worker(rank, world, run_dir, parallel):
     import torch.distributed as dist
 
@@ -299,8 +248,9 @@ def test_meta_init_trains_without_a_full_model_copy(tmp_path, parallel):
         assert out["tp_shards_checked"] == 2 * 2 * 7 and out["tp_shards_differ"]
     init = dict(out["init"])
     assert float(init.pop("_replica_err")) == 0
-    check_init_stats(init, zero_init=False)
-    ref = reference_init(make_cfg(tmp_path / "unused"))
+    cfg = make_cfg(tmp_path / "unused")
+    assert not init_violations(init, DiTArgs.from_config(cfg.model))
+    ref = reference_init(cfg.model, cfg.train.seed)
     assert init.keys() == ref.keys()
     assert all(torch.equal(init[n], ref[n]) for n in ref), [n for n in ref if not torch.equal(init[n], ref[n])]
 
@@ -314,8 +264,8 @@ def test_meta_init_in_one_process_takes_the_same_path(tmp_path):
     tr = Trainer(cfg)
     try:
         init = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
-        check_init_stats(init, zero_init=False)
-        ref = reference_init(cfg)
+        assert not init_violations(init, DiTArgs.from_config(cfg.model))
+        ref = reference_init(cfg.model, cfg.train.seed)
         assert init.keys() == ref.keys()
         assert all(torch.equal(init[n], ref[n]) for n in ref)
         losses = tr.train()
@@ -363,7 +313,8 @@ def test_meta_init_with_pipeline_stages(tmp_path, parallel, fp8, zero_init):
     assert all(x == x and x < 10 for x in out["losses"])  # finite
     init = dict(out["init"])
     assert float(init.pop("_replica_err")) == 0
-    check_init_stats(init, zero_init)
+    ref_cfg = cfg4(tmp_path / "unused")
+    assert not init_violations(init, DiTArgs.from_config(ref_cfg.model))
     final = [init[n] for n in init if n.startswith("final_layer.") and n.endswith(".weight")]
     assert len(final) == 2 and all((torch.count_nonzero(w) == 0) == zero_init for w in final)
     # Stages draw from their own seeds: the first blocks of any two stages (which would take
@@ -378,7 +329,7 @@ def test_meta_init_with_pipeline_stages(tmp_path, parallel, fp8, zero_init):
                     assert not same, (name, a, b)
     if parallel.get("tp", 1) > 1:
         assert out["tp_shards_checked"] > 0 and out["tp_shards_differ"]
-    ref_init = reference_init(cfg4(tmp_path / "unused"), n_stages)
+    ref_init = reference_init(ref_cfg.model, ref_cfg.train.seed, n_stages)
     assert init.keys() == ref_init.keys()
     assert all(torch.equal(init[n], ref_init[n]) for n in ref_init), \
         [n for n in ref_init if not torch.equal(init[n], ref_init[n])]
