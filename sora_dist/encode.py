@@ -38,7 +38,7 @@ log = logging.getLogger("sora_dist.encode")
 
 
 def register_configs() -> None:
-    """The typed schema hydra_configs/encode.yaml composes onto (Hydra's ConfigStore)."""
+    """The typed schema sora_dist/hydra_configs/encode.yaml composes onto (Hydra's ConfigStore)."""
     ConfigStore.instance().store(name="encode_schema", node=EncodeConfig)
 
 

@@ -37,7 +37,7 @@ log = logging.getLogger("sora_dist.sample")
 
 
 def register_configs() -> None:
-    """The typed schema hydra_configs/sample.yaml composes onto (Hydra's ConfigStore)."""
+    """The typed schema sora_dist/hydra_configs/sample.yaml composes onto (Hydra's ConfigStore)."""
     ConfigStore.instance().store(name="sample_schema", node=SampleConfig)
 
 

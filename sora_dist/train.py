@@ -14,7 +14,7 @@ from sora_dist.training.trainer import Trainer
 
 
 def register_configs() -> None:
-    """The typed schema hydra_configs/train.yaml composes onto (Hydra's ConfigStore)."""
+    """The typed schema sora_dist/hydra_configs/train.yaml composes onto (Hydra's ConfigStore)."""
     ConfigStore.instance().store(name="job_schema", node=JobConfig)
 
 

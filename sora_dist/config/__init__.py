@@ -1,7 +1,7 @@
 """One config tree (DESIGN.md): typed dataclasses, registered in Hydra's ConfigStore by the entry
 points (sora_dist/{train,encode,sample}.py).
 
-YAML under hydra_configs/ only composes and overrides; `validate()` runs before any process
+YAML under sora_dist/hydra_configs/ only composes and overrides; `validate()` runs before any process
 group or tensor exists so bad input fails fast with a message that names the field and the fix.
 """
 from __future__ import annotations
@@ -19,9 +19,9 @@ from sora_dist.config.parallel import ParallelConfig
 from sora_dist.config.train import LoggingConfig, TrainConfig
 from sora_dist.config.validate import ConfigError, validate
 
-# The Hydra config folder every entry point (train, encode, sample) composes from.
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                          "hydra_configs")
+# The Hydra config folder every entry point (train, encode, sample) composes from: package data,
+# so it is there in a wheel install too.
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hydra_configs")
 
 
 @dataclass

@@ -102,7 +102,7 @@ def test_bad_requests_fail_early(run_dir, tmp_path):
 
 
 def test_cli_through_hydra(run_dir, tmp_path):
-    """`python -m sora_dist.sample` composes hydra_configs/sample.yaml and writes the mp4 (1 frame)."""
+    """`python -m sora_dist.sample` composes sora_dist/hydra_configs/sample.yaml and writes the mp4 (1 frame)."""
     import subprocess
     import sys
 
