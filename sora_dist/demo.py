@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 
+from sora_dist.console import quiet_third_party
 from sora_dist.data.demo_clips import make_demo_clips
 from sora_dist.models.text import build_tiny_text_encoder
 from sora_dist.models.vae import build_tiny_vae
@@ -25,7 +26,7 @@ DEMO_OVERRIDES = ["resolutions=[[64,64],[48,80],[80,48]]", "frames=[1,9,17]", "t
                   "samples_per_shard=8", "text_max_length=32"]
 
 
-def run_demo(workdir: str, n_clips: int = 24, ranks: int = 1, images: int = 2) -> str:
+def run_demo(workdir: str, n_clips: int = 24, ranks: int = 1, images: int = 2, verbose: bool = False) -> str:
     workdir = os.path.abspath(workdir)
     clips = os.path.join(workdir, "clips")
     manifest = os.path.join(clips, "manifest.jsonl")
@@ -39,7 +40,7 @@ def run_demo(workdir: str, n_clips: int = 24, ranks: int = 1, images: int = 2) -
         build_tiny_text_encoder(t5)
     out = os.path.join(workdir, "shards")
     cmd = [sys.executable, "-m", "sora_dist.encode", f"input={manifest}", f"output={out}",
-           f"vae_path={vae}", f"text_encoder_path={t5}", *DEMO_OVERRIDES]
+           f"vae_path={vae}", f"text_encoder_path={t5}", *DEMO_OVERRIDES, f"verbose={str(verbose).lower()}"]
     # Local data-parallel launch the way torchrun would: one process per rank, env-only.
     t0 = time.perf_counter()
     run_id = f"demo-{os.getpid()}-{time.time_ns()}"  # what torchrun/srun would provide
@@ -62,17 +63,19 @@ def _run(cmd: list[str], what: str) -> None:
                          "(finished stages are skipped)")
 
 
-def train_and_sample(workdir: str, shards: str, steps: int = 60, sample_steps: int = 20) -> str:
+def train_and_sample(workdir: str, shards: str, steps: int = 60, sample_steps: int = 20,
+                     verbose: bool = False) -> str:
     """sora-train on the shards, then sora-sample from the run. Returns the mp4 folder."""
     workdir = os.path.abspath(workdir)
     run = os.path.join(workdir, "run")
     _run([sys.executable, "-m", "sora_dist.train", "data.source=shards", f"data.shards={shards}",
           f"train.run_dir={run}", f"train.steps={steps}", "train.ckpt_every=20", "optim.lr=3e-4",
-          "optim.warmup_steps=5", "logging.log_every=10"], "training")
+          "optim.warmup_steps=5", "logging.log_every=10", f"logging.verbose={str(verbose).lower()}"], "training")
     out = os.path.join(workdir, "samples")
     _run([sys.executable, "-m", "sora_dist.sample", f"run_dir={run}", f"output_dir={out}",
           f"steps={sample_steps}", "batch_size=2",
-          'prompts=["a red square moving right","a blue circle bouncing"]'], "sampling")
+          'prompts=["a red square moving right","a blue circle bouncing"]', f"verbose={str(verbose).lower()}"],
+         "sampling")
     return out
 
 
@@ -85,12 +88,14 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=60)
     ap.add_argument("--sample-steps", type=int, default=20)
     ap.add_argument("--encode-only", action="store_true", help="stop after writing the shards")
+    ap.add_argument("--verbose", action="store_true", help="also print other libraries' import-time warnings")
     args = ap.parse_args()
-    shards = run_demo(args.workdir, args.clips, args.ranks, args.images)
+    quiet_third_party(args.verbose)
+    shards = run_demo(args.workdir, args.clips, args.ranks, args.images, args.verbose)
     if args.encode_only:
         print(f"next: sora-train data.source=shards data.shards={shards}")
         return
-    out = train_and_sample(args.workdir, shards, args.train_steps, args.sample_steps)
+    out = train_and_sample(args.workdir, shards, args.train_steps, args.sample_steps, args.verbose)
     print(f"demo: done; videos in {out}")
 
 

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from sora_dist.config import CONFIG_DIR
+from sora_dist.console import quiet_third_party
 from sora_dist.config.encode import EncodeConfig, validate_against_vae, validate_encode
 from sora_dist.config.validate import ConfigError
 from sora_dist.data import shards as sh
@@ -192,6 +193,7 @@ def run_encode(cfg: EncodeConfig) -> dict:
 def main(dcfg: DictConfig) -> None:
     try:
         cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EncodeConfig), dcfg))
+        quiet_third_party(cfg.verbose)
         stats = run_encode(cfg)
     except ConfigError as e:
         raise SystemExit(f"config error: {e}") from None

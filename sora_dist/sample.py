@@ -20,6 +20,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from sora_dist.config import CONFIG_DIR, to_job_config
+from sora_dist.console import quiet_third_party
 from sora_dist.config.sample import SampleConfig, validate_sample
 from sora_dist.config.validate import ConfigError
 from sora_dist.data.shards import load_manifest
@@ -181,7 +182,9 @@ def run_sample(cfg: SampleConfig) -> dict:
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="sample")
 def main(dcfg: DictConfig) -> None:
     try:
-        run_sample(OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SampleConfig), dcfg)))
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SampleConfig), dcfg))
+        quiet_third_party(cfg.verbose)
+        run_sample(cfg)
     except ConfigError as e:
         raise SystemExit(f"config error: {e}") from None
 

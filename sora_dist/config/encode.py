@@ -55,6 +55,8 @@ class EncodeConfig:
     retry_rejects: bool = False
     # Show a tqdm progress bar (videos/s) per rank.
     progress: bool = True
+    # Also print other libraries' import-time warnings (filtered by default; sora_dist/console.py).
+    verbose: bool = False
     # Rank/world override for tests and manual splitting; None = from torchrun/Slurm env.
     rank: Optional[int] = None
     world_size: Optional[int] = None

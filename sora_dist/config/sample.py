@@ -57,6 +57,8 @@ class SampleConfig:
     device: str = "auto"
     # Show the sampler's progress bar.
     progress: bool = True
+    # Also print other libraries' import-time warnings (filtered by default; sora_dist/console.py).
+    verbose: bool = False
 
 
 def validate_sample(cfg: SampleConfig) -> None:

@@ -52,6 +52,9 @@ class TrainConfig:
 class LoggingConfig:
     # Console/metrics every N steps.
     log_every: int = 1
+    # Also print other libraries' import-time warnings (torchao, diffusers, transformers), which
+    # are filtered by default (sora_dist/console.py).
+    verbose: bool = False
     # wandb: "offline" (default, files in run_dir/wandb), "online" (needs WANDB_API_KEY) or "disabled".
     wandb_mode: str = "offline"
     wandb_project: str = "sora_dist"

@@ -10,13 +10,6 @@ from typing import Optional
 log = logging.getLogger("sora_dist")
 
 
-def setup_console(rank: int) -> None:
-    """Console logging on rank 0 only; other ranks keep warnings."""
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-
-
 class MetricLogger:
     def __init__(self, cfg, run_dir: str, rank: int, config_dict: Optional[dict] = None):
         self.rank = rank

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from sora_dist.config import JobConfig, validate
+from sora_dist.console import quiet_third_party, setup_console
 from sora_dist.data import build_loader
 from sora_dist.diffusion import build_diffusion
 from sora_dist.fsutil import atomic_write_text
@@ -26,7 +27,7 @@ from sora_dist.parallel.dims import ParallelDims
 from sora_dist.parallel.parallelize import parallelize
 from sora_dist.parallel.rng import seed_step
 from sora_dist.training.checkpoint import CheckpointManager, TrainState
-from sora_dist.training.metrics import MetricLogger, setup_console
+from sora_dist.training.metrics import MetricLogger
 from sora_dist.training.optim import EMA, build_optimizer, set_lr
 from sora_dist.training.sampling import SampleLogger
 
@@ -64,6 +65,7 @@ class Trainer:
         self.env = init_distributed(t.device, cfg.parallel.backend, cfg.parallel.timeout_s)
         self.rank, self.world, self.device = self.env.rank, self.env.world_size, self.env.device
         setup_console(self.rank)
+        quiet_third_party(cfg.logging.verbose)
         self.run_dir = t.run_dir
         os.makedirs(self.run_dir, exist_ok=True)
 

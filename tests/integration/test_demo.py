@@ -2,6 +2,7 @@
 ranks that only share RANK/WORLD_SIZE env vars, then the shards feed the loader."""
 import json
 import os
+import re
 
 import pytest
 
@@ -39,6 +40,10 @@ def test_main_job_end_to_end(tmp_path):
                        capture_output=True, text=True, timeout=900,
                        env=dict(os.environ, WANDB_MODE="disabled"))
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    # Only sora_dist's lines and progress bars: other libraries' import noise is filtered.
+    noise = [line for line in (r.stdout + r.stderr).splitlines()
+             if re.search(r"warn|failed to load|accelerate", line, re.I)]
+    assert not noise, noise
     mp4s = sorted(f for f in os.listdir(tmp_path / "samples") if f.endswith(".mp4"))
     assert len(mp4s) == 2
     with av.open(str(tmp_path / "samples" / mp4s[0])) as c:
