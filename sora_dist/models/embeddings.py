@@ -110,4 +110,10 @@ def unpatchify(
         t=T, h=H, w=W, pt=pt, ph=ph, pw=pw, c=channels,
     )
     t, h, w = shape_THW
-    return x[:, :, :t, :h, :w]
+    if x.shape[2:] != (t, h, w):
+        x = x[:, :, :t, :h, :w]
+    # Return a tensor that owns its storage: FSDP2 hooks the model's output for its
+    # pre-backward, and an in-place op on a view (the crop, or a reshape that did not copy)
+    # would rebase the graph past that hook. The reshape above usually copied already, so
+    # only a crop (a few latents) pays a second copy.
+    return x if x._base is None else x.clone()
