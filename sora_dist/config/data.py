@@ -5,6 +5,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 DATA_SOURCES = ("synthetic", "shards")
+# Written by sora-encode's rank 0 into the shard folder once every rank is done: its presence
+# is what makes a folder complete (validate() checks it; data/shards.py writes and reads it).
+SHARDS_MANIFEST = "manifest.json"
 
 
 @dataclass

@@ -1,9 +1,10 @@
 """Config checks that run before any allocation. Each error names the field and the fix."""
 from __future__ import annotations
 
+import os
 from typing import Optional
 
-from sora_dist.config.data import DATA_SOURCES
+from sora_dist.config.data import DATA_SOURCES, SHARDS_MANIFEST
 from sora_dist.config.diffusion import BETA_SCHEDULES, OBJECTIVES, SAMPLERS
 from sora_dist.config.model import ATTENTION_BACKENDS, FP8_LINEARS, FP8_RECIPES, SDPA_KERNELS, DiTArgs, shape_problems
 from sora_dist.config.parallel import (BACKENDS, CP_MODES, PP_SCHEDULES, PP_ZERO_BUBBLE_SCHEDULES, RING_KERNELS,
@@ -134,6 +135,7 @@ def validate(cfg, world_size: Optional[int] = None) -> None:
     _check(d.batch_size >= 1, f"data.batch_size={d.batch_size} must be >= 1")
     if d.source == "shards":
         _check(bool(d.shards), "data.source=shards needs data.shards=<folder written by sora-encode>")
+        _check_none(shards_problems(d.shards))
     else:
         _check(len(d.synthetic_buckets) > 0 and all(len(b) == 3 for b in d.synthetic_buckets),
                f"data.synthetic_buckets={d.synthetic_buckets} must be a list of [T, H, W]")
@@ -172,6 +174,24 @@ def resolve_dp(p, world_size: int) -> int:
                f"launch a multiple of {mp} processes or change parallel.tp/cp/pp")
         return world_size // mp
     return p.dp
+
+
+def shards_problems(path: str) -> list[str]:
+    """Why data.shards cannot be read ([] when it can): a plain file-system look, so a missing or
+    unfinished sora-encode output stops the run before any process group (the loader's
+    data/shards.load_manifest resolves the path the same way: a folder, or its manifest)."""
+    if os.path.isfile(path):
+        folder = os.path.dirname(os.path.abspath(path))
+    elif os.path.isdir(path):
+        folder = path
+    else:
+        return [f"data.shards={path!r}: no such folder; point data.shards at the folder sora-encode "
+                f"wrote (its encode.out_dir), or run sora-encode to write it there"]
+    if not os.path.isfile(os.path.join(folder, SHARDS_MANIFEST)):
+        return [f"data.shards={path!r}: no {SHARDS_MANIFEST} there, so sora-encode has not finished "
+                f"(rank 0 writes it when every rank is done); run sora-encode to completion, or point "
+                f"data.shards at the folder it wrote"]
+    return []
 
 
 def check_world(p, world_size: int) -> None:

@@ -31,6 +31,7 @@ from typing import Iterable, Optional
 import numpy as np
 import webdataset as wds
 
+from sora_dist.config.data import SHARDS_MANIFEST
 from sora_dist.fsutil import atomic_write_text
 
 SHARD_RE = re.compile(r"^shard-r(\d{3})-(\d{6})\.tar$")
@@ -276,7 +277,7 @@ def write_manifest(out_dir: str, extra: dict) -> dict:
                 "num_samples": sum(s["samples"] for s in shards),
                 "buckets": dict(sorted(buckets.items())),
                 "num_rejected": len(done.rejects), **extra}
-    atomic_write_text(os.path.join(out_dir, "manifest.json"), json.dumps(manifest, indent=1))
+    atomic_write_text(os.path.join(out_dir, SHARDS_MANIFEST), json.dumps(manifest, indent=1))
     atomic_write_text(os.path.join(out_dir, "rejects.jsonl"),
                       "".join(json.dumps(r) + "\n" for _, r in sorted(done.rejects.items())))
     return manifest
@@ -285,7 +286,7 @@ def write_manifest(out_dir: str, extra: dict) -> dict:
 def load_manifest(path: str) -> tuple[str, dict]:
     """Folder or manifest.json path -> (folder, manifest)."""
     folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-    mpath = os.path.join(folder, "manifest.json")
+    mpath = os.path.join(folder, SHARDS_MANIFEST)
     if not os.path.isfile(mpath):
         raise FileNotFoundError(f"data.shards={path!r}: no manifest.json there; run sora-encode to completion "
                                 "(rank 0 writes it when every rank has finished)")

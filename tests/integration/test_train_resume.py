@@ -119,6 +119,20 @@ def test_cli_runs_and_rejects_bad_config(tmp_path):
     assert not os.path.exists(f"{tmp_path}/x/checkpoints")  # failed before any work
 
 
+def test_cli_rejects_missing_shards_before_any_work(tmp_path):
+    env = dict(os.environ, WANDB_MODE="disabled")
+    bad = subprocess.run([sys.executable, "-m", "sora_dist.train", "data.source=shards",
+                          "data.shards=/nonexistent", f"train.run_dir={tmp_path}/x",
+                          "logging.wandb_mode=disabled"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert bad.returncode != 0
+    lines = bad.stderr.strip().splitlines()
+    assert lines == ["config error: data.shards='/nonexistent': no such folder; point data.shards at "
+                     "the folder sora-encode wrote (its encode.out_dir), or run sora-encode to write it "
+                     "there"], bad.stderr
+    assert not os.path.exists(f"{tmp_path}/x/checkpoints")  # failed before any work
+
+
 def _params(tr) -> dict:
     from sora_dist.training.optim import named_params
 

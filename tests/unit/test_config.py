@@ -39,6 +39,27 @@ def test_bad_values_name_the_field(sections, needle):
     assert needle in str(e.value)
 
 
+def test_shards_folder_must_exist_and_hold_a_manifest(tmp_path):
+    """A missing or unfinished sora-encode folder is a config error, caught before any work."""
+    def shards(path):
+        return cfg_with(data={"source": "shards", "shards": str(path)})
+
+    with pytest.raises(ConfigError) as e:
+        validate(shards(tmp_path / "nope"))
+    assert f"data.shards='{tmp_path / 'nope'}': no such folder" in str(e.value)
+    assert "point data.shards at the folder sora-encode wrote" in str(e.value)
+    partial = tmp_path / "partial"  # shards and done-lists written, rank 0 not done merging
+    partial.mkdir()
+    (partial / "shard-r000-000000.tar").write_bytes(b"")
+    with pytest.raises(ConfigError) as e:
+        validate(shards(partial))
+    assert f"data.shards='{partial}': no manifest.json there" in str(e.value)
+    assert "run sora-encode to completion" in str(e.value)
+    (partial / "manifest.json").write_text("{}")
+    validate(shards(partial))  # the folder, or the manifest inside it (as the loader takes it)
+    validate(shards(partial / "manifest.json"))
+
+
 def test_world_size_mismatch_message():
     with pytest.raises(ConfigError) as e:
         validate(cfg_with(parallel={"tp": 2, "cp": 2, "dp": 2}), world_size=4)
