@@ -40,6 +40,10 @@ class TrainConfig:
     ckpt_every: int = 10
     # Keep the newest N complete checkpoints.
     ckpt_keep: int = 2
+    # Write checkpoints in a background thread (torch DCP async_save): the step loop waits only
+    # for the copy to CPU memory. One save in flight at a time; its COMPLETE marker is written
+    # once every rank has finished it (next save, preemption or the end of training).
+    async_checkpoint: bool = False
     # Resume from the newest complete checkpoint in run_dir/checkpoints when present.
     resume: bool = True
     # Load weights (model only) from this checkpoint dir at start when not resuming.

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -78,16 +79,29 @@ def _states(model, optimizer, ema) -> dict:
 def save(root: str, step: int, model, optimizer=None, ema=None, rank_state: Optional[dict] = None,
          keep: int = 2, meta: Optional[dict] = None) -> str:
     """Collective: every rank calls it. Returns the final folder."""
-    final = step_dir(root, step)
-    tmp = final + ".tmp"
+    tmp = _begin(root, step, rank_state)
+    dcp.save(_states(model, optimizer, ema), checkpoint_id=tmp)
+    return _commit(root, step, keep, meta)
+
+
+def _begin(root: str, step: int, rank_state: Optional[dict]) -> str:
+    """Collective: a fresh temp folder for `step` holding this rank's rank_state."""
+    tmp = step_dir(root, step) + ".tmp"
     if _rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a killed save
         os.makedirs(os.path.join(tmp, "rank_state"), exist_ok=True)
     _barrier()
-    dcp.save(_states(model, optimizer, ema), checkpoint_id=tmp)
     if rank_state is not None:
         os.makedirs(os.path.join(tmp, "rank_state"), exist_ok=True)
         atomic_write_text(os.path.join(tmp, "rank_state", f"rank{_rank():05d}.json"), json.dumps(rank_state))
+    return tmp
+
+
+def _commit(root: str, step: int, keep: int, meta: Optional[dict] = None) -> str:
+    """Collective, once every rank's shards are written: the marker, then the rename that makes
+    the checkpoint complete, then pruning to the newest `keep`."""
+    final = step_dir(root, step)
+    tmp = final + ".tmp"
     _barrier()
     if _rank() == 0:
         world = dist.get_world_size() if dist.is_initialized() else 1
@@ -171,20 +185,56 @@ class CheckpointManager:
 
     The data position belongs to a DP rank, not a global rank: a new layout (other tp/cp/pp) maps
     global ranks differently, so it is looked up by DP coordinate; another DP size carries the
-    stream over from every old DP rank's position (loader.load_elastic_state)."""
+    stream over from every old DP rank's position (loader.load_elastic_state).
+
+    With `async_save` the step loop blocks only while DCP stages the state to CPU memory; a
+    background thread writes the files. One save is pending at most: the next save, `wait()`,
+    preemption and the end of training first finish it on every rank, and only then is its
+    COMPLETE marker written, so a crash mid-write leaves the previous checkpoint the newest
+    complete one."""
 
     def __init__(self, folder: str, model, optimizer, ema, loader, state: TrainState,
-                 dp_rank: int, dp_size: int, keep: int):
+                 dp_rank: int, dp_size: int, keep: int, async_save: bool = False):
         self.folder, self.model, self.optimizer, self.ema = folder, model, optimizer, ema
         self.loader, self.state, self.dp_rank, self.dp_size, self.keep = loader, state, dp_rank, dp_size, keep
+        self.async_save = async_save
+        self.last_stall_s = 0.0  # how long the last save() blocked its caller
+        self._pending: Optional[tuple] = None  # (future, step) of the save being written
+        # The background writer's collectives get their own group, so they never interleave
+        # with the training step's collectives on the default one.
+        self._group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
 
     def save(self) -> str:
+        """Checkpoint the current step (collective). Returns its folder, which is complete at
+        return unless async_save (then after the next save / wait())."""
+        t0 = time.perf_counter()
+        self.wait()
+        step = self.state.step
         rank_state = {"data": self.loader.state_dict(), "dp_rank": self.dp_rank, "dp_size": self.dp_size,
-                      "step": self.state.step, "skipped": self.state.skipped}
-        path = save(self.folder, self.state.step, self.model, self.optimizer, self.ema,
-                    rank_state=rank_state, keep=self.keep)
-        log.info("saved checkpoint %s", path)
+                      "step": step, "skipped": self.state.skipped}
+        if self.async_save:
+            tmp = _begin(self.folder, step, rank_state)
+            future = dcp.async_save(_states(self.model, self.optimizer, self.ema), checkpoint_id=tmp,
+                                    process_group=self._group)
+            self._pending = (future, step)
+            path = step_dir(self.folder, step)
+            log.info("checkpoint %s being written in the background", path)
+        else:
+            path = save(self.folder, step, self.model, self.optimizer, self.ema,
+                        rank_state=rank_state, keep=self.keep)
+            log.info("saved checkpoint %s", path)
+        self.last_stall_s = time.perf_counter() - t0
         return path
+
+    def wait(self) -> None:
+        """Finish the pending background save on every rank and mark it complete (collective)."""
+        if self._pending is None:
+            return
+        future, step = self._pending
+        self._pending = None
+        future.result()
+        path = _commit(self.folder, step, self.keep)
+        log.info("saved checkpoint %s", path)
 
     def resume(self) -> bool:
         """Load the newest complete checkpoint, if any, into everything this manager owns."""

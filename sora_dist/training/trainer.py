@@ -93,7 +93,7 @@ class Trainer:
         self.state = TrainState()
         self.checkpoint = CheckpointManager(os.path.join(self.run_dir, "checkpoints"), self.model,
                                             self.optimizer, self.ema, self.loader, self.state,
-                                            self.dp_rank, self.dp_size, t.ckpt_keep)
+                                            self.dp_rank, self.dp_size, t.ckpt_keep, t.async_checkpoint)
         self.nonfinite_streak = 0
         self._stop_signal = 0
         self._stop_agreed = False
@@ -209,14 +209,18 @@ class Trainer:
             sample_now = self.samples.due(step)
             if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps or sample_now:
                 path = self.checkpoint.save()
-                if sample_now and self.rank == 0:
-                    self.samples.start(path, step)
+                if sample_now:
+                    self.checkpoint.wait()  # the sampler reads it: complete first
+                    if self.rank == 0:
+                        self.samples.start(path, step)
             elif self._stop_agreed:
                 self.checkpoint.save()
+                self.checkpoint.wait()  # an async save must be complete before the exit
                 log.warning("stop signal %s: checkpoint saved at step %d, exiting with %d for requeue",
                             self._stop_signal or "(other rank)", step, REQUEUE_EXIT_CODE)
                 raise Preempted(step)
             t0 = time.perf_counter()
+        self.checkpoint.wait()
         if self.rank == 0:
             atomic_write_text(os.path.join(self.run_dir, "losses.json"), json.dumps(losses))
             self.samples.poll(wait=True)

@@ -5,6 +5,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from sora_dist.testing import free_port
 
 
@@ -46,7 +48,8 @@ def _losses(run_dir):
     return [by_step[s] for s in sorted(by_step)]
 
 
-def test_kill9_during_checkpointing_resumes_from_a_complete_one(tmp_path):
+@pytest.mark.parametrize("async_checkpoint", [False, True], ids=["sync", "async"])
+def test_kill9_during_checkpointing_resumes_from_a_complete_one(tmp_path, async_checkpoint):
     # Saving every step, so a SIGKILL lands in or next to a save. Whatever it hits, the rerun
     # must find a complete checkpoint (half-written ones are .tmp or lack the marker) and
     # continue the uninterrupted loss sequence.
@@ -55,7 +58,7 @@ def test_kill9_during_checkpointing_resumes_from_a_complete_one(tmp_path):
     def cmd(run):
         return [sys.executable, "-m", "sora_dist.train", f"train.run_dir={run}", "train.steps=16",
                 "train.ckpt_every=1", "train.ckpt_keep=2", "logging.wandb_mode=disabled",
-                "data.synthetic_buckets=[[1,4,4]]"]
+                "data.synthetic_buckets=[[1,4,4]]", f"train.async_checkpoint={str(async_checkpoint).lower()}"]
 
     run = tmp_path / "run"
     log = open(tmp_path / "log.txt", "w+")
