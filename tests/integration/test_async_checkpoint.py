@@ -8,7 +8,8 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from sora_dist.config import JobConfig
 from sora_dist.testing import run_distributed
 from sora_dist.training import checkpoint as ckpt
-from sora_dist.training.trainer import Trainer
+
+from trainer_runs import run_trainer
 
 
 def make_cfg(run_dir, async_checkpoint, steps=6, **parallel):
@@ -26,11 +27,7 @@ def make_cfg(run_dir, async_checkpoint, steps=6, **parallel):
 
 
 def run(cfg, stop_at=None):
-    tr = Trainer(cfg)
-    try:
-        return tr.train(stop_at=stop_at)
-    finally:
-        tr.close()
+    return run_trainer(cfg, stop_at)[0]
 
 
 def saved_tensors(path) -> dict:

@@ -10,6 +10,8 @@ from sora_dist.config import JobConfig
 from sora_dist.training import checkpoint as ckpt
 from sora_dist.training.trainer import NonFiniteLossError, Trainer
 
+from trainer_runs import run_trainer
+
 
 def make_cfg(run_dir, steps=6, **train):
     cfg = JobConfig()
@@ -25,12 +27,7 @@ def make_cfg(run_dir, steps=6, **train):
     return cfg
 
 
-def run(cfg, stop_at=None):
-    tr = Trainer(cfg)
-    try:
-        return tr.train(stop_at=stop_at), tr
-    finally:
-        tr.close()
+run = run_trainer
 
 
 @pytest.mark.parametrize("objective", ["ddpm", "flow"])
