@@ -6,8 +6,8 @@ group or tensor exists so bad input fails fast with a message that names the fie
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
+from importlib import resources
 
 from omegaconf import OmegaConf
 
@@ -19,9 +19,9 @@ from sora_dist.config.parallel import ParallelConfig
 from sora_dist.config.train import LoggingConfig, TrainConfig
 from sora_dist.config.validate import ConfigError, validate
 
-# The Hydra config folder every entry point (train, encode, sample) composes from: package data,
-# so it is there in a wheel install too.
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hydra_configs")
+# The Hydra config folder every entry point (train, encode, sample) composes from: package data
+# of sora_dist, so a wheel install has it too.
+CONFIG_DIR = str(resources.files("sora_dist") / "hydra_configs")
 
 
 @dataclass

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from sora_dist.config.train import DEVICES
-from sora_dist.config.validate import ConfigError
+from sora_dist.config.validate import ConfigError, either
 
 
 @dataclass
@@ -91,7 +91,7 @@ def validate_encode(cfg: EncodeConfig) -> None:
     if cfg.text_max_length < 2:
         raise ConfigError(f"encode.text_max_length={cfg.text_max_length} must be >= 2")
     if cfg.device not in DEVICES:
-        raise ConfigError(f"encode.device={cfg.device!r}: use {', '.join(DEVICES)}")
+        raise ConfigError(f"encode.device={cfg.device!r}: use {either(DEVICES)}")
     if cfg.dtype not in ("fp32", "bf16"):
         raise ConfigError(f"encode.dtype={cfg.dtype!r}: use fp32 or bf16")
 

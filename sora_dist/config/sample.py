@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from sora_dist.config.train import DEVICES
-from sora_dist.config.validate import ConfigError
+from sora_dist.config.validate import ConfigError, either
 
 
 @dataclass
@@ -75,4 +75,4 @@ def validate_sample(cfg: SampleConfig) -> None:
     if cfg.cond_latent_frames < 1:
         raise ConfigError(f"cond_latent_frames={cfg.cond_latent_frames} must be >= 1")
     if cfg.device not in DEVICES:
-        raise ConfigError(f"device={cfg.device!r}: use {', '.join(DEVICES)}")
+        raise ConfigError(f"device={cfg.device!r}: use {either(DEVICES)}")

@@ -27,7 +27,7 @@ def _check_none(problems: list[str]) -> None:
         raise ConfigError(problems[0])
 
 
-def _either(options, quote: bool = False) -> str:
+def either(options, quote: bool = False) -> str:
     """("a", "b", "c") -> "a, b or c" (quoted: "'a', 'b' or 'c'"), for "use ..." messages."""
     words = [repr(o) if quote else o for o in options]
     return ", ".join(words[:-1]) + " or " + words[-1]
@@ -52,13 +52,13 @@ def validate(cfg, world_size: Optional[int] = None) -> None:
     _check(m.in_channels >= 1, f"model.in_channels={m.in_channels} must be >= 1")
     _check(m.text_dim >= 1, f"model.text_dim={m.text_dim} must be >= 1")
     _check(m.sdpa_kernel in SDPA_KERNELS,
-           f"model.sdpa_kernel={m.sdpa_kernel!r}: use {_either(SDPA_KERNELS)}")
+           f"model.sdpa_kernel={m.sdpa_kernel!r}: use {either(SDPA_KERNELS)}")
     _check(m.attention_backend in ATTENTION_BACKENDS,
-           f"model.attention_backend={m.attention_backend!r}: use {_either(ATTENTION_BACKENDS, True)}")
+           f"model.attention_backend={m.attention_backend!r}: use {either(ATTENTION_BACKENDS, True)}")
     _check(m.fp8_linears in FP8_LINEARS,
-           f"model.fp8_linears={m.fp8_linears!r}: use {_either(FP8_LINEARS, True)}")
+           f"model.fp8_linears={m.fp8_linears!r}: use {either(FP8_LINEARS, True)}")
     _check(m.fp8_recipe in FP8_RECIPES,
-           f"model.fp8_recipe={m.fp8_recipe!r}: use {_either(FP8_RECIPES, True)}")
+           f"model.fp8_recipe={m.fp8_recipe!r}: use {either(FP8_RECIPES, True)}")
     _check(not m.fp8_attention or m.attention_backend == "te",
            "model.fp8_attention=true needs model.attention_backend=te (SDPA has no FP8 path)")
     uses_te_fp8 = m.fp8_attention or m.fp8_linears == "te"
@@ -78,9 +78,9 @@ def validate(cfg, world_size: Optional[int] = None) -> None:
                f"(parallel.tp={p.tp}); use parallel.tp=1 or model.fp8_linears=torchao")
 
     _check(diff.objective in OBJECTIVES,
-           f"diffusion.objective={diff.objective!r}: use {_either(OBJECTIVES, quote=True)}")
+           f"diffusion.objective={diff.objective!r}: use {either(OBJECTIVES, quote=True)}")
     _check(diff.beta_schedule in BETA_SCHEDULES,
-           f"diffusion.beta_schedule={diff.beta_schedule!r}: use {_either(BETA_SCHEDULES, quote=True)}")
+           f"diffusion.beta_schedule={diff.beta_schedule!r}: use {either(BETA_SCHEDULES, quote=True)}")
     _check(diff.num_timesteps >= 2, f"diffusion.num_timesteps={diff.num_timesteps} must be >= 2")
     _check(0.0 <= diff.caption_dropout < 1.0,
            f"diffusion.caption_dropout={diff.caption_dropout} must be in [0, 1)")
@@ -95,11 +95,11 @@ def validate(cfg, world_size: Optional[int] = None) -> None:
     _check(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0 (0 = off)")
 
     _check(t.steps >= 1, f"train.steps={t.steps} must be >= 1")
-    _check(t.device in DEVICES, f"train.device={t.device!r}: use {_either(DEVICES)}")
+    _check(t.device in DEVICES, f"train.device={t.device!r}: use {either(DEVICES)}")
     _check(t.mixed_precision in MIXED_PRECISIONS,
-           f"train.mixed_precision={t.mixed_precision!r}: use {_either(MIXED_PRECISIONS, quote=True)}")
+           f"train.mixed_precision={t.mixed_precision!r}: use {either(MIXED_PRECISIONS, quote=True)}")
     _check(t.activation_checkpointing in ACTIVATION_CHECKPOINTING,
-           f"train.activation_checkpointing={t.activation_checkpointing!r}: use none, selective, op or full")
+           f"train.activation_checkpointing={t.activation_checkpointing!r}: use {either(ACTIVATION_CHECKPOINTING)}")
     # TE attention is no aten op the SAC policy could keep: op would recompute attention itself.
     _check(not (t.activation_checkpointing == "op" and m.attention_backend == "te"),
            "train.activation_checkpointing=op needs model.attention_backend=sdpa (transformer-engine "
@@ -131,7 +131,7 @@ def validate(cfg, world_size: Optional[int] = None) -> None:
                "logging.sample_every needs the run's VAE and text encoder, which come from the shard "
                "manifest: use data.source=shards, or set logging.sample_every=0")
         _check(len(lg.sample_prompts) > 0, "logging.sample_prompts is empty")
-    _check(d.source in DATA_SOURCES, f"data.source={d.source!r}: use {_either(DATA_SOURCES, quote=True)}")
+    _check(d.source in DATA_SOURCES, f"data.source={d.source!r}: use {either(DATA_SOURCES, quote=True)}")
     _check(d.batch_size >= 1, f"data.batch_size={d.batch_size} must be >= 1")
     if d.source == "shards":
         _check(bool(d.shards), "data.source=shards needs data.shards=<folder written by sora-encode>")
@@ -145,10 +145,10 @@ def validate(cfg, world_size: Optional[int] = None) -> None:
                  "pp_virtual_stages"):
         _check(getattr(p, name) >= 1, f"parallel.{name}={getattr(p, name)} must be >= 1")
     _check(p.dp == -1 or p.dp >= 1, f"parallel.dp={p.dp} must be >= 1 or -1 (fill the world)")
-    _check(p.cp_mode in CP_MODES, f"parallel.cp_mode={p.cp_mode!r}: use {_either(CP_MODES)}")
+    _check(p.cp_mode in CP_MODES, f"parallel.cp_mode={p.cp_mode!r}: use {either(CP_MODES)}")
     _check(p.ring_kernel in RING_KERNELS,
-           f"parallel.ring_kernel={p.ring_kernel!r}: use {_either(RING_KERNELS)}")
-    _check(p.backend in BACKENDS, f"parallel.backend={p.backend!r}: use {_either(BACKENDS)}")
+           f"parallel.ring_kernel={p.ring_kernel!r}: use {either(RING_KERNELS)}")
+    _check(p.backend in BACKENDS, f"parallel.backend={p.backend!r}: use {either(BACKENDS)}")
     _check(p.pp_schedule in PP_SCHEDULES,
            f"parallel.pp_schedule={p.pp_schedule!r}: use one of {list(PP_SCHEDULES)}")
     # The same rules the planner applies to its candidate layouts.
