@@ -5,8 +5,9 @@ import os
 from typing import Optional
 
 from sora_dist.config.data import DATA_SOURCES, SHARDS_MANIFEST
-from sora_dist.config.diffusion import BETA_SCHEDULES, OBJECTIVES, SAMPLERS
-from sora_dist.config.model import ATTENTION_BACKENDS, FP8_LINEARS, FP8_RECIPES, SDPA_KERNELS, DiTArgs, shape_problems
+from sora_dist.config.diffusion import BETA_SCHEDULES, FLOW_GRIDS, OBJECTIVES, SAMPLERS
+from sora_dist.config.model import (ARCHS, ATTENTION_BACKENDS, FP8_LINEARS, FP8_RECIPES, SDPA_KERNELS, DiTArgs,
+                                    shape_problems)
 from sora_dist.config.parallel import (BACKENDS, CP_MODES, PP_SCHEDULES, PP_ZERO_BUBBLE_SCHEDULES, RING_KERNELS,
                                        layout_problems)
 from sora_dist.config.train import ACTIVATION_CHECKPOINTING, DEVICES, MIXED_PRECISIONS
@@ -51,6 +52,15 @@ def validate(cfg, world_size: Optional[int] = None) -> None:
            f"model.patch_size={list(m.patch_size)} must be three positive ints [pt, ph, pw]")
     _check(m.in_channels >= 1, f"model.in_channels={m.in_channels} must be >= 1")
     _check(m.text_dim >= 1, f"model.text_dim={m.text_dim} must be >= 1")
+    _check(m.arch in ARCHS, f"model.arch={m.arch!r}: use {either(ARCHS, True)}")
+    _check(m.ffn_dim is None or m.ffn_dim >= 1, f"model.ffn_dim={m.ffn_dim} must be >= 1 (or null: mlp_ratio)")
+    if m.init_from is not None:
+        _check(m.arch == "wan",
+               f"model.init_from={m.init_from!r} loads diffusers WanTransformer3DModel weights; it needs "
+               f"model.arch=wan (a wan* flavor), not {m.arch!r}")
+        _check(os.path.isfile(os.path.join(m.init_from, "config.json")),
+               f"model.init_from={m.init_from!r} has no config.json; point it at a diffusers transformer "
+               f"folder (e.g. /models/Wan2.1-T2V-1.3B-Diffusers/transformer)")
     _check(m.sdpa_kernel in SDPA_KERNELS,
            f"model.sdpa_kernel={m.sdpa_kernel!r}: use {either(SDPA_KERNELS)}")
     _check(m.attention_backend in ATTENTION_BACKENDS,
@@ -88,6 +98,7 @@ def validate(cfg, world_size: Optional[int] = None) -> None:
     _check(diff.sampler in ok_samplers,
            f"diffusion.sampler={diff.sampler!r} does not fit objective={diff.objective!r}; "
            f"use one of {list(ok_samplers)}")
+    _check_none(flow_problems(diff))
 
     _check(o.lr > 0, f"optim.lr={o.lr} must be > 0")
     _check(o.decay in ("cosine", "constant"), f"optim.decay={o.decay!r}: use 'cosine' or 'constant'")
@@ -163,6 +174,30 @@ def validate(cfg, world_size: Optional[int] = None) -> None:
                    f"into parallel.pp_microbatches={p.pp_microbatches}")
     if world_size is not None:
         check_world(p, world_size)
+
+
+def flow_problems(diff) -> list[str]:
+    """Rectified flow's shift, t_range and flow_grid ([] when they are fine)."""
+    tr = list(diff.t_range)
+    if not (diff.shift > 0):
+        return [f"diffusion.shift={diff.shift} must be > 0 (1.0 = off; Wan uses 3.0 at 480p, 5.0 at 720p)"]
+    if not (len(tr) == 2 and all(isinstance(v, (int, float)) for v in tr) and 0.0 <= tr[0] < tr[1] <= 1.0):
+        return [f"diffusion.t_range={tr} must be two numbers [lo, hi] with 0 <= lo < hi <= 1 "
+                f"(e.g. [0.875, 1.0] for Wan2.2's high-noise expert)"]
+    if diff.flow_grid not in FLOW_GRIDS:
+        return [f"diffusion.flow_grid={diff.flow_grid!r}: use {either(FLOW_GRIDS, quote=True)}"]
+    if diff.objective != "flow":
+        # Each flow-only field set away from its default, with the value that turns it off.
+        for name, value, off in (("shift", diff.shift, 1.0), ("t_range", [float(v) for v in tr], [0.0, 1.0]),
+                                 ("flow_grid", diff.flow_grid, "uniform")):
+            if value != off:
+                return [f"diffusion.{name}={value!r} applies to rectified flow only, not "
+                        f"objective={diff.objective!r}; use diffusion.objective=flow (sampler=euler) "
+                        f"or diffusion.{name}={off!r}"]
+    elif (tr[0], tr[1]) != (0.0, 1.0) and not diff.logit_std > 0:
+        return [f"diffusion.t_range={tr} truncates the logit-normal t, which needs "
+                f"diffusion.logit_std={diff.logit_std} > 0; set logit_std > 0 or t_range=[0.0, 1.0]"]
+    return []
 
 
 def resolve_dp(p, world_size: int) -> int:
