@@ -31,7 +31,7 @@ from sora_dist.config.validate import ConfigError
 from sora_dist.data import shards as sh
 from sora_dist.data.inputs import list_inputs
 from sora_dist.data.video_io import BadInput, load_clip, parse_buckets
-from sora_dist.models.text import TextEncoder
+from sora_dist.models.text import TextEncoder, read_model_type
 from sora_dist.models.vae import VideoVAE
 from sora_dist.parallel.device import read_launch_env, select_device
 
@@ -105,6 +105,10 @@ def _run_id() -> str:
 def run_encode(cfg: EncodeConfig) -> dict:
     """Encode this rank's share; on rank 0 also merge the manifest. Returns this rank's stats."""
     validate_encode(cfg)
+    try:  # an unsupported text encoder fails here, before any model load or decode
+        read_model_type(cfg.text_encoder_path)
+    except ValueError as e:
+        raise ConfigError(f"encode.text_encoder_path: {e}") from None
     env_rank, env_world, _ = read_launch_env()
     rank = env_rank if cfg.rank is None else cfg.rank
     world = env_world if cfg.world_size is None else cfg.world_size
@@ -132,7 +136,18 @@ def run_encode(cfg: EncodeConfig) -> dict:
         vae.enable_tiling_from_size(cfg.vae_tile_size)
     except ValueError as e:
         raise ConfigError(f"encode.vae_tile_size={cfg.vae_tile_size}: {e}") from None
-    te = TextEncoder.load(cfg.text_encoder_path, cfg.text_max_length, device=device, dtype=dtype)
+    te = TextEncoder.load(cfg.text_encoder_path, cfg.text_max_length, device=device, dtype=dtype,
+                          pad_to_max=cfg.text_pad_to_max)
+    # Which models made these shards; a rerun into the same folder with other ones would mix
+    # embeddings of two encoders (or latents of two VAEs) under one manifest.
+    made_by = {"text_encoder": te.describe(cfg.text_encoder_path),
+               "vae": {"class": vae.kind, "name": os.path.basename(os.path.normpath(cfg.vae_path)),
+                       "latent_channels": vae.latent_channels, "temporal_compression": vae.temporal_compression,
+                       "spatial_compression": vae.spatial_compression, "path": os.path.abspath(cfg.vae_path)}}
+    try:
+        sh.check_made_by(cfg.output, made_by)
+    except ValueError as e:
+        raise ConfigError(f"encode.output: {e}") from None
     buckets = parse_buckets(cfg.resolutions, cfg.frames)
     if rank == 0:
         sh.atomic_write_text(os.path.join(cfg.output, "encode_config.yaml"),
@@ -175,10 +190,8 @@ def run_encode(cfg: EncodeConfig) -> dict:
         digests = {r: sh.assignment_digest([run_id] + [i.source for i in items[r::world]]) for r in range(world)}
         sh.wait_for_ranks(cfg.output, digests, cfg.wait_timeout_s)
         manifest = sh.write_manifest(cfg.output, {
-            "latent_channels": vae.latent_channels, "text_dim": te.dim,
-            "vae": {"class": vae.kind, "temporal_compression": vae.temporal_compression,
-                    "spatial_compression": vae.spatial_compression, "path": os.path.abspath(cfg.vae_path)},
-            "text_encoder": os.path.abspath(cfg.text_encoder_path), "text_max_length": cfg.text_max_length,
+            "latent_channels": vae.latent_channels, "text_dim": te.dim, **made_by,
+            "text_max_length": te.max_length, "text_pad_to_max": te.pad_to_max,
             "target_fps": cfg.target_fps, "world_size": world, "num_inputs": len(items),
         })
         kinds = collections.Counter(r["kind"] for r in sh.DoneList(cfg.output).rejects.values())

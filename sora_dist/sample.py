@@ -28,7 +28,7 @@ from sora_dist.data.video_io import BadInput, load_clip, parse_buckets, probe, w
 from sora_dist.diffusion import build_diffusion
 from sora_dist.fsutil import atomic_write_text
 from sora_dist.models.dit import build_dit
-from sora_dist.models.text import TextEncoder
+from sora_dist.models.text import TextEncoder, read_model_type
 from sora_dist.models.vae import VideoVAE
 from sora_dist.parallel.device import resolve_device_type
 from sora_dist.training import checkpoint as ckpt
@@ -52,8 +52,9 @@ def _job_config(run_dir: str):
     return to_job_config(OmegaConf.load(path))
 
 
-def _resolve_models(cfg: SampleConfig, job) -> tuple[str, str, int]:
-    """VAE / text-encoder folders and text length: explicit, else from the run's shard manifest."""
+def _resolve_models(cfg: SampleConfig, job) -> tuple[str, str, dict]:
+    """VAE / text-encoder folders and text settings: explicit, else from the run's shard
+    manifest, else the encoder family's defaults (models/text.py ENCODERS)."""
     manifest = {}
     if job.data.source == "shards" and job.data.shards:
         try:
@@ -61,11 +62,15 @@ def _resolve_models(cfg: SampleConfig, job) -> tuple[str, str, int]:
         except FileNotFoundError:
             manifest = {}
     vae = cfg.vae_path or manifest.get("vae", {}).get("path")
-    te = cfg.text_encoder_path or manifest.get("text_encoder")
+    recorded = manifest.get("text_encoder")  # a dict since umT5 support; a bare path before
+    te = cfg.text_encoder_path or (recorded.get("path") if isinstance(recorded, dict) else recorded)
     if not vae or not te:
         raise ConfigError("cannot tell which VAE/text encoder the run used (no shard manifest); "
                           "pass vae_path=... and text_encoder_path=...")
-    return vae, te, cfg.text_max_length or int(manifest.get("text_max_length", 120))
+    # Prompts must be cut and padded as the training captions were (pad_to_max: Wan's layout).
+    text = {"max_length": cfg.text_max_length or manifest.get("text_max_length"),
+            "pad_to_max": manifest.get("text_pad_to_max")}
+    return vae, te, text
 
 
 def _prompts(cfg: SampleConfig) -> list[str]:
@@ -125,7 +130,11 @@ def run_sample(cfg: SampleConfig) -> dict:
     validate_sample(cfg)
     job = _job_config(cfg.run_dir)
     prompts = _prompts(cfg)
-    vae_path, te_path, text_len = _resolve_models(cfg, job)
+    vae_path, te_path, text_cfg = _resolve_models(cfg, job)
+    try:  # an unsupported text encoder fails before the VAE and model are loaded
+        read_model_type(te_path)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"text_encoder_path: {e}") from None
     device = torch.device(resolve_device_type(cfg.device))
     vae = VideoVAE.load(vae_path, device=device)
     try:
@@ -143,7 +152,7 @@ def run_sample(cfg: SampleConfig) -> dict:
     if t % pt or h % ph or w % pw:
         raise ConfigError(f"latent size {t}x{h}x{w} does not divide by model.patch_size={list(job.model.patch_size)}; "
                           "change num_frames/height/width")
-    te = TextEncoder.load(te_path, text_len, device=device)
+    te = TextEncoder.load(te_path, text_cfg["max_length"], device=device, pad_to_max=text_cfg["pad_to_max"])
     if te.dim != job.model.text_dim:
         raise ConfigError(f"text encoder width {te.dim} != model.text_dim={job.model.text_dim}")
     model, ckpt_path = _load_model(cfg, job, device)

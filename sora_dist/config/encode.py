@@ -19,7 +19,10 @@ class EncodeConfig:
     output: str = "???"
     # diffusers VAE folder (save_pretrained layout; AutoencoderKLWan or AutoencoderKLCogVideoX).
     vae_path: str = "???"
-    # transformers T5 encoder + tokenizer folder (save_pretrained layout).
+    # transformers text encoder + tokenizer folder (save_pretrained layout). Its config.json
+    # model_type picks the class: "t5" -> T5EncoderModel (T5-v1.1), "umt5" -> UMT5EncoderModel
+    # (Wan's umT5-XXL). A diffusers pipeline's text_encoder/ folder works too (tokenizer from the
+    # sibling tokenizer/ folder).
     text_encoder_path: str = "???"
     # Bucket resolutions [H, W] in pixels; a clip goes to the one with the nearest aspect ratio.
     # H and W must divide by the VAE's spatial compression (8 for Wan).
@@ -33,8 +36,14 @@ class EncodeConfig:
     max_side: int = 4096
     # Samples per shard file (the last shard of each rank may be shorter).
     samples_per_shard: int = 64
-    # Caption tokens kept (T5 max length); longer captions are truncated.
-    text_max_length: int = 120
+    # Caption tokens kept; longer captions are truncated. None = the encoder's default:
+    # 120 for t5, 512 for umt5 (as Wan).
+    text_max_length: Optional[int] = None
+    # Training batches carry captions zero-padded to the full text_max_length (Wan's layout,
+    # which its DiT was trained on) instead of to the batch's longest caption. Shards store only
+    # the real tokens either way; the manifest records this and the loader pads.
+    # None = the encoder's default: false for t5, true for umt5.
+    text_pad_to_max: Optional[bool] = None
     # Encode only the first N inputs of the sorted list (0 = all); for quick trials.
     limit: int = 0
     # "auto" (cuda if visible), "cpu" or "cuda".
@@ -88,7 +97,7 @@ def validate_encode(cfg: EncodeConfig) -> None:
         raise ConfigError(f"encode.decode_workers={cfg.decode_workers} must be >= 0")
     if cfg.max_side < 1:
         raise ConfigError(f"encode.max_side={cfg.max_side} must be >= 1")
-    if cfg.text_max_length < 2:
+    if cfg.text_max_length is not None and cfg.text_max_length < 2:
         raise ConfigError(f"encode.text_max_length={cfg.text_max_length} must be >= 2")
     if cfg.device not in DEVICES:
         raise ConfigError(f"encode.device={cfg.device!r}: use {either(DEVICES)}")

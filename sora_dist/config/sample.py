@@ -22,9 +22,11 @@ class SampleConfig:
     # Optional text file with one prompt per line (appended to `prompts`).
     prompt_file: Optional[str] = None
     # VAE / text-encoder folders; None = the ones recorded in the run's shard manifest.
+    # The text encoder may be T5 or umT5 (chosen from its config.json model_type).
     vae_path: Optional[str] = None
     text_encoder_path: Optional[str] = None
-    # Caption tokens kept; None = the value the shards were encoded with (else 120).
+    # Caption tokens kept; None = the value the shards were encoded with (else the encoder's
+    # default: 120 for t5, 512 for umt5). Zero-padding to it (umt5/Wan) also follows the shards.
     text_max_length: Optional[int] = None
     # Output video size in pixels; frames must be 1 + k * VAE temporal factor, H/W divisible
     # by the VAE spatial factor (and the latent size by the patch size).

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from sora_dist.data.shards import load_manifest
+from sora_dist.data.shards import describe_text_encoder, describe_vae, load_manifest
 
 
 def _npy(b: bytes) -> np.ndarray:
@@ -49,9 +49,10 @@ def _decode(raw: dict, shard: str) -> dict:
             "bucket": "x".join(str(s) for s in latent.shape[1:]), "caption": meta.get("caption", "")}
 
 
-def collate(samples: list[dict]) -> dict:
-    """Stack one bucket's samples; pad text/mask to the longest caption in the batch."""
-    L = max(s["text"].shape[0] for s in samples)
+def collate(samples: list[dict], pad_text_to: int = 0) -> dict:
+    """Stack one bucket's samples; pad text/mask to the longest caption in the batch, or to
+    pad_text_to when that is longer (Wan's fixed 512-token layout; zeros, mask False)."""
+    L = max(max(s["text"].shape[0] for s in samples), pad_text_to)
     D = samples[0]["text"].shape[1]
     text = torch.zeros(len(samples), L, D, dtype=torch.float32)
     mask = torch.zeros(len(samples), L, dtype=torch.bool)
@@ -83,15 +84,20 @@ class ShardLoader:
         self.latent_channels = int(manifest["latent_channels"])
         self.text_dim = int(manifest["text_dim"])
         self.buckets = dict(manifest.get("buckets", {}))
+        # Shards store real tokens only; encoders that want a fixed length (umT5 as Wan uses it)
+        # get it here. Manifests from before the field existed: per-batch padding, as then.
+        self.pad_text_to = int(manifest.get("text_max_length") or 0) if manifest.get("text_pad_to_max") else 0
         if model_cfg is not None:
             # Fail here with the fix, not later inside the model with a shape error.
             if model_cfg.in_channels != self.latent_channels:
-                raise ValueError(f"shards in {self.folder} hold {self.latent_channels}-channel latents but "
+                raise ValueError(f"shards in {self.folder} were made by the {describe_vae(manifest)} but "
                                  f"model.in_channels={model_cfg.in_channels}; set model.in_channels="
-                                 f"{self.latent_channels}")
+                                 f"{self.latent_channels}, or re-encode the shards with a VAE of "
+                                 f"{model_cfg.in_channels} latent channels")
             if model_cfg.text_dim != self.text_dim:
-                raise ValueError(f"shards in {self.folder} hold text embeddings of width {self.text_dim} but "
-                                 f"model.text_dim={model_cfg.text_dim}; set model.text_dim={self.text_dim}")
+                raise ValueError(f"shards in {self.folder} were made by the {describe_text_encoder(manifest)} "
+                                 f"but model.text_dim={model_cfg.text_dim}; set model.text_dim={self.text_dim}, "
+                                 f"or re-encode the shards with a text encoder of width {model_cfg.text_dim}")
         self.batch_size, self.seed = int(data_cfg.batch_size), int(data_cfg.seed)
         self.bucket_batch_size = {str(k): int(v) for k, v in (getattr(data_cfg, "bucket_batch_size", None) or {}).items()}
         bad = {k: v for k, v in self.bucket_batch_size.items() if v < 1}
@@ -207,7 +213,7 @@ class ShardLoader:
                 else:
                     del self.pending[s["bucket"]]
                 self.batches_done += 1
-                return collate(batch)
+                return collate(batch, self.pad_text_to)
 
     # ---- resume -----------------------------------------------------------------------------
     def state_dict(self) -> dict:

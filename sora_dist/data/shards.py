@@ -7,6 +7,7 @@ Layout of an output folder (every DP rank of sora-encode writes only its own fil
   rejects-r{rank:03d}.jsonl         one line per rejected input (kind + reason)
   rank-r{rank:03d}.complete.json    written when the rank has finished its assignment
   manifest.json, rejects.jsonl      merged by rank 0 once every rank is complete
+  made_by.json                      the text encoder and VAE that made the shards (also in the manifest)
 
 Crash safety: a shard is written under a temp name and renamed only when full, so a shard on
 disk is always complete. Its inputs are recorded in the done-list after the rename; if the
@@ -292,3 +293,57 @@ def load_manifest(path: str) -> tuple[str, dict]:
                                 "(rank 0 writes it when every rank has finished)")
     with open(mpath) as f:
         return folder, json.load(f)
+
+
+MADE_BY = "made_by.json"
+# What two runs writing into one folder must agree on: anything else would mix embeddings of
+# two encoders (or latents of two VAEs) under one manifest. Paths may differ (models move).
+_MUST_MATCH = (("text_encoder", "model_type"), ("text_encoder", "text_dim"), ("text_encoder", "max_length"),
+               ("vae", "class"), ("vae", "latent_channels"))
+
+
+def describe_text_encoder(manifest: dict) -> str:
+    """'umt5 text encoder 'text_encoder' (text_dim 4096)'; old manifests recorded only a path."""
+    te = manifest.get("text_encoder")
+    dim = (te.get("text_dim") if isinstance(te, dict) else None) or manifest.get("text_dim")
+    if isinstance(te, dict):
+        return f"{te.get('model_type', '?')} text encoder {te.get('name', '?')!r} (text_dim {dim})"
+    where = f" {os.path.basename(os.path.normpath(te))!r}" if isinstance(te, str) and te else ""
+    return f"text encoder{where} (text_dim {dim}; type not recorded)"
+
+
+def describe_vae(manifest: dict) -> str:
+    vae = manifest.get("vae") or {}
+    ch = vae.get("latent_channels") or manifest.get("latent_channels")
+    name = f" {vae['name']!r}" if vae.get("name") else ""
+    return f"{vae.get('class', 'VAE')}{name} ({ch} latent channels)"
+
+
+def _fingerprint(made_by: dict) -> dict:
+    out = {f"{a}.{b}": (made_by.get(a) or {}).get(b) for a, b in _MUST_MATCH}
+    # A manifest from before made_by was recorded still knows the widths.
+    out["text_encoder.text_dim"] = out["text_encoder.text_dim"] or made_by.get("text_dim")
+    out["vae.latent_channels"] = out["vae.latent_channels"] or made_by.get("latent_channels")
+    return out
+
+
+def check_made_by(out_dir: str, made_by: dict) -> None:
+    """Refuse to add shards made by other models to a folder that has shards; record ours."""
+    path = os.path.join(out_dir, MADE_BY)
+    old = None
+    if list_shards(out_dir):
+        for p in (path, os.path.join(out_dir, SHARDS_MANIFEST)):
+            if os.path.isfile(p):
+                with open(p) as f:
+                    old = json.load(f)
+                break
+    if old is not None:
+        a, b = _fingerprint(old), _fingerprint(made_by)
+        diff = [f"{k} {a[k]!r} -> {b[k]!r}" for k in a if a[k] is not None and b[k] is not None and a[k] != b[k]]
+        if diff:
+            raise ValueError(
+                f"{out_dir} already holds shards made by the {describe_text_encoder(old)} and "
+                f"{describe_vae(old)}; this run uses the {describe_text_encoder(made_by)} and "
+                f"{describe_vae(made_by)} ({', '.join(diff)}). Encode into a new output folder, or "
+                "delete the old shards first")
+    atomic_write_text(path, json.dumps(made_by, indent=1))
