@@ -320,7 +320,11 @@ def describe_vae(manifest: dict) -> str:
 
 
 def _fingerprint(made_by: dict) -> dict:
-    out = {f"{a}.{b}": (made_by.get(a) or {}).get(b) for a, b in _MUST_MATCH}
+    def field(part, name):  # old manifests: text_encoder is a bare path
+        rec = made_by.get(part)
+        return rec.get(name) if isinstance(rec, dict) else None
+
+    out = {f"{a}.{b}": field(a, b) for a, b in _MUST_MATCH}
     # A manifest from before made_by was recorded still knows the widths.
     out["text_encoder.text_dim"] = out["text_encoder.text_dim"] or made_by.get("text_dim")
     out["vae.latent_channels"] = out["vae.latent_channels"] or made_by.get("latent_channels")

@@ -157,6 +157,60 @@ def test_model_config_mismatch_is_named(shards):
         ShardLoader(_cfg(folder), 0, 1, model_cfg=ModelConfig(in_channels=4, text_dim=32))
 
 
+def _recorded_shards(folder, **extra):
+    """Shards whose manifest records the models that made them, as sora-encode writes it."""
+    _write_shards(folder, n=3)
+    made_by = {"text_encoder": {"model_type": "umt5", "class": "UMT5EncoderModel", "name": "text_encoder",
+                                "path": "/m/Wan/text_encoder", "text_dim": 8, "max_length": 6, "pad_to_max": True},
+               "vae": {"class": "AutoencoderKLWan", "name": "vae", "latent_channels": 4}}
+    write_manifest(str(folder), {"latent_channels": 4, "text_dim": 8, **made_by, "text_max_length": 6,
+                                 "text_pad_to_max": True, **extra})
+    return str(folder)
+
+
+def test_mismatch_errors_name_the_folder_the_recorded_models_and_the_fix(tmp_path):
+    from sora_dist.config.model import ModelConfig
+
+    folder = _recorded_shards(tmp_path)
+    with pytest.raises(ValueError) as e:
+        ShardLoader(_cfg(folder), 0, 1, model_cfg=ModelConfig(in_channels=4, text_dim=32))
+    msg = str(e.value)
+    assert f"shards in {folder} were made by the umt5 text encoder 'text_encoder' (text_dim 8)" in msg
+    assert "model.text_dim=32; set model.text_dim=8" in msg and "re-encode" in msg
+    with pytest.raises(ValueError) as e:
+        ShardLoader(_cfg(folder), 0, 1, model_cfg=ModelConfig(in_channels=16, text_dim=8))
+    msg = str(e.value)
+    assert f"shards in {folder} were made by the AutoencoderKLWan 'vae' (4 latent channels)" in msg
+    assert "model.in_channels=16; set model.in_channels=4" in msg and "re-encode" in msg
+
+
+def test_old_manifests_without_recorded_models_still_load_and_explain(shards, tmp_path):
+    from sora_dist.config.model import ModelConfig
+
+    folder, _ = shards  # written with only latent_channels/text_dim, as before models were recorded
+    ld = ShardLoader(_cfg(folder, batch_size=1), 0, 1, model_cfg=ModelConfig(in_channels=4, text_dim=8))
+    assert ld.pad_text_to == 0 and next(ld)["text"].shape[1] <= 5
+    with pytest.raises(ValueError, match=r"made by the text encoder \(text_dim 8; type not recorded\)"):
+        ShardLoader(_cfg(folder), 0, 1, model_cfg=ModelConfig(in_channels=4, text_dim=32))
+    # a manifest that recorded only the encoder's path (the format before made_by)
+    _write_shards(tmp_path, n=3)
+    write_manifest(str(tmp_path), {"latent_channels": 4, "text_dim": 8, "text_encoder": "/m/t5-v1_1-xxl",
+                                   "text_max_length": 120, "vae": {"class": "AutoencoderKLWan"}})
+    with pytest.raises(ValueError, match=r"text encoder 't5-v1_1-xxl' \(text_dim 8; type not recorded\)"):
+        ShardLoader(_cfg(str(tmp_path)), 0, 1, model_cfg=ModelConfig(in_channels=4, text_dim=32))
+    assert ShardLoader(_cfg(str(tmp_path)), 0, 1).pad_text_to == 0
+
+
+def test_wan_layout_shards_pad_every_batch_to_max_length(tmp_path):
+    folder = _recorded_shards(tmp_path)  # captions of 1..3 tokens stored unpadded, max_length 6
+    ld = ShardLoader(_cfg(folder, batch_size=1, shuffle_buffer=0), 0, 1)
+    for _ in range(3):
+        b = next(ld)
+        n = int(b["text_mask"].sum())
+        assert b["text"].shape == (1, 6, 8) and b["text_mask"][0, :n].all() and not b["text_mask"][0, n:].any()
+        assert torch.all(b["text"][0, n:] == 0) and torch.all(b["text"][0, :n] != 0)
+
+
 def test_damaged_sample_names_the_shard(tmp_path):
     import io
     import tarfile

@@ -68,3 +68,31 @@ def test_failed_write_discards_the_open_shard(tmp_path):
     w.close()
     assert list_shards(str(tmp_path)) == [] and not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
     assert not DoneList(str(tmp_path)).is_done("/s/0.mp4")  # redone by the rerun, not lost
+
+
+def _made_by(model_type="umt5", text_dim=8, channels=4):
+    return {"text_encoder": {"model_type": model_type, "name": model_type, "text_dim": text_dim, "max_length": 512},
+            "vae": {"class": "AutoencoderKLWan", "name": "vae", "latent_channels": channels}}
+
+
+def test_made_by_recorded_and_other_models_refused_once_shards_exist(tmp_path):
+    from sora_dist.data.shards import check_made_by
+
+    check_made_by(str(tmp_path), _made_by("t5", 16))
+    check_made_by(str(tmp_path), _made_by("umt5", 8))  # no shards yet: nothing to mix, re-recorded
+    assert json.load(open(tmp_path / "made_by.json")) == _made_by("umt5", 8)
+    w = ShardWriter(str(tmp_path), rank=0, samples_per_shard=1)
+    _write(w, 0)
+    w.close()
+    check_made_by(str(tmp_path), dict(_made_by(), vae=dict(_made_by()["vae"], path="/moved")))  # paths may move
+    with pytest.raises(ValueError, match=r"made by the umt5 text encoder 'umt5' \(text_dim 8\).*"
+                                         r"t5 text encoder 't5' \(text_dim 16\).*new output folder"):
+        check_made_by(str(tmp_path), _made_by("t5", 16))
+    with pytest.raises(ValueError, match=r"vae.latent_channels 4 -> 16"):
+        check_made_by(str(tmp_path), _made_by(channels=16))
+    # a folder from before made_by.json: its manifest's widths still guard it
+    os.remove(tmp_path / "made_by.json")
+    write_manifest(str(tmp_path), {"latent_channels": 4, "text_dim": 8, "text_encoder": "/m/t5"})
+    with pytest.raises(ValueError, match=r"text_encoder.text_dim 8 -> 16"):
+        check_made_by(str(tmp_path), _made_by("t5", 16))
+    check_made_by(str(tmp_path), _made_by("t5", 8))
