@@ -75,8 +75,11 @@ class RectifiedFlow(Objective):
             return torch.special.ndtr((logit - self.logit_mean) / self.logit_std)
         u = cdf(lo) + (cdf(hi) - cdf(lo)) * torch.special.ndtr(z.double())
         t = shift_sigma(torch.sigmoid(self.logit_mean + self.logit_std * torch.special.ndtri(u)), self.shift)
-        # The clamp only catches rounding at the range's ends.
-        return t.float().clamp(lo, hi)
+        # The clamp only catches rounding at the range's ends, onto the float32 values inside it.
+        lo32, hi32 = torch.tensor(lo), torch.tensor(hi)
+        lo32 = torch.nextafter(lo32, torch.tensor(1.0)) if float(lo32) < lo else lo32
+        hi32 = torch.nextafter(hi32, torch.tensor(0.0)) if float(hi32) > hi else hi32
+        return t.float().clamp(lo32, hi32)
 
     def corrupt(self, x0, t, noise):
         tt = t.view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)

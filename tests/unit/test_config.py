@@ -29,6 +29,8 @@ def test_every_flavor_validates(flavor):
     ({"parallel": {"tp": 3}}, "num_heads=4 is not divisible by tp*ulysses=3*1"),
     ({"parallel": {"cp": 8}}, "tp*ulysses=1*8"),
     ({"diffusion": {"objective": "flow", "sampler": "ddim"}}, "does not fit objective='flow'"),
+    ({"diffusion": {"shift": 3.0}}, "diffusion.shift=3.0 applies to rectified flow only"),
+    ({"diffusion": {"objective": "flow", "sampler": "euler", "t_range": [1.0, 0.0]}}, "diffusion.t_range=[1.0, 0.0]"),
     ({"data": {"source": "shards"}}, "data.shards=<folder"),
     ({"train": {"activation_checkpointing": "some"}}, "train.activation_checkpointing"),
     ({"optim": {"lr": -1.0}}, "optim.lr=-1.0 must be > 0"),
