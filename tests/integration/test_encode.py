@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from media import unknown_codec_mkv
 
 from sora_dist.config.encode import EncodeConfig
@@ -195,3 +196,57 @@ def test_marker_from_an_earlier_launch_is_not_trusted(tmp_path, models, monkeypa
     run_encode(_cfg(models, man, out, rank=1, world_size=2))
     s0 = run_encode(_cfg(models, man, out, rank=0, world_size=2, wait_timeout_s=5))
     assert s0["manifest"]["num_samples"] == 3 and s0["encoded"] == 0  # nothing redone
+
+
+@pytest.fixture(scope="module")
+def umt5(tmp_path_factory):
+    return build_tiny_text_encoder(str(tmp_path_factory.mktemp("models") / "umt5"), kind="umt5")
+
+
+def test_umt5_folder_encodes_and_shards_record_it(tmp_path, models, umt5):
+    """A umT5 folder goes through the same text_encoder_path; the shards say who made them and
+    hold exactly what TextEncoder gives for the caption (real tokens only; the loader pads)."""
+    from sora_dist.config.data import DataConfig
+    from sora_dist.data.loader import ShardLoader
+    from sora_dist.models.text import TextEncoder
+
+    rows = _clips(tmp_path / "v", 2)
+    out = tmp_path / "out"
+    m = run_encode(_cfg((models[0], umt5), _manifest(tmp_path / "m.jsonl", rows), out))["manifest"]
+    te = m["text_encoder"]
+    assert (te["model_type"], te["class"], te["name"], te["text_dim"]) == ("umt5", "UMT5EncoderModel", "umt5", 32)
+    assert (te["max_length"], te["pad_to_max"], te["path"]) == (512, True, umt5)
+    assert (m["text_max_length"], m["text_pad_to_max"], m["text_dim"]) == (512, True, 32)
+    assert (m["vae"]["class"], m["vae"]["latent_channels"], m["vae"]["name"]) == ("AutoencoderKLWan", 4, "vae")
+    assert json.load(open(out / "made_by.json")) == {"text_encoder": te, "vae": m["vae"]}
+    direct = TextEncoder.load(umt5)
+    ld = ShardLoader(DataConfig(source="shards", shards=str(out), batch_size=1, shuffle_buffer=0), 0, 1)
+    for _ in range(2):
+        b = next(ld)
+        emb, mask = direct.encode(b["captions"])
+        assert b["text"].shape == emb.shape == (1, 512, 32)  # Wan layout in every training batch
+        torch.testing.assert_close(b["text"], emb, atol=1e-5, rtol=1e-5)
+        assert torch.equal(b["text_mask"], mask) and mask.sum() < 512
+
+    # a rerun into that folder with the T5 encoder would mix two encoders' embeddings
+    with pytest.raises(ConfigError, match=r"encode.output: .*umt5 text encoder 'umt5'.*t5 text encoder 't5'"):
+        run_encode(_cfg(models, _manifest(tmp_path / "m.jsonl", rows), out))
+
+
+def test_t5_shards_record_t5_and_keep_per_batch_padding(tmp_path, models):
+    m = run_encode(_cfg(models, _manifest(tmp_path / "m.jsonl", _clips(tmp_path / "v", 1)), tmp_path / "o"))["manifest"]
+    assert (m["text_encoder"]["model_type"], m["text_max_length"], m["text_pad_to_max"]) == ("t5", 120, False)
+
+
+def test_unsupported_text_encoder_is_a_config_error_before_work(tmp_path, models, umt5):
+    import shutil
+
+    bad = tmp_path / "clip_text"
+    shutil.copytree(umt5, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps(dict(cfg, model_type="clip_text_model")))
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match=r"encode.text_encoder_path: .*clip_text.*model_type='clip_text_model'"
+                                          r".*supported text encoders: t5, umt5"):
+        run_encode(_cfg((models[0], str(bad)), _manifest(tmp_path / "m.jsonl", _clips(tmp_path / "v", 1)), out))
+    assert not out.exists()  # nothing written

@@ -118,3 +118,68 @@ def test_cli_through_hydra(run_dir, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "sora_dist.sample", f"run_dir={tmp_path}"],
                          env=dict(os.environ, PYTHONPATH=repo), capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "config error" in bad.stderr and "config.yaml" in bad.stderr
+
+
+def _capture_text_encoder(monkeypatch):
+    """The TextEncoder sora-sample loads (to check which class and padding it chose)."""
+    import sora_dist.sample as sample_mod
+    from sora_dist.models.text import TextEncoder
+
+    seen, original = [], TextEncoder.load
+
+    def load(*a, **kw):
+        seen.append(original(*a, **kw))
+        return seen[-1]
+
+    monkeypatch.setattr(sample_mod.TextEncoder, "load", load)
+    return seen
+
+
+def _train(d, text_encoder_path, **encode_kw):
+    from sora_dist.training.trainer import Trainer
+
+    man = make_demo_clips(str(d / "clips"), n=4, sizes=[(32, 32)], fps_choices=(8,), frame_choices=(9,))
+    run_encode(EncodeConfig(input=man, output=str(d / "shards"), vae_path=build_tiny_vae(str(d / "vae")),
+                            text_encoder_path=text_encoder_path, resolutions=[[32, 32]], frames=[1, 9],
+                            target_fps=8.0, samples_per_shard=2, progress=False, rank=0, world_size=1, **encode_kw))
+    cfg = JobConfig()
+    cfg.data.source, cfg.data.shards, cfg.data.batch_size = "shards", str(d / "shards"), 2
+    cfg.train.run_dir, cfg.train.steps, cfg.train.ckpt_every = str(d / "run"), 1, 1
+    cfg.logging.wandb_mode = "disabled"
+    tr = Trainer(cfg)
+    try:
+        tr.train()
+    finally:
+        tr.close()
+
+
+def test_umt5_run_samples_with_the_recorded_encoder_and_wan_padding(tmp_path, monkeypatch):
+    """umT5 shards -> training -> sora-sample: the manifest's umT5 folder is loaded as
+    UMT5EncoderModel and prompts get the training captions' layout (zero-padded to max_length)."""
+    from transformers import UMT5EncoderModel
+
+    _train(tmp_path, build_tiny_text_encoder(str(tmp_path / "umt5"), kind="umt5"), text_max_length=24)
+    seen = _capture_text_encoder(monkeypatch)
+    res = run_sample(_cfg(tmp_path, tmp_path / "o", num_frames=1, steps=1))
+    te = seen[-1]
+    assert type(te.model) is UMT5EncoderModel and (te.max_length, te.pad_to_max) == (24, True)
+    emb, mask = te.encode(_cfg(tmp_path, "x").prompts)
+    assert emb.shape[1] == 24 and mask.sum(1).max() < 24 and len(res["records"]) == 2
+
+
+def test_explicit_umt5_folder_and_unsupported_ones(run_dir, tmp_path, monkeypatch):
+    """text_encoder_path takes a umT5 folder like a T5 one (class from its config.json); the run's
+    T5 shards still set the text length and padding. An unsupported model_type: config error."""
+    import shutil
+
+    from transformers import UMT5EncoderModel
+
+    umt5 = build_tiny_text_encoder(str(tmp_path / "umt5"), kind="umt5")  # same width (32) as the run's T5
+    seen = _capture_text_encoder(monkeypatch)
+    run_sample(_cfg(run_dir, tmp_path / "o", text_encoder_path=umt5, num_frames=1, steps=1))
+    assert type(seen[-1].model) is UMT5EncoderModel and (seen[-1].max_length, seen[-1].pad_to_max) == (16, False)
+    bad = tmp_path / "bert"
+    shutil.copytree(umt5, bad)
+    (bad / "config.json").write_text(json.dumps(dict(json.loads((bad / "config.json").read_text()), model_type="bert")))
+    with pytest.raises(ConfigError, match=r"text_encoder_path: .*bert.*model_type='bert'.*t5, umt5"):
+        run_sample(_cfg(run_dir, tmp_path / "o2", text_encoder_path=str(bad)))
