@@ -145,7 +145,7 @@ def run_encode(cfg: EncodeConfig) -> dict:
                        "latent_channels": vae.latent_channels, "temporal_compression": vae.temporal_compression,
                        "spatial_compression": vae.spatial_compression, "path": os.path.abspath(cfg.vae_path)}}
     try:
-        sh.check_made_by(cfg.output, made_by)
+        sh.check_made_by(cfg.output, made_by, record=rank == 0)
     except ValueError as e:
         raise ConfigError(f"encode.output: {e}") from None
     buckets = parse_buckets(cfg.resolutions, cfg.frames)

@@ -331,8 +331,9 @@ def _fingerprint(made_by: dict) -> dict:
     return out
 
 
-def check_made_by(out_dir: str, made_by: dict) -> None:
-    """Refuse to add shards made by other models to a folder that has shards; record ours."""
+def check_made_by(out_dir: str, made_by: dict, record: bool = True) -> None:
+    """Refuse to add shards made by other models to a folder that has shards; record ours
+    (record=False: check only; sora-encode records on rank 0, so no two ranks write one file)."""
     path = os.path.join(out_dir, MADE_BY)
     old = None
     if list_shards(out_dir):
@@ -350,4 +351,5 @@ def check_made_by(out_dir: str, made_by: dict) -> None:
                 f"{describe_vae(old)}; this run uses the {describe_text_encoder(made_by)} and "
                 f"{describe_vae(made_by)} ({', '.join(diff)}). Encode into a new output folder, or "
                 "delete the old shards first")
-    atomic_write_text(path, json.dumps(made_by, indent=1))
+    if record:
+        atomic_write_text(path, json.dumps(made_by, indent=1))

@@ -78,6 +78,8 @@ def _made_by(model_type="umt5", text_dim=8, channels=4):
 def test_made_by_recorded_and_other_models_refused_once_shards_exist(tmp_path):
     from sora_dist.data.shards import check_made_by
 
+    check_made_by(str(tmp_path), _made_by("t5", 16), record=False)  # ranks > 0 only check
+    assert not (tmp_path / "made_by.json").exists()
     check_made_by(str(tmp_path), _made_by("t5", 16))
     check_made_by(str(tmp_path), _made_by("umt5", 8))  # no shards yet: nothing to mix, re-recorded
     assert json.load(open(tmp_path / "made_by.json")) == _made_by("umt5", 8)
