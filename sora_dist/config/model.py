@@ -1,9 +1,10 @@
-"""Model config and the one description of a VideoDiT's dimensions.
+"""Model config and the one description of a DiT's dimensions (sora_dist's VideoDiT or Wan).
 
-`ModelConfig` is the Hydra schema: a flavor name picks the size from FLAVORS; any field set
-explicitly wins. `DiTArgs` is that config resolved: what `models/dit.py` builds from, and what
-answers parameter and FLOP counts (torchtitan's `get_nparams_and_flops`) for the trainer's MFU
-and the layout planner. Torch-free, so `tools/plan.py` answers in milliseconds.
+`ModelConfig` is the Hydra schema: a flavor name picks the architecture and size from FLAVORS;
+any field set explicitly wins. `DiTArgs` is that config resolved: what `models/dit.py` and
+`models/wan.py` build from, and what answers parameter and FLOP counts (torchtitan's
+`get_nparams_and_flops`) for the trainer's MFU and the layout planner. Torch-free, so
+`tools/plan.py` answers in milliseconds.
 """
 from __future__ import annotations
 
@@ -22,7 +23,25 @@ FLAVORS: dict[str, dict] = {
     "1B": dict(hidden_size=1536, depth=20, num_heads=12),
     "7B": dict(hidden_size=3072, depth=34, num_heads=24),
     "30B": dict(hidden_size=6144, depth=36, num_heads=48),
+    # Wan's published transformers (diffusers' WanTransformer3DModel config.json of each
+    # release). Wan2.2-A14B is two experts of this size (high / low noise), one per run.
+    "wan2.1-1.3b": dict(arch="wan", hidden_size=1536, depth=30, num_heads=12, ffn_dim=8960,
+                        in_channels=16, text_dim=4096, patch_size=[1, 2, 2]),
+    "wan2.1-14b": dict(arch="wan", hidden_size=5120, depth=40, num_heads=40, ffn_dim=13824,
+                       in_channels=16, text_dim=4096, patch_size=[1, 2, 2]),
+    "wan2.2-5b": dict(arch="wan", hidden_size=3072, depth=30, num_heads=24, ffn_dim=14336,
+                      in_channels=48, text_dim=4096, patch_size=[1, 2, 2]),
+    "wan2.2-a14b": dict(arch="wan", hidden_size=5120, depth=40, num_heads=40, ffn_dim=13824,
+                        in_channels=16, text_dim=4096, patch_size=[1, 2, 2]),
 }
+
+# Model architectures: "dit" (models/dit.py: adaLN-Zero blocks with a per-block modulation MLP,
+# learned null caption) and "wan" (models/wan.py: diffusers' WanTransformer3DModel, one shared
+# time projection plus a learned per-block scale_shift_table, loads/exports diffusers weights).
+ARCHS = ("dit", "wan")
+# Fields a flavor may set besides the sizes; ModelConfig fills the ones left None from it.
+_FLAVOR_INPUTS = {"arch": "dit", "ffn_dim": None, "in_channels": 4, "text_dim": 32,
+                  "patch_size": [1, 2, 2]}
 
 # Option lists, each checked by config/validate.py and used by the code that implements it.
 ATTENTION_BACKENDS = ("sdpa", "te")
@@ -36,22 +55,31 @@ T_FREQ_DIM = 256
 
 @dataclass
 class ModelConfig:
-    # Size preset from FLAVORS (tiny, S, B, XL, 1B, 7B, 30B). Explicit fields below override it.
+    # Size preset from FLAVORS (tiny, S, B, XL, 1B, 7B, 30B; wan2.1-1.3b, wan2.1-14b, wan2.2-5b,
+    # wan2.2-a14b). Explicit fields below override it.
     flavor: str = "tiny"
+    # "dit" (sora_dist's VideoDiT) or "wan" (Wan2.x, diffusers' WanTransformer3DModel layout);
+    # None takes the flavor's (wan* flavors are "wan").
+    arch: Optional[str] = None
     # Transformer width; None takes the flavor's value.
     hidden_size: Optional[int] = None
     # Number of DiT blocks; None takes the flavor's value.
     depth: Optional[int] = None
     # Attention heads; hidden_size must divide by it. None takes the flavor's value.
     num_heads: Optional[int] = None
-    # MLP width = mlp_ratio * hidden_size.
+    # MLP width = mlp_ratio * hidden_size, unless ffn_dim is set.
     mlp_ratio: float = 4.0
-    # Latent channels produced by the video VAE (4 for tiny demos, 16 for Wan/CogVideoX VAEs).
-    in_channels: int = 4
-    # Spacetime patch (pt, ph, pw) over latent frames/height/width.
-    patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])
-    # Width of the text encoder's embeddings (T5-XXL: 4096).
-    text_dim: int = 32
+    # MLP width in features (Wan: 8960 for 1.3B, 13824 for 14B); None: the flavor's, else
+    # mlp_ratio * hidden_size.
+    ffn_dim: Optional[int] = None
+    # Latent channels produced by the video VAE (4 for tiny demos, 16 for Wan2.1/CogVideoX VAEs,
+    # 48 for Wan2.2's); None takes the flavor's (4 for the VideoDiT flavors).
+    in_channels: Optional[int] = None
+    # Spacetime patch (pt, ph, pw) over latent frames/height/width; None: the flavor's ([1, 2, 2]).
+    patch_size: Optional[list[int]] = None
+    # Width of the text encoder's embeddings (T5-XXL and umT5-XXL: 4096); None takes the
+    # flavor's (32 for the VideoDiT flavors, the tiny demo encoder's width).
+    text_dim: Optional[int] = None
     # RMS-normalise q and k per head before RoPE (stabilises long-context training).
     qk_norm: bool = True
     # Attention implementation behind the one seam: "sdpa" (torch) or "te" (transformer-engine, GPU).
@@ -75,14 +103,28 @@ class ModelConfig:
     # transformer-engine FP8 recipe for fp8_linears=te / fp8_attention: "current"
     # (Float8CurrentScaling, no state) or "delayed" (DelayedScaling, amax history per tensor).
     fp8_recipe: str = "current"
+    # Start from these weights instead of a random init: a diffusers transformer folder
+    # (config.json + model.safetensors, or sharded with model.safetensors.index.json), e.g.
+    # /models/Wan2.1-T2V-1.3B-Diffusers/transformer (model.arch=wan). Checked against the model
+    # config before anything is built; with train.meta_init each rank reads only its slices.
+    init_from: Optional[str] = None
+
+    def __post_init__(self):
+        # Inputs the flavor defines (Wan: 16/48 latent channels, umT5's 4096) unless set; the
+        # saved run config then holds the values used. An unknown flavor is validate()'s error.
+        preset = FLAVORS.get(self.flavor, {})
+        for k, default in _FLAVOR_INPUTS.items():
+            if getattr(self, k) is None:
+                v = preset.get(k, default)
+                setattr(self, k, list(v) if isinstance(v, list) else v)
 
     def resolved(self) -> dict:
-        """Flavor values merged with explicit overrides."""
+        """Flavor sizes merged with explicit overrides."""
         if self.flavor not in FLAVORS:
             raise ValueError(
                 f"model.flavor={self.flavor!r} is unknown; pick one of {sorted(FLAVORS)}"
             )
-        out = dict(FLAVORS[self.flavor])
+        out = {k: v for k, v in FLAVORS[self.flavor].items() if k in ("hidden_size", "depth", "num_heads")}
         for k in ("hidden_size", "depth", "num_heads"):
             v = getattr(self, k)
             if v is not None:
@@ -115,9 +157,9 @@ class Flops:
 
 @dataclass
 class DiTArgs:
-    """A VideoDiT's dimensions and build options (ModelConfig resolved). The counts below
-    follow models/dit.py layer by layer; tests/unit/test_planner.py checks them against the
-    real model's parameters and torch's FlopCounterMode."""
+    """A DiT's dimensions and build options (ModelConfig resolved). The counts below follow
+    models/dit.py and models/wan.py layer by layer; tests/unit/test_planner.py checks them
+    against the real models' parameters and torch's FlopCounterMode."""
     in_channels: int = 4
     hidden_size: int = 64
     depth: int = 2
@@ -130,19 +172,25 @@ class DiTArgs:
     sdpa_kernel: str = "auto"
     dropout: float = 0.0
     zero_init: bool = True
+    arch: str = "dit"
+    ffn_dim: Optional[int] = None
 
     @classmethod
     def from_config(cls, m: ModelConfig) -> "DiTArgs":
         return cls(
             in_channels=m.in_channels, mlp_ratio=m.mlp_ratio, patch_size=tuple(m.patch_size),
             text_dim=m.text_dim, qk_norm=m.qk_norm, attention_backend=m.attention_backend,
-            sdpa_kernel=m.sdpa_kernel, dropout=m.dropout, zero_init=m.zero_init, **m.resolved(),
+            sdpa_kernel=m.sdpa_kernel, dropout=m.dropout, zero_init=m.zero_init, arch=m.arch,
+            ffn_dim=m.ffn_dim, **m.resolved(),
         )
 
     @classmethod
     def from_flavor(cls, flavor: str, **fields) -> "DiTArgs":
-        """FLAVORS[flavor] sizes; other fields (and sizes) from `fields`, None ones skipped."""
-        sizes = ModelConfig(flavor=flavor).resolved()
+        """FLAVORS[flavor] (sizes, arch and inputs); other fields (and overrides) from `fields`,
+        None ones skipped."""
+        m = ModelConfig(flavor=flavor)
+        sizes = {**m.resolved(), "arch": m.arch, "ffn_dim": m.ffn_dim, "in_channels": m.in_channels,
+                 "text_dim": m.text_dim, "patch_size": tuple(m.patch_size)}
         sizes.update({k: v for k, v in fields.items() if v is not None})
         return cls(**sizes)
 
@@ -152,6 +200,8 @@ class DiTArgs:
 
     @property
     def mlp_width(self) -> int:
+        if self.ffn_dim is not None:
+            return self.ffn_dim
         return int(self.hidden_size * self.mlp_ratio)  # same rounding as DiTBlock
 
     @property
@@ -162,10 +212,14 @@ class DiTArgs:
     # ---- parameters ----------------------------------------------------------------------
 
     def block_params(self) -> tuple[int, int]:
-        """(split over TP, replicated over TP) parameters of one DiTBlock. Column-parallel
+        """(split over TP, replicated over TP) parameters of one block. Column-parallel
         q/k/v/fc1 split weight and bias; row-parallel wo/fc2 split the weight only."""
         D, F, hd = self.hidden_size, self.mlp_width, self.head_dim
         split = 2 * (3 * (D * D + D) + D * D) + (D * F + F) + F * D
+        if self.arch == "wan":
+            # q/k RMSNorms span all heads (split with them); no modulation MLP, a 6xD table.
+            split += 4 * D if self.qk_norm else 0
+            return split, 2 * D + D + 2 * D + 6 * D  # wo/fc2 biases, norm_cross, table
         norms = (4 * hd if self.qk_norm else 0) + 2 * D  # q/k RMSNorms, norm_cross affine
         replicated = 2 * D + D + norms + (6 * D * D + 6 * D)  # wo/fc2 biases, adaLN
         return split, replicated
@@ -174,9 +228,12 @@ class DiTArgs:
         """(embedders, final layer) parameters: outside the blocks, replicated over TP; the
         first / last pipeline stage holds them."""
         D, C, P, E = self.hidden_size, self.in_channels, self.patch_volume, self.text_dim
-        embed = (C * P * D + D) + (T_FREQ_DIM * D + D + D * D + D) + (E * D + D + D * D + D) + E
+        embed = (C * P * D + D) + (T_FREQ_DIM * D + D + D * D + D) + (E * D + D + D * D + D)
+        if self.arch == "wan":
+            # + the shared time projection to six modulation vectors; no null caption.
+            return embed + (6 * D * D + 6 * D), 2 * D + (D * P * C + P * C)
         head = (2 * D * D + 2 * D) + (D * P * C + P * C)
-        return embed, head
+        return embed + E, head
 
     def num_params(self) -> int:
         split, replicated = self.block_params()
@@ -189,7 +246,9 @@ class DiTArgs:
         tokens."""
         D, F, L = self.hidden_size, self.mlp_width, text_len
         per_token = 2 * (4 * D * D) + 2 * (2 * D * D) + 2 * (2 * D * F)  # self qkvo, cross q/o, MLP
-        per_sample = 2 * (2 * D * D) * L + 2 * (6 * D * D)                # cross k/v on text, adaLN
+        per_sample = 2 * (2 * D * D) * L                                 # cross k/v on text
+        if self.arch != "wan":
+            per_sample += 2 * (6 * D * D)                                # adaLN (Wan: a table)
         attn = 4 * seq_len * seq_len * D + 4 * seq_len * L * D
         return Flops(batch * (seq_len * per_token + per_sample), batch * attn)
 
@@ -197,8 +256,11 @@ class DiTArgs:
         """Whole VideoDiT forward: blocks + patch embed, timestep/caption embedders, final layer."""
         D, C, P, L = self.hidden_size, self.in_channels, self.patch_volume, text_len
         blk = self.block_forward_flops(seq_len, text_len, batch)
+        # patch embed, time MLP, caption MLP, head (Wan: the shared 6-way time projection,
+        # a table instead of the head's modulation MLP).
+        mod = 2 * (6 * D * D) if self.arch == "wan" else 2 * (2 * D * D)
         outer = (2 * seq_len * D * C * P + 2 * (T_FREQ_DIM * D + D * D)
-                 + 2 * L * (self.text_dim * D + D * D) + 2 * (2 * D * D) + 2 * seq_len * D * P * C)
+                 + 2 * L * (self.text_dim * D + D * D) + mod + 2 * seq_len * D * P * C)
         return Flops(self.depth * blk.linear + batch * outer, self.depth * blk.attention)
 
     def flops_per_sample(self, seq_len: int, text_len: int) -> float:

@@ -10,7 +10,7 @@ def build_diffusion(cfg):
     if cfg.objective == "ddpm":
         return GaussianDiffusion(cfg.num_timesteps, cfg.beta_schedule, cfg.caption_dropout)
     if cfg.objective == "flow":
-        return RectifiedFlow(cfg.logit_mean, cfg.logit_std, cfg.caption_dropout)
+        return RectifiedFlow.from_config(cfg)
     raise ValueError(f"diffusion.objective={cfg.objective!r}: use 'ddpm' or 'flow'")
 
 

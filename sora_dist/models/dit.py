@@ -202,6 +202,8 @@ class VideoDiT(nn.Module):
         self.final_layer = FinalLayer(args)
         self.init_weights()
 
+    init_part = staticmethod(init_dit_weights)  # the init of a part (a pipeline stage)
+
     @torch.no_grad()
     def init_weights(self, zero_init: Optional[bool] = None) -> None:
         """DiT init: xavier linears, N(0, .02) embedders; adaLN and output zeroed (adaLN-Zero)

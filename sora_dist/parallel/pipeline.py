@@ -22,7 +22,7 @@ import torch.nn as nn
 from torch.distributed import pipelining
 
 from sora_dist.config.parallel import PP_ONE_STAGE_SCHEDULES, PP_SCHEDULES, layout_problems, pp_virtual_stages
-from sora_dist.models.dit import Conditioning, VideoDiT, init_dit_weights
+from sora_dist.models.dit import Conditioning, VideoDiT
 from sora_dist.models.embeddings import build_rope_3d
 
 # torch's schedule class for each parallel.pp_schedule; the first two run one stage per rank.
@@ -59,9 +59,15 @@ class DiTStage(nn.Module):
     previous stage's outputs (tokens, c, text_emb, text_mask); the last returns latents.
     `set_shape()` tells every stage the batch's latent (T, H, W) before a schedule runs."""
 
-    def __init__(self, model: VideoDiT, block_ids: list[int], is_first: bool, is_last: bool):
+    def __init__(self, model: nn.Module, block_ids: list[int], is_first: bool, is_last: bool):
         super().__init__()
         self.args, self.is_first, self.is_last = model.args, is_first, is_last
+        # The model class's own seams (VideoDiT or WanDiT), bound to this stage; instance
+        # attributes, so parallelize's sequence sharding wraps them as it wraps a whole model's.
+        cls = type(model)
+        self._init_part = cls.init_part
+        self.embed, self.head, self.to_latents = (cls.embed.__get__(self), cls.head.__get__(self),
+                                                  cls.to_latents.__get__(self))
         self.blocks = nn.ModuleDict({str(i): model.blocks[str(i)] for i in block_ids})
         if is_first:
             self.x_embedder, self.t_embedder, self.y_embedder = model.x_embedder, model.t_embedder, model.y_embedder
@@ -71,13 +77,9 @@ class DiTStage(nn.Module):
         self.shape_THW = self.grid = None
 
     def init_weights(self, zero_init=None) -> None:
-        """VideoDiT's init of this stage's parts (train.meta_init materialises stages)."""
-        init_dit_weights(self, self.args.zero_init if zero_init is None else zero_init)
+        """The model's init of this stage's parts (train.meta_init materialises stages)."""
+        self._init_part(self, self.args.zero_init if zero_init is None else zero_init)
 
-    # The same seams as VideoDiT, so parallelize_dit's sequence sharding wraps them the same way.
-    embed = VideoDiT.embed
-    head = VideoDiT.head
-    to_latents = VideoDiT.to_latents
     seq = None  # SequenceSharding under TP/CP: set by PipelineRunner from parallelize_dit's result
 
     def set_shape(self, shape_THW: tuple[int, int, int]) -> None:
@@ -85,7 +87,7 @@ class DiTStage(nn.Module):
         self.grid = tuple(-(-n // p) for n, p in zip(shape_THW, self.args.patch_size))
 
     def _cond_from_wire(self, c, text_emb, text_mask) -> Conditioning:
-        rope = build_rope_3d(self.grid, self.args.hidden_size // self.args.num_heads, c.device)
+        rope = build_rope_3d(self.grid, self.args.head_dim, c.device)
         cond = Conditioning(c_BD=c, text_BLD=text_emb, text_mask_BL=text_mask.bool(), rope_SP2=rope,
                             grid=self.grid, shape_THW=self.shape_THW)
         if self.seq is not None:

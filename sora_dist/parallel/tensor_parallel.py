@@ -1,4 +1,4 @@
-"""Tensor parallel (+ Megatron sequence parallel) for VideoDiT with DTensor.
+"""Tensor parallel (+ Megatron sequence parallel) for VideoDiT and WanDiT with DTensor.
 
 Column-parallel q/k/v and MLP fc1, row-parallel wo and fc2 (split by heads / MLP width).
 Every other parameter becomes a Replicate DTensor on the TP mesh, so all parameters live on
@@ -22,7 +22,7 @@ import contextlib
 from functools import partial
 
 import torch.nn as nn
-from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel, parallelize_module,
 )
@@ -61,6 +61,28 @@ class ReplicateCompute(ParallelStyle):
         return distribute_module(module, device_mesh, None, self._prepare_input, self._prepare_output)
 
 
+class ShardedAcrossHeadsNorm(ParallelStyle):
+    """An RMSNorm over all heads together (Wan's q/k norm) on head-sharded q/k (B, S, D/tp): its
+    weight is split like the heads (Shard(0)) and the input is Shard(2) DTensor, so the mean
+    of squares reduces over the TP group and the weight's grad stays per shard."""
+
+    def _partition(self, name, module, mesh):
+        for n, p in list(module.named_parameters(recurse=False)):
+            module.register_parameter(n, nn.Parameter(distribute_tensor(p.data, mesh, [Shard(0)]),
+                                                      p.requires_grad))
+
+    def _prepare_input(self, mod, inputs, mesh):
+        return tuple(DTensor.from_local(x, mesh, (Shard(2),), run_check=False)
+                     if not isinstance(x, DTensor) and hasattr(x, "shape") else x for x in inputs)
+
+    def _prepare_output(self, mod, out, mesh):
+        return out.to_local()
+
+    def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
+        return distribute_module(module, device_mesh, self._partition, self._prepare_input,
+                                 self._prepare_output)
+
+
 def check_tp_divisible(num_heads: int, mlp_hidden: int, tp: int) -> None:
     """validate()'s rule (config.parallel.layout_problems), for direct use of apply_tp."""
     problems = layout_problems(heads=num_heads, mlp_width=mlp_hidden, depth=1, tp=tp)
@@ -68,14 +90,19 @@ def check_tp_divisible(num_heads: int, mlp_hidden: int, tp: int) -> None:
         raise ValueError(f"tensor parallel: {problems[0]}")
 
 
-def block_plan(sequence_parallel: bool, qk_norm: bool) -> dict[str, ParallelStyle]:
-    """TP plan of one DiTBlock; the residual stream is Shard(1) (SP) or Replicate between styles."""
+def block_plan(sequence_parallel: bool, qk_norm: bool, arch: str = "dit") -> dict[str, ParallelStyle]:
+    """TP plan of one block (DiTBlock, or WanBlock for arch "wan": same submodule names but its
+    modulation is a table and its q/k norms span all heads); the residual stream is Shard(1)
+    (SP) or Replicate between styles."""
     sp = sequence_parallel
     seq = Shard(1) if sp else Replicate()
-    head_norm = partial(ReplicateCompute, input_layout=Shard(2))  # (B, S, heads, head_dim)
+    if arch == "wan":
+        head_norm = ShardedAcrossHeadsNorm  # (B, S, D/tp): the norm spans every head
+    else:
+        head_norm = partial(ReplicateCompute, input_layout=Shard(2))  # (B, S, heads, head_dim)
     plan: dict[str, ParallelStyle] = {
         # c_BD is replicated; under SP its shift/scale/gate multiply token shards.
-        "adaLN_modulation": ReplicateCompute(grad_partial=sp),
+        ("modulation" if arch == "wan" else "adaLN_modulation"): ReplicateCompute(grad_partial=sp),
         "norm_cross": SequenceParallel(use_local_output=True) if sp else ReplicateCompute(),
         # args (x, rope, token_mask): gather tokens once; RoPE and mask cover the whole
         # (CP-local) sequence already because attention runs on all of it.
@@ -139,21 +166,24 @@ def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool) -> nn.Module:
     """Shard a VideoDiT over `tp_mesh` in place. The embed/head seams (local direct params,
     moving tokens between the full sequence and SP/CP shards) are installed by sequence.apply_sequence_sharding."""
     a = model.args
-    check_tp_divisible(a.num_heads, int(a.hidden_size * a.mlp_ratio), tp_mesh.size())
+    check_tp_divisible(a.num_heads, a.mlp_width, tp_mesh.size())
     check_tp_linears(model)
     # Root modules run on the full, replicated sequence (the head after the SP gather).
     root = {
         "x_embedder.proj": ReplicateCompute(),
         "t_embedder.mlp": ReplicateCompute(),
         "y_embedder": ReplicateCompute(),
-        "final_layer.adaLN_modulation": ReplicateCompute(),
         "final_layer.linear": ReplicateCompute(),
     }
+    if a.arch == "wan":
+        root.update({"t_embedder.proj": ReplicateCompute(), "final_layer.modulation": ReplicateCompute()})
+    else:
+        root["final_layer.adaLN_modulation"] = ReplicateCompute()
     # Pipeline stages keep only some of these (the rest are None).
     present = {k: v for k, v in root.items() if getattr(model, k.split(".")[0], None) is not None}
     parallelize_module(model, tp_mesh, present)
     replicate_direct_params(model, tp_mesh)
-    plan = block_plan(sequence_parallel, a.qk_norm)
+    plan = block_plan(sequence_parallel, a.qk_norm, a.arch)
     for blk in model.blocks.values():
         parallelize_module(blk, tp_mesh, plan)
     return model

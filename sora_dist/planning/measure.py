@@ -12,6 +12,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from sora_dist.config.model import DiTArgs
+from sora_dist.models import model_class
 from sora_dist.models.dit import VideoDiT
 from sora_dist.parallel.activation_checkpoint import apply_activation_checkpointing
 from sora_dist.parallel.rng import build_rng_tracker
@@ -94,6 +95,6 @@ def tiny_inputs(m: DiTArgs, grid_thw: tuple[int, int, int], batch: int, text_len
 
 def build_model(m: DiTArgs, recompute: str = "none") -> VideoDiT:
     """The real VideoDiT for `m`, with the trainer's activation checkpointing."""
-    model = VideoDiT(m)
+    model = model_class(m)(m)
     apply_activation_checkpointing(model, recompute, build_rng_tracker(0, 0, 0, "cpu"))
     return model

@@ -20,7 +20,8 @@ from sora_dist.console import quiet_third_party, setup_console
 from sora_dist.data import build_loader
 from sora_dist.diffusion import build_diffusion
 from sora_dist.fsutil import atomic_write_text
-from sora_dist.models.dit import build_dit, count_params
+from sora_dist.models import build_model
+from sora_dist.models.dit import count_params
 from sora_dist.models.fp8 import apply_fp8
 from sora_dist.parallel.device import init_distributed, memory_stats, peak_tflops
 from sora_dist.parallel.dims import ParallelDims
@@ -77,9 +78,9 @@ class Trainer:
         torch.manual_seed(t.seed)
         if t.meta_init:  # shapes only; parallelize allocates and initialises the shards
             with torch.device("meta"):
-                model = build_dit(cfg.model)
+                model = build_model(cfg.model)
         else:
-            model = build_dit(cfg.model).to(self.device)
+            model = build_model(cfg.model).to(self.device)
         apply_fp8(model, cfg, self.device)  # model.fp8_linears / fp8_attention; before any sharding (torchtitan order)
         self.n_params = count_params(model)
         self.model_args = model.args  # its dimensions answer the FLOPs of a step (MFU)

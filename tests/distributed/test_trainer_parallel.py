@@ -170,6 +170,29 @@ def _pp_worker(rank, world, run_dir, parallel):
     return train(cfg, params=True)
 
 
+def wan_cfg(run_dir, **parallel):
+    """A tiny WanDiT trained the Wan way: flow matching with a timestep shift."""
+    c = make_cfg(run_dir, **parallel)
+    c.model.arch, c.model.depth, c.model.ffn_dim = "wan", 4, 48
+    c.diffusion.objective, c.diffusion.sampler, c.diffusion.shift = "flow", "euler", 3.0
+    return c
+
+
+def _wan_worker(rank, world, run_dir, parallel):
+    return train(wan_cfg(run_dir, **parallel), params=True)
+
+
+@pytest.mark.parametrize("world, parallel", [
+    (2, {"pp": 2, "pp_schedule": "1f1b", "pp_microbatches": 2}),
+    (4, {"tp": 2, "sequence_parallel": True, "cp": 2, "cp_mode": "ring"}),
+], ids=["pp2_1f1b", "tp2_sp_cp2_ring"])
+def test_trainer_wan_matches_single_process(tmp_path, world, parallel):
+    ref, ref_params, init = train(wan_cfg(tmp_path / "ref"), params="init")
+    got, got_params = run_distributed(_wan_worker, world, str(tmp_path / "par"), parallel)
+    close(got, ref)
+    params_close(got_params, ref_params, init)
+
+
 def _pp_stop_worker(rank, world, run_dir, parallel, stop_at):
     cfg = make_cfg(run_dir, **parallel)
     cfg.model.depth = 4
