@@ -7,6 +7,7 @@ and rerun the same command: finished shards are kept, the rest is redone.
 
   sora-encode input=/data/clips output=/data/shards vae_path=/models/wan_vae \
       text_encoder_path=/models/t5 'resolutions=[[256,256]]' 'frames=[1,17]'
+  sora-encode ... text_encoder_path=/models/Wan2.1-T2V-1.3B-Diffusers/text_encoder   # umT5, Wan layout
   torchrun --nproc_per_node 8 -m sora_dist.encode ...   # or srun, one task per GPU
 """
 from __future__ import annotations
