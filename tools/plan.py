@@ -2,7 +2,13 @@
 
     python tools/plan.py --flavor 7B --tokens 460000 --gpus 64 --mem-gib 80
     python tools/plan.py --hidden 3072 --depth 34 --heads 24 --tokens 460000 --gpus 64 --attn-dtype fp8
+    python tools/plan.py --flavor wan2.1-14b --frames 81 --height 720 --width 1280 --gpus 8 --mem-gib 80
     python tools/plan.py --calibrate        # planner vs measured saved bytes of tiny real models (CPU)
+
+Wan flavors (wan2.1-1.3b, wan2.1-14b, wan2.2-5b, wan2.2-a14b: one expert) plan full fine-tuning of
+the released weights; their inputs default to Wan's (umT5 4096 x 512 caption tokens, the flavor's
+latent channels). --frames/--height/--width give the token count through the VAE's compression
+(Wan2.1 VAE 4x8x8, Wan2.2's 48-channel VAE 4x16x16) and the patch.
 
 Enumerates tp x cp x pp x dp = gpus with recompute none/op/selective/full (FSDP2 over dp*cp),
 rejects layouts that break divisibility or do not fit with --headroom, prints the fitting ones
@@ -27,12 +33,19 @@ def parse_args(argv=None):
     m.add_argument("--hidden", type=int)
     m.add_argument("--depth", type=int)
     m.add_argument("--heads", type=int)
-    m.add_argument("--mlp-ratio", type=float, default=4.0)
-    m.add_argument("--text-dim", type=int, default=P.T5_XXL_DIM, help="text encoder width (T5-XXL 4096)")
-    m.add_argument("--text-len", type=int, default=P.CAPTION_TOKENS, help="caption tokens per sample")
-    m.add_argument("--in-channels", type=int, default=P.LATENT_CHANNELS, help="VAE latent channels")
+    m.add_argument("--mlp-ratio", type=float, help="MLP width / hidden (default: the flavor's, 4)")
+    m.add_argument("--text-dim", type=int, help="text encoder width (default: T5-XXL/umT5 4096)")
+    m.add_argument("--text-len", type=int,
+                   help=f"caption tokens per sample (default {P.CAPTION_TOKENS}; Wan flavors 512)")
+    m.add_argument("--in-channels", type=int,
+                   help=f"VAE latent channels (default {P.LATENT_CHANNELS}; the Wan flavor's)")
     w = ap.add_argument_group("workload and machine")
     w.add_argument("--tokens", type=int, default=460_000, help="video tokens per sample")
+    w.add_argument("--frames", type=int, help="video frames (with --height/--width: sets --tokens)")
+    w.add_argument("--height", type=int)
+    w.add_argument("--width", type=int)
+    w.add_argument("--vae-stride", type=str, default=None,
+                   help="VAE compression t,h,w (default 4,8,8; wan2.2-5b 4,16,16)")
     w.add_argument("--micro-batch", type=int, default=1, help="samples per microbatch")
     w.add_argument("--microbatches", type=int, default=None,
                    help="microbatches per step with PP (default 2*pp; 1 without PP)")
@@ -126,12 +139,23 @@ def main(argv=None) -> int:
         return calibrate()
     m = P.flavor_model(a.flavor, hidden_size=a.hidden, depth=a.depth, num_heads=a.heads,
                        mlp_ratio=a.mlp_ratio, text_dim=a.text_dim, in_channels=a.in_channels)
+    if a.text_len is None:
+        a.text_len = P.WAN_TEXT_TOKENS if m.arch == "wan" else P.CAPTION_TOKENS
+    if a.frames is not None or a.height is not None or a.width is not None:
+        if None in (a.frames, a.height, a.width):
+            print("--frames, --height and --width go together", file=sys.stderr)
+            return 2
+        stride = (tuple(int(x) for x in a.vae_stride.split(",")) if a.vae_stride
+                  else P.vae_stride(a.flavor))
+        a.tokens = P.video_tokens(m, a.frames, a.height, a.width, stride)
+        print(f"video {a.frames} frames x {a.height}x{a.width} -> VAE {stride} -> patch "
+              f"{tuple(m.patch_size)}: {a.tokens:,} tokens")
     hw = P.Hardware(a.gpus, a.mem_gib, a.peak_tflops, a.peak_tflops_fp8, a.mfu, a.gpus_per_node,
                     a.reserve_gib, a.headroom)
     plans = P.plan_all(m, hw, a.tokens, a.micro_batch, a.attn_dtype, a.microbatches, not a.no_ema,
                        a.cp_mode, a.text_len)
     f = m.forward_flops(a.tokens, a.text_len)
-    print(f"model: hidden {m.hidden_size}, depth {m.depth}, heads {m.num_heads} (head dim "
+    print(f"model: {m.arch} ({a.flavor}), hidden {m.hidden_size}, depth {m.depth}, heads {m.num_heads} (head dim "
           f"{m.head_dim}), mlp {m.mlp_width}, text {a.text_len}x{m.text_dim}: "
           f"{m.num_params() / 1e9:.2f} B params")
     print(f"per sample of {a.tokens:,} tokens: forward {f.total / 1e15:.2f} PFLOP, attention "

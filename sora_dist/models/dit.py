@@ -124,7 +124,7 @@ class DiTBlock(nn.Module):
         self.norm_cross = nn.LayerNorm(D, eps=1e-6)
         self.cross_attn = CrossAttention(D, a.num_heads, a.qk_norm, a.attention_backend, a.sdpa_kernel)
         self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
-        self.mlp = MLP(D, int(D * a.mlp_ratio), a.dropout)
+        self.mlp = MLP(D, a.mlp_width, a.dropout)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
 
     def forward(self, x_BSD: torch.Tensor, cond: Conditioning) -> torch.Tensor:

@@ -14,8 +14,8 @@ from sora_dist.config.model import DiTArgs, Flops
 from sora_dist.planning.flops import RECOMPUTES, recomputed_fraction, step_flops
 from sora_dist.planning.layouts import (
     CAPTION_TOKENS, GPUS_PER_NODE, LATENT_CHANNELS, PLANNER_CP_MODES, T5_XXL_DIM, GiB, Hardware, Layout, Plan,
-    candidate_layouts, check_layout, cp_attention_mode, estimate, flavor_model, plan_all,
-    recommend,
+    WAN_TEXT_TOKENS, candidate_layouts, check_layout, cp_attention_mode, estimate, flavor_model, plan_all,
+    recommend, vae_stride, video_tokens,
 )
 from sora_dist.planning.memory import (
     PRECISIONS, BlockActs, Precision, backward_working_bytes, block_activations,
@@ -28,7 +28,7 @@ __all__ = [
     "BlockActs", "DiTArgs", "Flops", "GiB", "Hardware", "Layout", "Plan", "Precision",
     "backward_working_bytes", "block_activations", "candidate_layouts", "check_layout",
     "checkpoint_input_bytes", "cp_attention_mode", "estimate", "estimate_saved_bytes",
-    "flavor_model", "outer_activations", "plan_all", "recommend", "recompute_transient_bytes",
+    "WAN_TEXT_TOKENS", "flavor_model", "outer_activations", "vae_stride", "video_tokens", "plan_all", "recommend", "recompute_transient_bytes",
     "recomputed_fraction", "sac_block_bytes", "saved_bytes_parts", "saved_bytes_per_microbatch",
     "step_flops",
 ]

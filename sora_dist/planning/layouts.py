@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
-from sora_dist.config.model import DiTArgs, shape_problems
+from sora_dist.config.model import FLAVORS, DiTArgs, shape_problems
 from sora_dist.config.parallel import layout_problems
 from sora_dist.planning.flops import RECOMPUTES, step_flops
 from sora_dist.planning.memory import (
@@ -35,12 +35,32 @@ CAPTION_TOKENS = 300
 LATENT_CHANNELS = 16
 
 
+# Wan's captions: umT5-XXL, padded to 512 tokens.
+WAN_TEXT_TOKENS = 512
+
+
 def flavor_model(flavor: str, **fields) -> DiTArgs:
-    """DiTArgs of a FLAVORS size with production inputs (T5-XXL text, 16 latent channels);
-    `fields` that are not None override either."""
+    """DiTArgs of a FLAVORS size with production inputs (T5-XXL text, 16 latent channels; a
+    Wan flavor's own inputs); `fields` that are not None override either."""
     given = {k: v for k, v in fields.items() if v is not None}
-    return DiTArgs.from_flavor(flavor, **{"text_dim": T5_XXL_DIM, "in_channels": LATENT_CHANNELS,
-                                          **given})
+    production = {} if FLAVORS.get(flavor, {}).get("arch") == "wan" else {
+        "text_dim": T5_XXL_DIM, "in_channels": LATENT_CHANNELS}
+    return DiTArgs.from_flavor(flavor, **{**production, **given})
+
+
+def vae_stride(flavor: str) -> tuple[int, int, int]:
+    """Pixels per latent (t, h, w) of the VAE a flavor is paired with: Wan2.2-TI2V-5B's VAE
+    compresses 4x16x16, the Wan2.1 VAE (and CogVideoX-like ones) 4x8x8."""
+    return (4, 16, 16) if flavor == "wan2.2-5b" else (4, 8, 8)
+
+
+def video_tokens(m: DiTArgs, frames: int, height: int, width: int, stride=(4, 8, 8)) -> int:
+    """Tokens of one clip: causal VAE latents (1 + (frames-1)/st frames), then the patch (padded
+    up, as PatchEmbed3D does)."""
+    st, sh, sw = stride
+    T, H, W = 1 + (frames - 1) // st, -(-height // sh), -(-width // sw)
+    pt, ph, pw = m.patch_size
+    return -(-T // pt) * -(-H // ph) * -(-W // pw)
 
 
 @dataclass(frozen=True)

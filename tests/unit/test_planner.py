@@ -25,6 +25,11 @@ TINY = [
     (dit(64, 2, 4, text_dim=32, qk_norm=False), 16, (4, 16, 16), 1),
     (dit(32, 4, 2, text_dim=16, mlp_ratio=2.0), 5, (2, 12, 12), 3),
 ]
+# WanDiT (model.arch=wan): counted by the same DiTArgs, checked the same way.
+WAN_TINY = [
+    (dit(48, 2, 4, text_dim=24, arch="wan", ffn_dim=72), 7, (3, 8, 10), 2),
+    (dit(64, 1, 2, text_dim=16, arch="wan", ffn_dim=96, in_channels=12), 9, (2, 6, 8), 1),
+]
 KERNELS = {"flash": SDPBackend.FLASH_ATTENTION, "math": SDPBackend.MATH}
 
 
@@ -87,9 +92,16 @@ def test_param_count_matches_model(case):
     assert m.num_params() == count_params(build_model(m))
 
 
-@pytest.mark.parametrize("case, recompute", [(1, "none"), (0, "full"), (4, "selective")])
+@pytest.mark.parametrize("case", range(len(WAN_TINY)))
+def test_wan_param_count_matches_model(case):
+    m = WAN_TINY[case][0]
+    assert m.num_params() == count_params(build_model(m))
+
+
+@pytest.mark.parametrize("case, recompute", [(1, "none"), (0, "full"), (4, "selective"), ("wan0", "none"),
+                                             ("wan1", "full")])
 def test_flops_match_flop_counter(case, recompute):
-    m, L, grid, b = TINY[case]
+    m, L, grid, b = WAN_TINY[int(case[3:])] if isinstance(case, str) else TINY[case]
     model = build_model(m, recompute)
     inputs = tiny_inputs(m, grid, b, L)
     with sdpa_kernel([SDPBackend.MATH]):  # FlopCounterMode counts the math path's bmms
@@ -100,8 +112,10 @@ def test_flops_match_flop_counter(case, recompute):
     S = _seq(m, grid)
     assert m.forward_flops(S, L, b).total == fwd.get_total_flops()
     model_f, exec_f = P.step_flops(m, S, L, b, recompute)
-    # Backward = 2x forward except where inputs need no grad (patch conv, caption/time MLP).
-    assert exec_f.total == pytest.approx(fwd.get_total_flops() + bwd.get_total_flops(), rel=0.01)
+    # Backward = 2x forward except where inputs need no grad (patch conv, caption/time MLP):
+    # a larger share of these tiny models' FLOPs for Wan's 48-channel-like patch embed.
+    tol = 0.03 if isinstance(case, str) else 0.01
+    assert exec_f.total == pytest.approx(fwd.get_total_flops() + bwd.get_total_flops(), rel=tol)
     assert model_f.total == 3 * m.forward_flops(S, L, b).total
     # The trainer's MFU numerator: the same model FLOPs, per sample.
     assert model_f.total == b * m.flops_per_sample(S, L)
@@ -243,6 +257,41 @@ def test_plan_cli_prints_a_recommendation(capsys):
     out = capsys.readouterr().out
     assert "recommended: tp=" in out and "fits" in out
     assert main(["--flavor", "30B", "--tokens", "2000000", "--gpus", "8", "--mem-gib", "24"]) == 1
+
+
+def test_plan_wan_14b_720p_full_finetune_on_8x80(capsys):
+    """Wan2.1-14B, 81 frames at 720p (21x90x160 latents -> 75,600 tokens), full fine-tuning on one
+    8x80 GB node: a layout that fits, and one that validate() accepts for the real config."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[2] / "tools" / "plan.py"
+    spec = importlib.util.spec_from_file_location("plan_cli", path)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    assert cli.main(["--flavor", "wan2.1-14b", "--frames", "81", "--height", "720", "--width", "1280",
+                     "--gpus", "8", "--mem-gib", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "75,600 tokens" in out and "14.29 B params" in out and "text 512x4096" in out
+    m = P.flavor_model("wan2.1-14b")
+    assert P.video_tokens(m, 81, 720, 1280) == 75_600
+    assert P.video_tokens(P.flavor_model("wan2.2-5b"), 121, 704, 1280, P.vae_stride("wan2.2-5b")) == 31 * 22 * 40
+    best = P.recommend(P.plan_all(m, P.Hardware(8, 80.0), 75_600, 1, "bf16", None, True, "auto", 512))
+    assert best is not None and best.total_gib <= 80 * 0.9
+    lay = best.layout
+    cfg = JobConfig()
+    cfg.model.flavor, cfg.model.arch = "wan2.1-14b", "wan"
+    cfg.model.in_channels, cfg.model.text_dim, cfg.model.patch_size = 16, 4096, [1, 2, 2]
+    cfg.parallel.tp, cfg.parallel.cp, cfg.parallel.pp, cfg.parallel.dp = lay.tp, lay.cp, lay.pp, lay.dp
+    cfg.parallel.cp_mode = lay.cp_mode
+    validate(cfg, world_size=8)
+    assert main_tokens_460k(cli, capsys)
+
+
+def main_tokens_460k(cli, capsys) -> bool:
+    """The minute-long case for the same model: 460k tokens on 64 GPUs."""
+    rc = cli.main(["--flavor", "wan2.1-14b", "--tokens", "460000", "--gpus", "64", "--mem-gib", "80"])
+    return rc == 0 and "recommended: tp=" in capsys.readouterr().out
 
 
 # ---- parallel layouts: per-rank saved bytes of the real parallelized model (2 gloo ranks) ----
