@@ -61,6 +61,12 @@ def validate(cfg, world_size: Optional[int] = None) -> None:
         _check(os.path.isfile(os.path.join(m.init_from, "config.json")),
                f"model.init_from={m.init_from!r} has no config.json; point it at a diffusers transformer "
                f"folder (e.g. /models/Wan2.1-T2V-1.3B-Diffusers/transformer)")
+        _check(not cfg.train.init_from,
+               f"model.init_from (diffusers weights) and train.init_from={cfg.train.init_from!r} (a run's "
+               f"checkpoint) both set the initial weights; keep one")
+        # Config, files, headers (truncation) and every key/shape, read from headers only.
+        from sora_dist.models.wan_weights import init_from_problems
+        _check_none(init_from_problems(m.init_from, args))
     _check(m.sdpa_kernel in SDPA_KERNELS,
            f"model.sdpa_kernel={m.sdpa_kernel!r}: use {either(SDPA_KERNELS)}")
     _check(m.attention_backend in ATTENTION_BACKENDS,

@@ -23,11 +23,12 @@ from sora_dist.fsutil import atomic_write_text
 from sora_dist.models import build_model
 from sora_dist.models.dit import count_params
 from sora_dist.models.fp8 import apply_fp8
+from sora_dist.models.wan_weights import load_diffusers_weights
 from sora_dist.parallel.device import init_distributed, memory_stats, peak_tflops
 from sora_dist.parallel.dims import ParallelDims
 from sora_dist.parallel.parallelize import parallelize
 from sora_dist.parallel.rng import seed_step
-from sora_dist.training.checkpoint import CheckpointManager, TrainState
+from sora_dist.training.checkpoint import CheckpointManager, TrainState, latest
 from sora_dist.training.metrics import MetricLogger
 from sora_dist.training.optim import EMA, build_optimizer, set_lr
 from sora_dist.training.sampling import SampleLogger
@@ -88,11 +89,18 @@ class Trainer:
         # TP/CP/recompute/compile/FSDP for any world size; under PP this rank's stages.
         self.parallel = parallelize(model, self.pdims, cfg, self.device, self.diffusion.loss)
         self.model = self.parallel.model
+        ckpt_dir = os.path.join(self.run_dir, "checkpoints")
+        if cfg.model.init_from and not (t.resume and latest(ckpt_dir) is not None):
+            # Released weights into this rank's shards (a resumed run's checkpoint wins); before
+            # the EMA copies the weights and before any optimizer state exists.
+            got = load_diffusers_weights(self.model, cfg.model.init_from)
+            log.info("model.init_from %s: %d tensors, %.1f of %.1f MB read by this rank", cfg.model.init_from,
+                     got["tensors"], got["bytes_read"] / 2**20, got["bytes_total"] / 2**20)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.ema = EMA(self.model, t.ema_decay) if t.ema_decay > 0 else None
         self.loader = build_loader(cfg.data, cfg.model, self.dp_rank, self.dp_size)
         self.state = TrainState()
-        self.checkpoint = CheckpointManager(os.path.join(self.run_dir, "checkpoints"), self.model,
+        self.checkpoint = CheckpointManager(ckpt_dir, self.model,
                                             self.optimizer, self.ema, self.loader, self.state,
                                             self.dp_rank, self.dp_size, t.ckpt_keep, t.async_checkpoint)
         self.nonfinite_streak = 0
