@@ -112,7 +112,7 @@ class RectifiedFlow(Objective):
                guidance_scale: float = 1.0, generator: Optional[torch.Generator] = None,
                cond_latent=None, cond_frames_mask_T=None, eta: float = 0.0, progress: bool = False,
                model_2=None, boundary_ratio: Optional[float] = None,
-               guidance_scale_2: Optional[float] = None):
+               guidance_scale_2: Optional[float] = None, clean_cond_frames: bool = False):
         """Euler over `sigmas(steps)`: x <- x + (sigma_next - sigma) v(x, sigma * 1000), which is
         diffusers' FlowMatchEulerDiscreteScheduler.step fed its `timesteps`.
 
@@ -120,7 +120,13 @@ class RectifiedFlow(Objective):
         pass the low-noise model as `model_2` and `boundary_ratio` (0.875 for T2V). A step whose
         fed timestep t = sigma * 1000 has t >= boundary_ratio * 1000 runs `model` (high noise)
         with `guidance_scale`; the others run `model_2` with `guidance_scale_2` (default: the
-        same as guidance_scale). Comparison in float32, as WanPipeline compares its timesteps."""
+        same as guidance_scale). Comparison in float32, as WanPipeline compares its timesteps.
+
+        Conditioning frames (cond_latent where cond_frames_mask_T): by default they are reset
+        every step to the condition noised to the current sigma, under one timestep per sample.
+        clean_cond_frames=True is Wan2.2 TI2V's convention (diffusers' WanImageToVideoPipeline
+        with expand_timesteps): they stay clean and the model gets one timestep per latent frame,
+        0 on the conditioning frames (the model must take (B, T) timesteps: WanDiT)."""
         check_cond(noise, cond_latent, cond_frames_mask_T)
         if sampler not in SAMPLERS["flow"]:
             raise ValueError(f"sampler {sampler!r} does not fit rectified flow; use one of {SAMPLERS['flow']}")
@@ -136,9 +142,14 @@ class RectifiedFlow(Objective):
         x = noise
         for i in progress_iter(range(len(timesteps)), progress, "euler"):
             t_now, t_next = float(sigmas[i]), float(sigmas[i + 1])
-            x = self.fix_frames(x, cond_latent, cond_frames_mask_T,
-                                lambda c: (1 - t_now) * c + t_now * noise)
-            t = torch.full((x.shape[0],), float(timesteps[i]), device=x.device)
+            if clean_cond_frames and cond_latent is not None:
+                x = self.fix_frames(x, cond_latent, cond_frames_mask_T)
+                t = torch.full(x.shape[:1] + x.shape[2:3], float(timesteps[i]), device=x.device)
+                t[:, cond_frames_mask_T.to(x.device).bool()] = 0.0
+            else:
+                x = self.fix_frames(x, cond_latent, cond_frames_mask_T,
+                                    lambda c: (1 - t_now) * c + t_now * noise)
+                t = torch.full((x.shape[0],), float(timesteps[i]), device=x.device)
             high = model_2 is None or bool(timesteps[i] >= boundary_ratio * self.time_scale)
             v = (v_high if high else v_low)(x, t, text, text_mask)
             x = x + (t_next - t_now) * v.to(x.dtype)

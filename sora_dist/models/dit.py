@@ -36,6 +36,12 @@ class Conditioning:
     token_mask_BS: Optional[torch.Tensor] = None  # True = real video token (None: all real)
     grid: tuple[int, int, int] = (1, 1, 1)       # patch grid (T', H', W') before any padding
     shape_THW: tuple[int, int, int] = (1, 1, 1)  # latent T/H/W before patch padding
+    # When c_BD is a table of rows per sample (B, K, ...) rather than one vector (WanDiT with
+    # per-frame timesteps): each token's row, for the residual-stream tokens this rank holds
+    # (`rows_S`) and for the tokens the head sees (`head_rows_S`: under SP the head runs on the
+    # whole CP chunk). None: c_BD is per sample (models/modulation.py).
+    rows_S: Optional[torch.Tensor] = None
+    head_rows_S: Optional[torch.Tensor] = None
 
     def with_(self, **kw) -> "Conditioning":
         return replace(self, **kw)
@@ -236,8 +242,12 @@ class VideoDiT(nn.Module):
         )
         return tokens_BSD, cond
 
+    def final(self, tokens_BSD: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The final layer on tokens (the sequence seam runs it on this rank's CP chunk)."""
+        return self.final_layer(tokens_BSD, cond.c_BD)
+
     def head(self, tokens_BSD: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        return self.to_latents(self.final_layer(tokens_BSD, cond.c_BD), cond)
+        return self.to_latents(self.final(tokens_BSD, cond), cond)
 
     def to_latents(self, out_BSP: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """Final-layer tokens (B, S, pt*ph*pw*C) -> latents (B, C, T, H, W), padding cropped."""

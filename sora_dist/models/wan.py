@@ -34,6 +34,7 @@ from sora_dist.config.model import DiTArgs
 from sora_dist.models.attention import CoreAttention
 from sora_dist.models.dit import MLP, Conditioning, RMSNorm
 from sora_dist.models.embeddings import PatchEmbed3D, TimestepEmbedder, apply_rope, build_rope_3d, unpatchify
+from sora_dist.models.modulation import gated_add, modulate
 
 EPS = 1e-6  # every Wan norm
 
@@ -97,6 +98,7 @@ class Modulation(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.randn(1, rows, dim) / dim**0.5)
 
     def forward(self, e_BRD: torch.Tensor) -> torch.Tensor:
+        """(B, rows, D) or per frame (B, K, rows, D) -> the same shape, fp32."""
         return self.scale_shift_table.float() + e_BRD.float()
 
 
@@ -114,15 +116,17 @@ class WanBlock(nn.Module):
 
     def forward(self, x_BSD: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         x_BSD = x_BSD.contiguous()  # see DiTBlock.forward: the first block gets a strided view
+        # Each (B, D) fp32, or (B, K, D) with cond.rows_S naming each token's row (per frame).
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-            self.modulation(cond.c_BD[:, :6]).unbind(1))  # each (B, D), fp32
-        h = (self.norm1(x_BSD.float()) * (1 + scale_msa[:, None]) + shift_msa[:, None]).type_as(x_BSD)
+            self.modulation(cond.c_BD[..., :6, :]).unbind(-2))
+        rows = cond.rows_S
+        h = modulate(self.norm1(x_BSD.float()), shift_msa, scale_msa, rows).type_as(x_BSD)
         a = self.attn(h, cond.rope_SP2, cond.token_mask_BS)
-        x_BSD = (x_BSD.float() + a * gate_msa[:, None]).type_as(x_BSD)
+        x_BSD = gated_add(x_BSD.float(), a.float(), gate_msa, rows).type_as(x_BSD)
         h = self.norm_cross(x_BSD)
         x_BSD = x_BSD + self.cross_attn(h, cond.text_BLD, cond.text_mask_BL)
-        h = (self.norm2(x_BSD.float()) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]).type_as(x_BSD)
-        return (x_BSD.float() + self.mlp(h).float() * gate_mlp[:, None]).type_as(x_BSD)
+        h = modulate(self.norm2(x_BSD.float()), shift_mlp, scale_mlp, rows).type_as(x_BSD)
+        return gated_add(x_BSD.float(), self.mlp(h).float(), gate_mlp, rows).type_as(x_BSD)
 
 
 class WanTimeEmbedder(TimestepEmbedder):
@@ -147,9 +151,10 @@ class WanHead(nn.Module):
         self.linear = nn.Linear(D, a.patch_volume * a.in_channels)
         self.modulation = Modulation(D, rows=2)
 
-    def forward(self, x_BSD: torch.Tensor, c_B7D: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.modulation(c_B7D[:, 6:7]).unbind(1)  # table (1, 2, D) + temb (B, 1, D)
-        h = (self.norm(x_BSD.float()) * (1 + scale[:, None]) + shift[:, None]).type_as(x_BSD)
+    def forward(self, x_BSD: torch.Tensor, c_B7D: torch.Tensor, rows_S: Optional[torch.Tensor] = None):
+        # table (1, 2, D) + temb (B, 1, D) [or per frame (B, K, 1, D)] -> shift, scale
+        shift, scale = self.modulation(c_B7D[..., 6:7, :]).unbind(-2)
+        h = modulate(self.norm(x_BSD.float()), shift, scale, rows_S).type_as(x_BSD)
         return self.linear(h)
 
 
@@ -176,6 +181,12 @@ def init_wan_weights(module: nn.Module, zero_init: bool = True) -> None:
     if zero_init and getattr(module, "final_layer", None) is not None:
         nn.init.zeros_(module.final_layer.linear.weight)
         nn.init.zeros_(module.final_layer.linear.bias)
+
+
+def frame_rows(grid: tuple[int, int, int], device=None) -> torch.Tensor:
+    """Latent frame of each token in (t, h, w) raster order: its row in a per-frame table."""
+    T, H, W = grid
+    return torch.arange(T, device=device).repeat_interleave(H * W)
 
 
 class WanDiT(nn.Module):
@@ -207,24 +218,40 @@ class WanDiT(nn.Module):
         text_mask_BL: torch.Tensor, drop_text_B: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, Conditioning]:
         """Patchify and build the conditioning. Caption rows past the mask, and the whole
-        caption of samples in drop_text_B, are zeroed (Wan's padding and empty caption)."""
+        caption of samples in drop_text_B, are zeroed (Wan's padding and empty caption).
+        t_B is one timestep per sample (B,), or one per latent frame (B, T): Wan2.2 TI2V gives
+        the clean conditioning frame t=0 (diffusers' per-token `timestep` of shape (B, S), which
+        is constant over each frame's tokens)."""
         tokens_BSD, grid = self.x_embedder(x_BCTHW)
+        rows_S = None
+        if t_B.ndim == 2:
+            if t_B.shape[1] != x_BCTHW.shape[2] or self.args.patch_size[0] != 1:
+                raise ValueError(f"per-frame timesteps {tuple(t_B.shape)} need one per latent frame "
+                                 f"(T={x_BCTHW.shape[2]}) and a temporal patch of 1 "
+                                 f"(model.patch_size={list(self.args.patch_size)})")
+            rows_S = frame_rows(grid, tokens_BSD.device)
         keep_BL = text_mask_BL.bool()
         if drop_text_B is not None:
             keep_BL = keep_BL & ~drop_text_B.bool()[:, None]
         text_BLD = text_BLD * keep_BL[..., None].to(text_BLD.dtype)
+        c = self.t_embedder(t_B.reshape(-1)).unflatten(0, t_B.shape)  # (B, 7, D) or (B, T, 7, D)
         cond = Conditioning(
-            c_BD=self.t_embedder(t_B),
+            c_BD=c,
             text_BLD=self.y_embedder(text_BLD),
             text_mask_BL=torch.ones_like(keep_BL),  # every row is attended (see module docstring)
             rope_SP2=build_rope_3d(grid, self.args.head_dim, tokens_BSD.device),
             grid=grid,
             shape_THW=tuple(x_BCTHW.shape[-3:]),
+            rows_S=rows_S,
+            head_rows_S=rows_S,
         )
         return tokens_BSD, cond
 
+    def final(self, tokens_BSD: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        return self.final_layer(tokens_BSD, cond.c_BD, cond.head_rows_S)
+
     def head(self, tokens_BSD: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        return self.to_latents(self.final_layer(tokens_BSD, cond.c_BD), cond)
+        return self.to_latents(self.final(tokens_BSD, cond), cond)
 
     def to_latents(self, out_BSP: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         return unpatchify(out_BSP, cond.grid, self.args.patch_size, self.args.in_channels, cond.shape_THW)

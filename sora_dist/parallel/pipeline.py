@@ -24,6 +24,7 @@ from torch.distributed import pipelining
 from sora_dist.config.parallel import PP_ONE_STAGE_SCHEDULES, PP_SCHEDULES, layout_problems, pp_virtual_stages
 from sora_dist.models.dit import Conditioning, VideoDiT
 from sora_dist.models.embeddings import build_rope_3d
+from sora_dist.models.wan import frame_rows
 
 # torch's schedule class for each parallel.pp_schedule; the first two run one stage per rank.
 SCHEDULE_CLASSES = {"gpipe": pipelining.ScheduleGPipe, "1f1b": pipelining.Schedule1F1B,
@@ -66,8 +67,8 @@ class DiTStage(nn.Module):
         # attributes, so parallelize's sequence sharding wraps them as it wraps a whole model's.
         cls = type(model)
         self._init_part = cls.init_part
-        self.embed, self.head, self.to_latents = (cls.embed.__get__(self), cls.head.__get__(self),
-                                                  cls.to_latents.__get__(self))
+        self.embed, self.final, self.head, self.to_latents = (
+            cls.embed.__get__(self), cls.final.__get__(self), cls.head.__get__(self), cls.to_latents.__get__(self))
         self.blocks = nn.ModuleDict({str(i): model.blocks[str(i)] for i in block_ids})
         if is_first:
             self.x_embedder, self.t_embedder, self.y_embedder = model.x_embedder, model.t_embedder, model.y_embedder
@@ -88,8 +89,11 @@ class DiTStage(nn.Module):
 
     def _cond_from_wire(self, c, text_emb, text_mask) -> Conditioning:
         rope = build_rope_3d(self.grid, self.args.head_dim, c.device)
+        # A per-frame table (B, T, 7, D) (WanDiT's per-frame timesteps) comes with its token rows,
+        # which depend on the grid alone.
+        rows = frame_rows(self.grid, c.device) if c.ndim == 4 else None
         cond = Conditioning(c_BD=c, text_BLD=text_emb, text_mask_BL=text_mask.bool(), rope_SP2=rope,
-                            grid=self.grid, shape_THW=self.shape_THW)
+                            grid=self.grid, shape_THW=self.shape_THW, rows_S=rows, head_rows_S=rows)
         if self.seq is not None:
             # The received tokens are this rank's SP/CP shard: give RoPE and the padding mask
             # the same layout stage 0's embed seam gave them.

@@ -102,7 +102,18 @@ class SequenceSharding:
         if self.cp_mesh is not None:
             rope = shard_sequence(rope, 0, self.cp_mesh)
             mask = None if mask is None else shard_sequence(mask, 1, self.cp_mesh).contiguous()
-        return cond.with_(rope_SP2=rope, token_mask_BS=mask)
+        cond = cond.with_(rope_SP2=rope, token_mask_BS=mask)
+        if cond.rows_S is not None:
+            # Per-token table rows: the head's cover this rank's CP chunk (padding rows point
+            # at row 0, their outputs are dropped), the blocks' also the SP shard of it.
+            rows = F.pad(cond.rows_S, (0, pad)) if pad else cond.rows_S
+            if self.cp_mesh is not None:
+                rows = shard_sequence(rows, 0, self.cp_mesh)
+            head_rows = rows.contiguous()
+            if self.tp_mesh is not None:
+                rows = local_slice(rows, 0, self.tp_mesh.get_group())
+            cond = cond.with_(rows_S=rows.contiguous(), head_rows_S=head_rows)
+        return cond
 
     def gather_tp(self, tokens: torch.Tensor) -> torch.Tensor:
         """SP token shards -> this rank's whole CP chunk."""
@@ -133,7 +144,7 @@ def apply_sequence_sharding(model: nn.Module, seq: SequenceSharding) -> None:
         # The final layer is per token: run it on this rank's CP chunk and gather its narrow
         # output (pt*ph*pw*C wide) rather than the D-wide tokens, so no rank ever holds the
         # whole sequence at model width (at 460k tokens that is GiBs per GPU).
-        out = model.final_layer(seq.gather_tp(tokens), cond.c_BD)
+        out = model.final(seq.gather_tp(tokens), cond)
         return model.to_latents(seq.gather_cp(out, cond), cond.with_(token_mask_BS=None))
 
     # Instance attributes shadow the methods; forward() calls self.embed/self.head.

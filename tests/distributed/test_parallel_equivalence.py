@@ -46,12 +46,15 @@ def make_cfg(**parallel) -> JobConfig:
     return cfg
 
 
-def global_batch(dp: int, args: DiTArgs, seed: int = 7):
+def global_batch(dp: int, args: DiTArgs, seed: int = 7, per_frame_t: bool = False):
     g = torch.Generator().manual_seed(seed)
     n = B_LOCAL * dp
     x = torch.randn(n, args.in_channels, *SHAPE_THW, generator=g)
     target = torch.randn(n, args.in_channels, *SHAPE_THW, generator=g)
     t = torch.randint(0, 1000, (n,), generator=g).float()
+    if per_frame_t:  # Wan2.2 TI2V: a clean first frame (t=0), the others at the sample's t
+        t = t[:, None].repeat(1, SHAPE_THW[0])
+        t[:, 0] = 0
     text = torch.randn(n, TEXT_LEN, args.text_dim, generator=g)
     lens = torch.randint(1, TEXT_LEN + 1, (n,), generator=g)
     text_mask = torch.arange(TEXT_LEN)[None] < lens[:, None]
@@ -78,10 +81,12 @@ def rel_err(g: torch.Tensor, ref: torch.Tensor) -> float:
 def equivalence_worker(rank: int, world: int, layout: dict, args_kw: dict) -> dict:
     from sora_dist.parallel.parallelize import parallelize_dit
 
+    args_kw = dict(args_kw)
+    per_frame_t = args_kw.pop("per_frame_t", False)
     args = tiny_args(**args_kw)
     cfg = make_cfg(**layout)
     pdims = ParallelDims.from_config(cfg.parallel, world)
-    batch = global_batch(pdims.dp, args)
+    batch = global_batch(pdims.dp, args, per_frame_t=per_frame_t)
 
     ref = build_model(args)
     x, t, text, mask, drop, target = batch
@@ -160,12 +165,15 @@ def test_layout_matches_single_process(name):
 # heads, its modulation is a shared projection plus per-block tables, captions are zeroed.
 WAN = dict(arch="wan", ffn_dim=48)
 WAN_LAYOUTS = ["tp2_sp", "cp2_ring", "cp2_ulysses", "dp2_fsdp", "tp2_sp_op_ac_fsdp", "cp4_hybrid"]
+# TI2V-style per-frame timesteps: token rows of the per-frame table follow the CP/SP shards.
+WAN_PER_FRAME = ["tp2_cp2_dp2", "tp2_sp_op_ac_fsdp"]
 
 
-@pytest.mark.parametrize("name", WAN_LAYOUTS)
-def test_wan_layout_matches_single_process(name):
+@pytest.mark.parametrize("name, per_frame", [(n, False) for n in WAN_LAYOUTS] + [(n, True) for n in WAN_PER_FRAME])
+def test_wan_layout_matches_single_process(name, per_frame):
     world, layout = LAYOUTS[name]
-    results = run_distributed(equivalence_worker, world, layout, WAN, all_ranks=True)
+    results = run_distributed(equivalence_worker, world, layout, {**WAN, "per_frame_t": per_frame},
+                              all_ranks=True)
     for rank, r in enumerate(results):
         assert abs(r["loss"] - r["ref_loss"]) <= 1e-5 * abs(r["ref_loss"]), (rank, r["loss"], r["ref_loss"])
         bad = {n: e for n, e in r["grad_errs"].items() if not e <= 1e-5}

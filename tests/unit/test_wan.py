@@ -99,3 +99,81 @@ def test_flavors_have_the_released_sizes(flavor, billions):
     n = sum(p.numel() for p in m.parameters())
     assert n == a.num_params()
     assert abs(n / 1e9 - billions) < 0.01
+
+
+@pytest.mark.parametrize("a", [T2V, TI2V], ids=["t2v", "ti2v"])
+def test_per_frame_timesteps_equal_diffusers_per_token(a):
+    """Wan2.2 TI2V: the conditioning frame's tokens get t=0. diffusers takes a (B, S) timestep;
+    WanDiT takes one per latent frame (B, T), constant over the frame's tokens."""
+    ref, ours = reference(a)
+    B, T, H, W = 2, 3, 6, 4
+    x, _, text, mask = wan_inputs(a, B, T, H, W)
+    t_BT = torch.tensor([[0.0, 700.0, 700.0], [0.0, 123.0, 123.0]])
+    t_BS = t_BT.repeat_interleave((H // 2) * (W // 2), dim=1)
+    with torch.no_grad():
+        want = ref(x, t_BS, text, return_dict=False)[0]
+        got = ours(x, t_BT, text, mask)
+        assert rel(got, want) < 1e-5
+        # ... and it is not what one timestep per sample gives
+        assert rel(ours(x, t_BT[:, 1], text, mask), want) > 1e-3
+    with pytest.raises(ValueError, match="one per latent frame"):
+        ours(x, t_BT[:, :2], text, mask)
+
+
+def test_row_modulation_gradients_equal_plain_indexing():
+    """models/modulation.py's memory-saving functions against autograd through indexing."""
+    from sora_dist.models.modulation import gated_add, modulate
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 10, 8, generator=g), torch.randn(2, 10, 8, generator=g)
+    shift, scale, gate = (torch.randn(2, 3, 8, generator=g) for _ in range(3))
+    rows = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 1])
+    leaves = [t.clone().requires_grad_() for t in (x, y, shift, scale, gate)]
+    out = gated_add(modulate(leaves[0], leaves[2], leaves[3], rows), leaves[1], leaves[4], rows)
+    w = torch.randn(out.shape, generator=g)
+    (out * w).sum().backward()
+    ref_leaves = [t.clone().requires_grad_() for t in (x, y, shift, scale, gate)]
+    rx, ry, rsh, rsc, rg = ref_leaves
+    ref = rx * (1 + rsc[:, rows]) + rsh[:, rows] + ry * rg[:, rows]
+    (ref * w).sum().backward()
+    torch.testing.assert_close(out, ref)
+    for got, want in zip(leaves, ref_leaves):
+        torch.testing.assert_close(got.grad, want.grad)
+
+
+def test_ti2v_sampling_equals_diffusers_expand_timesteps_loop():
+    """Image-to-video the Wan2.2 TI2V way, against WanImageToVideoPipeline's expand_timesteps
+    loop written with diffusers' own transformer and scheduler: the first latent frame stays
+    the clean condition, its tokens get timestep 0, the rest follow the shifted Euler grid; CFG
+    with a zero negative caption."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from sora_dist.diffusion.flow import RectifiedFlow
+
+    ref, ours = reference(TI2V)
+    B, T, H, W, steps, shift, scale = 1, 3, 4, 6, 4, 5.0, 3.0
+    g = torch.Generator().manual_seed(3)
+    noise = torch.randn(B, TI2V.in_channels, T, H, W, generator=g)
+    cond = torch.randn(B, TI2V.in_channels, T, H, W, generator=g)
+    text = torch.randn(B, 5, TI2V.text_dim, generator=g)
+    mask = torch.ones(B, 5, dtype=torch.bool)
+    frames = torch.tensor([True, False, False])
+
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    sched.set_timesteps(steps)
+    ffm = torch.ones_like(noise)
+    ffm[:, :, 0] = 0  # diffusers' first_frame_mask
+    lat = noise.clone()
+    with torch.no_grad():
+        for t in sched.timesteps:
+            inp = (1 - ffm) * cond + ffm * lat
+            ts = (ffm[0, 0][:, ::2, ::2] * t).flatten()[None].expand(B, -1)
+            c = ref(inp, ts, text, return_dict=False)[0]
+            u = ref(inp, ts, torch.zeros_like(text), return_dict=False)[0]
+            lat = sched.step(u + scale * (c - u), t, lat, return_dict=False)[0]
+        want = (1 - ffm) * cond + ffm * lat
+        got = RectifiedFlow(shift=shift, grid="diffusers").sample(
+            ours, noise, text, mask, steps=steps, guidance_scale=scale, cond_latent=cond,
+            cond_frames_mask_T=frames, clean_cond_frames=True)
+    assert torch.equal(got[:, :, 0], cond[:, :, 0])
+    assert rel(got, want) < 1e-5
