@@ -27,7 +27,7 @@ from sora_dist.data.shards import load_manifest
 from sora_dist.data.video_io import BadInput, load_clip, parse_buckets, probe, write_mp4
 from sora_dist.diffusion import build_diffusion
 from sora_dist.fsutil import atomic_write_text
-from sora_dist.models.dit import build_dit
+from sora_dist.models import build_model
 from sora_dist.models.text import TextEncoder, read_model_type
 from sora_dist.models.vae import VideoVAE
 from sora_dist.parallel.device import resolve_device_type
@@ -83,16 +83,17 @@ def _prompts(cfg: SampleConfig) -> list[str]:
     return prompts
 
 
-def _load_model(cfg: SampleConfig, job, device):
-    path = cfg.checkpoint
+def _load_model(cfg: SampleConfig, job, device, run_dir=None, path=None):
+    run_dir = run_dir or cfg.run_dir
+    path = path if run_dir != cfg.run_dir else cfg.checkpoint
     if path is None:
-        found = ckpt.latest(os.path.join(cfg.run_dir, "checkpoints"))
+        found = ckpt.latest(os.path.join(run_dir, "checkpoints"))
         if found is None:
-            raise ConfigError(f"no complete checkpoint under {cfg.run_dir}/checkpoints; train first "
+            raise ConfigError(f"no complete checkpoint under {run_dir}/checkpoints; train first "
                               "or pass checkpoint=<step folder>")
         path = found[1]
     torch.manual_seed(0)  # init values are overwritten; fixed only to keep runs reproducible
-    model = build_dit(job.model)
+    model = build_model(job.model)
     if cfg.use_ema and job.train.ema_decay > 0:
         ema = EMA(model, job.train.ema_decay)
         ckpt.load(path, model, None, ema)
@@ -100,6 +101,24 @@ def _load_model(cfg: SampleConfig, job, device):
     else:
         ckpt.load_model_only(path, model)
     return model.to(device).eval(), path
+
+
+def _low_noise_expert(cfg: SampleConfig, job, device) -> dict:
+    """Wan2.2-A14B's second expert: a run trained on the low-noise range (diffusion.t_range
+    [0, boundary]) of the same architecture; sampling switches to it below the boundary."""
+    low = _job_config(cfg.low_noise_run_dir)
+    if job.diffusion.objective != "flow" or low.diffusion.objective != "flow":
+        raise ConfigError("low_noise_run_dir: two-expert sampling is for flow-matching runs (Wan2.2-A14B)")
+    if (low.model.arch, low.model.in_channels, low.model.text_dim) != (
+            job.model.arch, job.model.in_channels, job.model.text_dim):
+        raise ConfigError(f"low_noise_run_dir={cfg.low_noise_run_dir!r} trained model.arch/in_channels/"
+                          f"text_dim={low.model.arch}/{low.model.in_channels}/{low.model.text_dim}, but "
+                          f"run_dir has {job.model.arch}/{job.model.in_channels}/{job.model.text_dim}")
+    model_2, _ = _load_model(cfg, low, device, run_dir=cfg.low_noise_run_dir)
+    out = {"model_2": model_2, "boundary_ratio": cfg.boundary_ratio}
+    if cfg.guidance_scale_2 is not None:
+        out["guidance_scale_2"] = cfg.guidance_scale_2
+    return out
 
 
 def _cond_latent(cfg: SampleConfig, vae, shape_BCTHW, device):
@@ -156,8 +175,18 @@ def run_sample(cfg: SampleConfig) -> dict:
     if te.dim != job.model.text_dim:
         raise ConfigError(f"text encoder width {te.dim} != model.text_dim={job.model.text_dim}")
     model, ckpt_path = _load_model(cfg, job, device)
-    diffusion = build_diffusion(job.diffusion)
     d = job.diffusion
+    if cfg.shift is not None:
+        if d.objective != "flow":
+            raise ConfigError(f"shift={cfg.shift} is a flow-matching setting; the run trained "
+                              f"diffusion.objective={d.objective!r}")
+        d.shift = cfg.shift
+    flow_kw = {}
+    if job.model.arch == "wan" and cfg.cond_path:
+        flow_kw["clean_cond_frames"] = True  # Wan2.2 TI2V: clean condition frames at t=0
+    if cfg.low_noise_run_dir:
+        flow_kw.update(_low_noise_expert(cfg, job, device))
+    diffusion = build_diffusion(d)
     sampler = cfg.sampler or d.sampler
     steps = cfg.steps if cfg.steps is not None else d.sample_steps
     scale = cfg.guidance_scale if cfg.guidance_scale is not None else d.guidance_scale
@@ -176,12 +205,13 @@ def run_sample(cfg: SampleConfig) -> dict:
             cond, cmask = _cond_latent(cfg, vae, (B, C, t, h, w), device)
         x0 = diffusion.sample(model, noise, text.to(device), mask.to(device), steps=steps, sampler=sampler,
                               guidance_scale=scale, generator=g, cond_latent=cond,
-                              cond_frames_mask_T=cmask, eta=d.ddim_eta, progress=cfg.progress)
+                              cond_frames_mask_T=cmask, eta=d.ddim_eta, progress=cfg.progress, **flow_kw)
         video = vae.decode(x0.float())  # (B, 3, T, H, W) in [-1, 1]
         for i, prompt in enumerate(batch):
             path = write_mp4(video[i].permute(1, 0, 2, 3), os.path.join(cfg.output_dir, f"sample_{s + i:03d}.mp4"), cfg.fps)
             records.append({"prompt": prompt, "path": path, "seed": cfg.seed + s, "index_in_batch": i, "batch_size": cfg.batch_size,
-                            "checkpoint": ckpt_path, "sampler": sampler, "steps": steps, "guidance_scale": scale})
+                            "checkpoint": ckpt_path, "sampler": sampler, "steps": steps, "guidance_scale": scale,
+                            "low_noise_run_dir": cfg.low_noise_run_dir})
             latents.append(x0[i].cpu())
     atomic_write_text(os.path.join(cfg.output_dir, "samples.jsonl"), "".join(json.dumps(r) + "\n" for r in records))
     print(f"sora-sample: {len(records)} videos in {os.path.abspath(cfg.output_dir)}", flush=True)

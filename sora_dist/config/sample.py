@@ -39,6 +39,15 @@ class SampleConfig:
     sampler: Optional[str] = None
     steps: Optional[int] = None
     guidance_scale: Optional[float] = None
+    # Flow-matching timestep shift; None = the run's diffusion.shift (Wan samples 720p at 5.0,
+    # 480p at 3.0).
+    shift: Optional[float] = None
+    # Wan2.2-A14B's two experts: run_dir is the high-noise expert (trained with
+    # diffusion.t_range=[boundary, 1]), this run the low-noise one ([0, boundary]). Steps whose
+    # timestep is below boundary_ratio * 1000 use it, with guidance_scale_2 (None: guidance_scale).
+    low_noise_run_dir: Optional[str] = None
+    boundary_ratio: float = 0.875
+    guidance_scale_2: Optional[float] = None
     # Seed of the initial noise (and stochastic sampler steps); the batch that starts at prompt i
     # uses seed + i (so a prompt's video depends on batch_size).
     seed: int = 0
@@ -76,5 +85,11 @@ def validate_sample(cfg: SampleConfig) -> None:
         raise ConfigError(f"cond_position={cfg.cond_position!r}: use 'first' or 'last'")
     if cfg.cond_latent_frames < 1:
         raise ConfigError(f"cond_latent_frames={cfg.cond_latent_frames} must be >= 1")
+    if cfg.shift is not None and cfg.shift <= 0:
+        raise ConfigError(f"shift={cfg.shift} must be > 0 (1 = no shift)")
+    if not 0.0 < cfg.boundary_ratio < 1.0:
+        raise ConfigError(f"boundary_ratio={cfg.boundary_ratio} must be in (0, 1) (Wan2.2-A14B T2V: 0.875)")
+    if cfg.guidance_scale_2 is not None and not cfg.low_noise_run_dir:
+        raise ConfigError("guidance_scale_2 is the low-noise expert's; set low_noise_run_dir=<run> too")
     if cfg.device not in DEVICES:
         raise ConfigError(f"device={cfg.device!r}: use {either(DEVICES)}")

@@ -183,3 +183,83 @@ def test_explicit_umt5_folder_and_unsupported_ones(run_dir, tmp_path, monkeypatc
     (bad / "config.json").write_text(json.dumps(dict(json.loads((bad / "config.json").read_text()), model_type="bert")))
     with pytest.raises(ConfigError, match=r"text_encoder_path: .*bert.*model_type='bert'.*t5, umt5"):
         run_sample(_cfg(run_dir, tmp_path / "o2", text_encoder_path=str(bad)))
+
+
+def _train_wan(d, run: str, t_range=(0.0, 1.0)):
+    """A tiny WanDiT (model.arch=wan) trained the Wan way on the umT5 shards in d/shards."""
+    from sora_dist.training.trainer import Trainer
+
+    cfg = JobConfig()
+    cfg.model.arch, cfg.model.ffn_dim = "wan", 64
+    cfg.diffusion.objective, cfg.diffusion.sampler, cfg.diffusion.shift = "flow", "euler", 3.0
+    cfg.diffusion.t_range = list(t_range)
+    cfg.data.source, cfg.data.shards, cfg.data.batch_size = "shards", str(d / "shards"), 2
+    cfg.train.run_dir, cfg.train.steps, cfg.train.ckpt_every = str(d / run), 1, 1
+    cfg.logging.wandb_mode = "disabled"
+    tr = Trainer(cfg)
+    try:
+        tr.train()
+    finally:
+        tr.close()
+    return str(d / run)
+
+
+def test_wan_run_samples_t2v_ti2v_and_two_experts(tmp_path, monkeypatch):
+    """umT5 shards -> tiny Wan runs (one full range; a high- and a low-noise expert) ->
+    sora-sample: text-to-video; image-to-video keeps the first latent frame exactly (TI2V: clean,
+    t=0 per frame); the two-expert sample calls the low-noise expert below the boundary only."""
+    from PIL import Image
+
+    from sora_dist.diffusion.flow import RectifiedFlow
+
+    man = make_demo_clips(str(tmp_path / "clips"), n=4, sizes=[(32, 32)], fps_choices=(8,), frame_choices=(9,))
+    run_encode(EncodeConfig(input=man, output=str(tmp_path / "shards"), vae_path=build_tiny_vae(str(tmp_path / "vae")),
+                            text_encoder_path=build_tiny_text_encoder(str(tmp_path / "umt5"), kind="umt5"),
+                            resolutions=[[32, 32]], frames=[1, 9], target_fps=8.0, samples_per_shard=2,
+                            text_max_length=24, progress=False, rank=0, world_size=1))
+    _train_wan(tmp_path, "run")
+    res = run_sample(_cfg(tmp_path, tmp_path / "t2v", steps=2))
+    assert len(res["records"]) == 2 and all(os.path.getsize(r["path"]) > 0 for r in res["records"])
+
+    frames, _ = render_clip(32, 32, 9, seed=3)
+    png = str(tmp_path / "first.png")
+    Image.fromarray(frames[0].permute(1, 2, 0).numpy()).save(png)
+    seen_t = []
+    original = RectifiedFlow.sample
+
+    def spy(self, model, *a, **kw):
+        fwd = model.forward
+        model.forward = lambda x, t, *r, **k: (seen_t.append(t.shape), fwd(x, t, *r, **k))[1]
+        try:
+            return original(self, model, *a, **kw)
+        finally:
+            del model.forward
+
+    monkeypatch.setattr(RectifiedFlow, "sample", spy)
+    res = run_sample(_cfg(tmp_path, tmp_path / "i2v", steps=2, cond_path=png, shift=5.0))
+    z = VideoVAE.load(str(tmp_path / "vae")).encode(load_clip(png, parse_buckets([[32, 32]], [1]), 8.0)[0])[0]
+    for lat in res["latents"]:
+        torch.testing.assert_close(lat[:, :1], z, rtol=0, atol=0)
+    assert seen_t and all(len(s) == 2 and s[1] == 3 for s in seen_t)  # one timestep per latent frame
+    monkeypatch.setattr(RectifiedFlow, "sample", original)
+
+    high = _train_wan(tmp_path, "high", (0.875, 1.0))
+    low = _train_wan(tmp_path, "low", (0.0, 0.875))
+    calls = []
+    orig_sample = RectifiedFlow.sample
+
+    def count(self, model, *a, model_2=None, **kw):
+        for name, m in (("high", model), ("low", model_2)):
+            fwd = m.forward
+            m.forward = (lambda f, n: lambda x, t, *r, **k: (calls.append((n, float(t.flatten()[0]))),
+                                                           f(x, t, *r, **k))[1])(fwd, name)
+        return orig_sample(self, model, *a, model_2=model_2, **kw)
+
+    monkeypatch.setattr(RectifiedFlow, "sample", count)
+    res = run_sample(_cfg(tmp_path, tmp_path / "a14b", run_dir=high, low_noise_run_dir=low, steps=6,
+                          guidance_scale_2=2.0))
+    assert {n for n, _ in calls} == {"high", "low"}
+    assert all((t >= 875.0) == (n == "high") for n, t in calls), calls
+    assert res["records"][0]["low_noise_run_dir"] == low
+    with pytest.raises(ConfigError, match="low_noise_run_dir"):
+        run_sample(_cfg(tmp_path, tmp_path / "x", guidance_scale_2=2.0))
