@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from sora_dist.config.model import DiTArgs
+from sora_dist.models import build_model
 from sora_dist.models.dit import RMSNorm, VideoDiT, build_dit
 from sora_dist.parallel.pipeline import DiTStage, split_blocks
 from sora_dist.parallel.rng import mix_seed
@@ -70,7 +71,7 @@ def reference_init(model_cfg, seed: int, n_stages: int = 1) -> dict:
     allocated from the meta device and initialised by init_weights() from the seed (a stage not
     starting at block 0 from mix_seed(seed, first block))."""
     with torch.device("meta"):
-        model = build_dit(model_cfg)
+        model = build_model(model_cfg)
     ranges = split_blocks(model.args.depth, n_stages)
     parts = [model] if n_stages == 1 else [DiTStage(model, r, s == 0, s == n_stages - 1)
                                            for s, r in enumerate(ranges)]

@@ -222,7 +222,10 @@ class WanDiT(nn.Module):
         t_B is one timestep per sample (B,), or one per latent frame (B, T): Wan2.2 TI2V gives
         the clean conditioning frame t=0 (diffusers' per-token `timestep` of shape (B, S), which
         is constant over each frame's tokens)."""
+        # Contiguous here, not only in the block: a compiled block handed the patch embedding's
+        # transposed view got wrong per-frame table grads (torch 2.13 inductor, measured 20%).
         tokens_BSD, grid = self.x_embedder(x_BCTHW)
+        tokens_BSD = tokens_BSD.contiguous()
         rows_S = None
         if t_B.ndim == 2:
             if t_B.shape[1] != x_BCTHW.shape[2] or self.args.patch_size[0] != 1:

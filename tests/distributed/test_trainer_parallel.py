@@ -360,3 +360,32 @@ def test_meta_init_with_pipeline_stages(tmp_path, parallel, fp8, zero_init):
         assert out["final_zero"]
         ref = train(cfg4(tmp_path / "ref"))
         close(out["losses"][:1], ref[:1])
+
+
+def _wan_meta_worker(rank, world, run_dir, parallel):
+    cfg = wan_cfg(run_dir, **parallel)
+    cfg.model.fp8_linears = "torchao"
+    cfg.train.meta_init = True
+    tr = Trainer(cfg)
+    report = _init_report(tr)
+    losses = tr.train()
+    tr.close()
+    return {"losses": losses, **report}
+
+
+def test_wan_meta_init_with_tp_pp_and_fp8(tmp_path):
+    """WanDiT through meta init + TP2 (its across-heads q/k norms sharded) + PP2 + torchao FP8
+    linears: each stage is exactly the plain model's init of that stage, TP shards differ,
+    the Wan tables are random (N(0, 1/D)), and it trains."""
+    parallel = {"pp": 2, "pp_schedule": "1f1b", "pp_microbatches": 2, "tp": 2}
+    out = run_distributed(_wan_meta_worker, 4, str(tmp_path / "meta"), parallel)
+    assert not out["on_meta"] and all(math.isfinite(x) for x in out["losses"])
+    assert out["tp_shards_checked"] > 0 and out["tp_shards_differ"]
+    init = dict(out["init"])
+    assert float(init.pop("_replica_err")) == 0
+    ref_cfg = wan_cfg(tmp_path / "unused")
+    ref = reference_init(ref_cfg.model, ref_cfg.train.seed, 2)
+    assert init.keys() == ref.keys() and "blocks.0.attn.q_norm.weight" in ref
+    assert all(torch.equal(init[n], ref[n]) for n in ref), [n for n in ref if not torch.equal(init[n], ref[n])]
+    table = init["blocks.3.modulation.scale_shift_table"]
+    assert abs(float(table.std()) - 64 ** -0.5) < 0.03
