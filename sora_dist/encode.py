@@ -154,7 +154,7 @@ def run_encode(cfg: EncodeConfig) -> dict:
         sh.atomic_write_text(os.path.join(cfg.output, "encode_config.yaml"),
                              OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
-    writer = sh.ShardWriter(cfg.output, rank, cfg.samples_per_shard)
+    writer = sh.ShardWriter(cfg.output, rank, cfg.samples_per_shard, cfg.storage_dtype)
     rejected: collections.Counter = collections.Counter()
     n_ok, t0, cpu0 = 0, time.perf_counter(), time.process_time()
     bar = tqdm(total=len(todo), unit="video", position=rank, disable=not cfg.progress,

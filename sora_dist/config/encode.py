@@ -8,6 +8,10 @@ from typing import Optional
 from sora_dist.config.train import DEVICES
 from sora_dist.config.validate import ConfigError, either
 
+# How shards store latents and caption embeddings (the mask is always bool). bf16 halves the
+# bytes of fp32 with fp32's range; numpy has no bfloat16, so shards hold its raw words.
+STORAGE_DTYPES = ("bf16", "fp16", "fp32")
+
 
 @dataclass
 class EncodeConfig:
@@ -50,6 +54,11 @@ class EncodeConfig:
     device: str = "auto"
     # Model compute precision: "fp32" or "bf16" (bf16 only on cuda).
     dtype: str = "fp32"
+    # Precision latents and caption embeddings are stored in: "bf16" (half of fp32's bytes, the
+    # precision a bf16 DiT computes in anyway; exactly torch's .to(bfloat16) rounding), "fp16"
+    # (more mantissa, but |x| > 65504 is refused) or "fp32" (bit-exact). The loader hands out
+    # float32 whatever the shards hold; the manifest records it.
+    storage_dtype: str = "bf16"
     # VAE spatial tiling for large frames: tile side in pixels (tiles overlap by a quarter);
     # 0 = off. Bounds activation memory at high resolution (720p and up on a GPU).
     vae_tile_size: int = 0
@@ -103,6 +112,8 @@ def validate_encode(cfg: EncodeConfig) -> None:
         raise ConfigError(f"encode.device={cfg.device!r}: use {either(DEVICES)}")
     if cfg.dtype not in ("fp32", "bf16"):
         raise ConfigError(f"encode.dtype={cfg.dtype!r}: use fp32 or bf16")
+    if cfg.storage_dtype not in STORAGE_DTYPES:
+        raise ConfigError(f"encode.storage_dtype={cfg.storage_dtype!r}: use {either(STORAGE_DTYPES)}")
 
 
 def validate_against_vae(cfg: EncodeConfig, temporal: int, spatial: int) -> None:

@@ -37,10 +37,12 @@ def _npy(b: bytes) -> np.ndarray:
 
 
 def _decode(raw: dict, shard: str) -> dict:
+    # The member format (fp32/fp16 .npy, raw bf16 words) is the writer's: shards.py reads it back.
+    from sora_dist.data.shards import decode_arrays
+
     try:
         meta = json.loads(raw["json"])
-        latent = _npy(raw["latent.npy"])
-        text, mask = _npy(raw["text.npy"]), _npy(raw["mask.npy"])
+        latent, text, mask = decode_arrays(raw, meta)  # float32, float32, bool in any storage dtype
     except (KeyError, ValueError, OSError) as e:
         raise ValueError(f"{shard}: sample {raw.get('__key__')!r} is damaged or incomplete ({type(e).__name__}: "
                          f"{e}); delete the shard and its done-list line, then rerun sora-encode") from None

@@ -2,7 +2,7 @@
 
 Layout of an output folder (every DP rank of sora-encode writes only its own files):
 
-  shard-r{rank:03d}-{idx:06d}.tar   samples <key>.latent.npy / .text.npy / .mask.npy / .json
+  shard-r{rank:03d}-{idx:06d}.tar   samples <key>.latent.* / .text.* / .mask.npy / .json
   done-r{rank:03d}.jsonl            one line per *closed* shard (its inputs, counts per bucket)
   rejects-r{rank:03d}.jsonl         one line per rejected input (kind + reason)
   rank-r{rank:03d}.complete.json    written when the rank has finished its assignment
@@ -14,6 +14,11 @@ disk is always complete. Its inputs are recorded in the done-list after the rena
 process dies between the two, `DoneList` recovers the inputs from the shard's own .json
 members, so an input is never encoded twice and never lost. Inputs in a temp shard at the kill
 are simply redone on the rerun.
+
+Storage dtype (encode.storage_dtype, recorded per sample in its .json and merged into the
+manifest): fp32 and fp16 latents/captions are .npy members; bf16 ones are .latent.bf16 /
+.text.bf16 members of raw little-endian bfloat16 words (numpy has no bfloat16), their shapes in
+the .json. Shards from before the field are fp32 .npy and read unchanged.
 """
 from __future__ import annotations
 
@@ -30,9 +35,11 @@ from collections import Counter
 from typing import Iterable, Optional
 
 import numpy as np
+import torch
 import webdataset as wds
 
 from sora_dist.config.data import SHARDS_MANIFEST
+from sora_dist.config.encode import STORAGE_DTYPES
 from sora_dist.fsutil import atomic_write_text
 
 SHARD_RE = re.compile(r"^shard-r(\d{3})-(\d{6})\.tar$")
@@ -47,6 +54,56 @@ def _npy_bytes(a: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(a), allow_pickle=False)
     return buf.getvalue()
+
+
+FP16_MAX = 65504.0
+
+
+def _bf16_bytes(a: np.ndarray) -> bytes:
+    # torch's rounding (nearest, ties to even), so a stored value is exactly x.to(torch.bfloat16).
+    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(torch.bfloat16)
+    return t.view(torch.int16).numpy().astype("<i2", copy=False).tobytes()
+
+
+def _bf16_array(b: bytes, shape) -> np.ndarray:
+    """Raw bfloat16 words -> float32: a bf16 is the top half of the float32 with the same bits."""
+    words = np.frombuffer(b, dtype="<u2")
+    if words.size != int(np.prod(shape)):
+        raise ValueError(f"{len(b)} bytes of bf16 do not hold shape {list(shape)}")
+    return (words.astype(np.uint32) << 16).view(np.float32).reshape(shape)
+
+
+def _npy_array(b: bytes) -> np.ndarray:
+    # Shards may come from anywhere: never unpickle (object arrays are refused).
+    return np.load(io.BytesIO(b), allow_pickle=False)
+
+
+def encode_members(name: str, a: np.ndarray, storage_dtype: str) -> dict:
+    """{member: bytes} of one float array (`name` = "latent" or "text") in storage_dtype."""
+    if storage_dtype == "bf16":
+        return {f"{name}.bf16": _bf16_bytes(a)}
+    if storage_dtype == "fp16":
+        # fp16 overflows to inf silently; a latent or embedding that large wants bf16's range.
+        peak = float(np.abs(a).max()) if a.size else 0.0
+        if peak > FP16_MAX:
+            raise ValueError(f"{name} has |x| = {peak:g} > {FP16_MAX:g}, which fp16 cannot hold; "
+                             "use encode.storage_dtype=bf16 (fp32's range) or fp32")
+        return {f"{name}.npy": _npy_bytes(a.astype(np.float16))}
+    if storage_dtype == "fp32":
+        return {f"{name}.npy": _npy_bytes(a.astype(np.float32))}
+    raise ValueError(f"storage_dtype={storage_dtype!r}: use one of {STORAGE_DTYPES}")
+
+
+def decode_arrays(raw: dict, meta: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(latent float32 (C,T,H,W), text float32 (L,D), mask bool (L,)) of one raw webdataset
+    sample in any storage dtype. KeyError/ValueError when a member is missing or damaged."""
+    out = []
+    for name in ("latent", "text"):
+        if f"{name}.bf16" in raw:
+            out.append(_bf16_array(raw[f"{name}.bf16"], meta[f"{name}_shape"]))
+        else:  # fp32 (as every shard before storage_dtype) or fp16 .npy
+            out.append(_npy_array(raw[f"{name}.npy"]).astype(np.float32, copy=False))
+    return out[0], out[1], _npy_array(raw["mask.npy"]).astype(bool, copy=False)
 
 
 def _append_line(path: str, obj: dict) -> None:
@@ -118,8 +175,10 @@ class DoneList:
 
 
 def shard_record(name: str, metas: list[dict]) -> dict:
+    # Samples from before storage_dtype was recorded are fp32.
     return {"shard": name, "samples": len(metas), "inputs": [m["source"] for m in metas],
-            "buckets": dict(Counter(m["latent_bucket"] for m in metas))}
+            "buckets": dict(Counter(m["latent_bucket"] for m in metas)),
+            "storage_dtypes": dict(Counter(m.get("storage_dtype", "fp32") for m in metas))}
 
 
 def list_shards(out_dir: str, rank: Optional[int] = None) -> list[str]:
@@ -134,10 +193,13 @@ def list_shards(out_dir: str, rank: Optional[int] = None) -> list[str]:
 class ShardWriter:
     """Fixed samples per shard; temp name while open, renamed on close; rank-scoped names."""
 
-    def __init__(self, out_dir: str, rank: int, samples_per_shard: int):
+    def __init__(self, out_dir: str, rank: int, samples_per_shard: int, storage_dtype: str = "fp32"):
         if samples_per_shard < 1:
             raise ValueError(f"samples_per_shard={samples_per_shard} must be >= 1")
+        if storage_dtype not in STORAGE_DTYPES:
+            raise ValueError(f"storage_dtype={storage_dtype!r}: use one of {STORAGE_DTYPES}")
         self.out_dir, self.rank, self.per_shard = out_dir, rank, samples_per_shard
+        self.storage_dtype = storage_dtype
         os.makedirs(out_dir, exist_ok=True)
         # Two live writers of one rank would clobber each other's temp shards and indices. flock
         # (not a marker file) so a killed run never leaves a stale lock: the kernel drops it.
@@ -167,11 +229,13 @@ class ShardWriter:
         self._metas = []
 
     def write(self, latent: np.ndarray, text: np.ndarray, mask: np.ndarray, meta: dict) -> None:
-        """latent float32 (C,T,H,W); text float32 (L,D); mask bool (L,); meta needs 'source'."""
+        """latent float32 (C,T,H,W); text float32 (L,D); mask bool (L,); meta needs 'source'.
+        Latent and text are stored in the writer's storage_dtype."""
         if self._tar is None:
             self._open()
         meta = dict(meta, latent_bucket="x".join(str(s) for s in latent.shape[1:]),
-                    latent_shape=list(latent.shape), text_len=int(text.shape[0]))
+                    latent_shape=list(latent.shape), text_len=int(text.shape[0]),
+                    text_shape=list(text.shape), storage_dtype=self.storage_dtype)
         try:
             self._write_sample(meta, latent, text, mask)
         except BaseException:
@@ -186,8 +250,8 @@ class ShardWriter:
     def _write_sample(self, meta, latent, text, mask) -> None:
         self._tar.write({
             "__key__": sample_key(meta["source"]),
-            "latent.npy": _npy_bytes(latent.astype(np.float32)),
-            "text.npy": _npy_bytes(text.astype(np.float32)),
+            **encode_members("latent", latent, self.storage_dtype),
+            **encode_members("text", text, self.storage_dtype),
             "mask.npy": _npy_bytes(mask.astype(bool)),
             "json": json.dumps(meta).encode(),
         })
@@ -269,14 +333,21 @@ def wait_for_ranks(out_dir: str, digests: dict[int, str], timeout_s: float, poll
 def write_manifest(out_dir: str, extra: dict) -> dict:
     """Merge every rank's done-list and rejects into manifest.json and rejects.jsonl (atomic)."""
     done = DoneList(out_dir)
-    shards = [{"name": n, "samples": rec["samples"], "buckets": rec["buckets"]}
-              for n, rec in sorted(done.shards.items()) if os.path.exists(os.path.join(out_dir, n))]
+    recs = [rec for n, rec in sorted(done.shards.items()) if os.path.exists(os.path.join(out_dir, n))]
+    shards = [{"name": rec["shard"], "samples": rec["samples"], "buckets": rec["buckets"]} for rec in recs]
     buckets: Counter = Counter()
-    for s in shards:
-        buckets.update(s["buckets"])
+    dtypes: Counter = Counter()
+    for rec in recs:
+        buckets.update(rec["buckets"])
+        # done-list lines from before storage_dtype: those shards are fp32
+        dtypes.update(rec.get("storage_dtypes") or {"fp32": rec["samples"]})
+    # Reruns into one folder may use different storage dtypes; the loader reads any mix.
+    dtypes = {k: v for k, v in sorted(dtypes.items()) if v}
     manifest = {"format": "sora_dist.shards/1", "shards": shards,
                 "num_samples": sum(s["samples"] for s in shards),
                 "buckets": dict(sorted(buckets.items())),
+                "storage_dtype": next(iter(dtypes)) if len(dtypes) == 1 else ("mixed" if dtypes else None),
+                "storage_dtypes": dtypes,
                 "num_rejected": len(done.rejects), **extra}
     atomic_write_text(os.path.join(out_dir, SHARDS_MANIFEST), json.dumps(manifest, indent=1))
     atomic_write_text(os.path.join(out_dir, "rejects.jsonl"),

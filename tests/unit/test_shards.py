@@ -26,6 +26,7 @@ def test_fixed_samples_per_shard_rank_names_and_no_temp_left(tmp_path):
     assert [len(read_shard_meta(p)) for p in list_shards(str(tmp_path))] == [2, 2, 1]
     m = write_manifest(str(tmp_path), {"latent_channels": 4, "text_dim": 8})
     assert m["num_samples"] == 5 and m["buckets"] == {"1x2x2": 3, "2x2x2": 2}
+    assert (m["storage_dtype"], m["storage_dtypes"]) == ("fp32", {"fp32": 5})  # the writer's default
     assert json.load(open(tmp_path / "manifest.json")) == m
     # a rerun continues the index instead of overwriting
     w2 = ShardWriter(str(tmp_path), rank=3, samples_per_shard=2)
@@ -98,3 +99,16 @@ def test_made_by_recorded_and_other_models_refused_once_shards_exist(tmp_path):
     with pytest.raises(ValueError, match=r"text_encoder.text_dim 8 -> 16"):
         check_made_by(str(tmp_path), _made_by("t5", 16))
     check_made_by(str(tmp_path), _made_by("t5", 8))
+
+
+def test_storage_dtype_recorded_per_shard_and_recovered_from_the_tar(tmp_path):
+    w = ShardWriter(str(tmp_path), rank=0, samples_per_shard=2, storage_dtype="bf16")
+    for i in range(3):
+        _write(w, i)
+    w.close()
+    recs = [json.loads(line) for line in open(tmp_path / "done-r000.jsonl")]
+    assert [r["storage_dtypes"] for r in recs] == [{"bf16": 2}, {"bf16": 1}]
+    os.remove(tmp_path / "done-r000.jsonl")  # killed before the lines: the .json members know
+    m = write_manifest(str(tmp_path), {})
+    assert (m["storage_dtype"], m["storage_dtypes"]) == ("bf16", {"bf16": 3})
+    assert {meta["storage_dtype"] for p in list_shards(str(tmp_path)) for meta in read_shard_meta(p)} == {"bf16"}
