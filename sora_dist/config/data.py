@@ -38,3 +38,14 @@ class DataConfig:
     # Shards source: read the next shuffle block in a background thread while the current one
     # is consumed (hides shard I/O at block boundaries; holds one more block in memory).
     prefetch_next_block: bool = True
+    # Patch n' Pack (data/packing.py): instead of bucket batches, each DP rank's micro-batch is
+    # one pack of mixed-size samples (images and clips of any length/aspect) whose tokens
+    # (prod of ceil(T/pt), ceil(H/ph), ceil(W/pw) under model.patch_size) fill tokens_per_rank.
+    # Every rank fills its own pack to ~the same budget, so ranks stay balanced without talking.
+    packing: bool = False
+    # Token budget of one pack = one DP rank's micro-batch (required > 0 with packing); a
+    # sample longer than it is an error (raise it, or shard the sequence with parallel.cp).
+    tokens_per_rank: int = 0
+    # Look-ahead window (samples, in stream order) the first-fit-decreasing packer picks from;
+    # larger fills packs better and holds more decoded samples in memory.
+    pack_window: int = 64

@@ -6,6 +6,19 @@
   bucket    str                      bucket key, e.g. "3x8x8" (latent T x H x W)
 
 and `state_dict()` / `load_state_dict()` so a resumed run continues at the next unseen batch.
+
+With data.packing (Patch n' Pack, data/packing.py) every batch is instead one pack of K samples
+of mixed sizes that fills about data.tokens_per_rank tokens:
+
+  packed        True
+  latent        list of K float32 (C, T_i, H_i, W_i), in pack order
+  text          float32 (K, L, D)  padded to the pack's longest caption (or the shards' fixed length)
+  text_mask     bool    (K, L)
+  tokens        int                sum of the samples' tokens (prod of ceil(dim / model.patch_size))
+  sample_tokens list of K int      each sample's tokens
+  keys          list of K          sample ids ("shard/key", or the synthetic global position)
+
+(shards also give captions.)
 Data is split over DP ranks only: every TP/CP/PP rank of one DP group gets the same batch.
 """
 from __future__ import annotations
@@ -16,7 +29,8 @@ from sora_dist.data.synthetic import SyntheticLatents
 
 def build_loader(data_cfg, model_cfg, dp_rank: int = 0, dp_size: int = 1):
     if data_cfg.source == "synthetic":
-        return SyntheticLatents(data_cfg, model_cfg.in_channels, model_cfg.text_dim, dp_rank, dp_size)
+        return SyntheticLatents(data_cfg, model_cfg.in_channels, model_cfg.text_dim, dp_rank, dp_size,
+                                patch_size=getattr(model_cfg, "patch_size", None))
     if data_cfg.source == "shards":
         return ShardLoader(data_cfg, dp_rank=dp_rank, dp_size=dp_size, model_cfg=model_cfg)
     raise ValueError(f"data.source={data_cfg.source!r}: use 'synthetic' or 'shards'")

@@ -11,6 +11,13 @@ Batching. Samples go into one accumulator per bucket (latent T x H x W); a batch
 moment an accumulator reaches batch_size, so batches never mix buckets and no sample is dropped
 (leftovers carry into the next epoch). Captions in a batch are padded to the longest one.
 
+Packing (data.packing). The same sample stream feeds a first-fit-decreasing packer
+(data/packing.py) instead of the accumulators: each batch is one pack of up to
+data.tokens_per_rank tokens; the packer's look-ahead window plays the accumulators' part
+(stored as "pending": {"window": [...]} in the state, re-read on resume, re-read with its shards
+after a DP resize). Samples that cannot be packed (T/H/W not divisible by the patch, longer than
+the budget) are errors naming the shard and key when they are read.
+
 Resume. state_dict() = stream position (epoch, block, offset into the block) + the identities
 (shard, key) of samples waiting in accumulators. load_state_dict() re-reads only those few
 samples, then the stream continues at the next unseen sample.
@@ -28,6 +35,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from sora_dist.data.packing import Packer, check_sample, collate_pack
 from sora_dist.data.shards import describe_text_encoder, describe_vae, load_manifest
 
 
@@ -106,6 +114,11 @@ class ShardLoader:
         if bad:
             raise ValueError(f"data.bucket_batch_size={bad}: batch sizes must be >= 1")
         self.shuffle_buffer = int(data_cfg.shuffle_buffer)
+        # Patch n' Pack: the token count of a sample needs the model's patch (VideoDiT's default
+        # when no model config is given, as in loader-only tools).
+        self.patch = tuple(int(p) for p in (getattr(model_cfg, "patch_size", None) or (1, 2, 2)))
+        self.packer = (Packer(int(data_cfg.tokens_per_rank), int(data_cfg.pack_window))
+                       if getattr(data_cfg, "packing", False) else None)
         self.dp_rank, self.dp_size = dp_rank, dp_size
         # position of the next unseen sample, and accumulators of read-but-unbatched samples
         self.epoch, self.block, self.offset = 0, 0, 0
@@ -201,7 +214,19 @@ class ShardLoader:
     def __iter__(self):
         return self
 
+    def _packable(self, s: dict) -> dict:
+        s["tokens"] = check_sample(s["latent"].shape[1:], self.patch, self.packer.budget,
+                                   f"{s['shard']}: sample {s['key']!r}")
+        return s
+
     def __next__(self) -> dict:
+        if self.packer is not None:
+            pack = self.packer.pack(lambda: self._packable(self._next_sample()))
+            self.batches_done += 1
+            out = collate_pack(pack, self.pad_text_to)
+            out["keys"] = [f"{s['shard']}/{s['key']}" for s in pack]
+            out["captions"] = [s["caption"] for s in pack]
+            return out
         while True:
             s = self._next_sample()
             acc = self.pending.setdefault(s["bucket"], [])
@@ -218,9 +243,15 @@ class ShardLoader:
                 return collate(batch, self.pad_text_to)
 
     # ---- resume -----------------------------------------------------------------------------
+    def _waiting(self) -> dict[str, list[dict]]:
+        """Read-but-unbatched samples: the accumulators, or the packer's window."""
+        if self.packer is not None:
+            return {"window": self.packer.window} if self.packer.window else {}
+        return self.pending
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "block": self.block, "offset": self.offset,
-                "pending": {b: [[s["shard"], s["key"]] for s in acc] for b, acc in self.pending.items()},
+                "pending": {b: [[s["shard"], s["key"]] for s in acc] for b, acc in self._waiting().items()},
                 "batches_done": self.batches_done, "dp_rank": self.dp_rank, "dp_size": self.dp_size,
                 "seed": self.seed, "shuffle_buffer": self.shuffle_buffer, "batch_size": self.batch_size,
                 "shards_digest": self._shards_digest(),
@@ -254,7 +285,15 @@ class ShardLoader:
         if len(found) != len(wanted):
             raise ValueError(f"{len(wanted) - len(found)} pending samples from the checkpoint are not in "
                              f"the shards of {self.folder}; the shards changed since the checkpoint")
-        self.pending = {b: [found[(sh, k)] for sh, k in acc] for b, acc in sd["pending"].items()}
+        waiting = [found[(sh, k)] for acc in sd["pending"].values() for sh, k in acc]
+        self.pending = {}
+        if self.packer is not None:  # a packed run's window, or (packing turned on) the accumulators
+            self.packer.window = [self._packable(s) for s in waiting]
+        elif "window" in sd["pending"]:  # packing turned off: the window's samples go to their buckets
+            for s in waiting:
+                self.pending.setdefault(s["bucket"], []).append(s)
+        else:
+            self.pending = {b: [found[(sh, k)] for sh, k in acc] for b, acc in sd["pending"].items()}
 
     def load_elastic_state(self, states: list[dict]) -> str:
         """Continue a stream saved with another DP size, from every old DP rank's state_dict.
@@ -265,7 +304,8 @@ class ShardLoader:
         later epochs are normal. Nothing of that epoch is skipped: the blocks old ranks were
         partway through are read again (at most one shuffle buffer per old rank repeats), and
         so are the shards of read-but-unbatched samples (which are dropped from the
-        accumulators). An old rank already in a later epoch has its progress there replayed.
+        accumulators, or with packing from the packer windows: re-read with their shards, never
+        lost). An old rank already in a later epoch has its progress there replayed.
         Returns a line for the log."""
         old = int(states[0]["dp_size"])
         ranks = sorted(int(s["dp_rank"]) for s in states)
@@ -302,6 +342,8 @@ class ShardLoader:
         self.epoch_override = (epoch, remaining)
         self.epoch, self.block, self.offset = epoch, 0, 0
         self.pending, self._block_key, self._prefetch = {}, None, None
+        if self.packer is not None:  # the old windows' samples come back with their shards
+            self.packer.window = []
         self.batches_done = max(int(sd["batches_done"]) for sd in states)
         return (f"data stream carried over from dp_size={old} to {self.dp_size} at shard granularity: "
                 f"epoch {epoch} continues with {len(remaining)} of its {len(everything)} shards")

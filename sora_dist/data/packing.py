@@ -1,0 +1,110 @@
+"""Patch n' Pack: per-DP-rank token-budget packs of mixed-size samples.
+
+Why packing balances DP ranks without communication. With bucket batches, one DP rank may draw
+a batch of 21-frame clips while another draws images; every step waits for the slowest rank.
+Here every rank fills its own pack to (nearly) the same budget, data.tokens_per_rank, from its
+own stream, so per-step token counts differ only by each pack's unfilled tail. First-fit-
+decreasing over a look-ahead window keeps that tail small: the big samples go in first, and the
+window almost always holds a small one (an image, a short clip) that fits the last gap. No rank
+has to know what the others drew. Attention cost is quadratic in a sample's length, so packs of
+one long clip and of many images still differ in attention FLOPs; tokens (linear layers, the
+bulk at video sizes) are what the budget equalises.
+
+Determinism. The packer is a pure function of its input stream and of the window it starts
+with; its whole state is that window, in stream order. The loaders save the window's sample
+identities and re-create it on resume, so a resumed run draws exactly the same packs.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence
+
+import torch
+
+
+def sample_tokens(shape_THW: Sequence[int], patch: Sequence[int]) -> int:
+    """Tokens of a latent of (T, H, W) under a (pt, ph, pw) patch: prod(ceil(dim / p))."""
+    return math.prod(-(-int(d) // int(p)) for d, p in zip(shape_THW, patch))
+
+
+def check_sample(shape_THW: Sequence[int], patch: Sequence[int], budget: int, name: str) -> int:
+    """Token count of a sample that packing can take, or a ValueError naming it and the fix."""
+    bad = [f"{a}={d}" for a, d, p in zip("THW", shape_THW, patch) if int(d) % int(p)]
+    if bad:
+        raise ValueError(f"{name}: latent T x H x W = {'x'.join(map(str, shape_THW))} does not divide by "
+                         f"model.patch_size={list(patch)} ({', '.join(bad)}); packing cannot pad inside a "
+                         "pack: re-encode the sample to a divisible size (sora-encode buckets), or set "
+                         "data.packing=false")
+    n = sample_tokens(shape_THW, patch)
+    if n > budget:
+        raise ValueError(f"{name}: {n} tokens (latent {'x'.join(map(str, shape_THW))}, patch "
+                         f"{list(patch)}) do not fit one pack of data.tokens_per_rank={budget}; raise "
+                         f"data.tokens_per_rank to >= {n} or shard the sequence with parallel.cp")
+    return n
+
+
+class Packer:
+    """Deterministic first-fit-decreasing packer over a look-ahead window.
+
+    Items are dicts with an int "tokens" (<= budget; the loaders check that with check_sample).
+    pack(pull) fills the window from pull() to `window` items, then repeatedly takes the largest
+    item that still fits the remaining budget (ties: stream order), refilling the window after
+    each take, and returns the pack when nothing in the window fits. pull() returns None when a
+    finite stream ends; the window then drains and pack() returns [] once it is empty.
+    """
+
+    def __init__(self, budget: int, window: int):
+        if budget < 1 or window < 1:
+            raise ValueError(f"packing needs tokens_per_rank >= 1 and pack_window >= 1 (got {budget}, {window})")
+        self.budget, self.window_size = int(budget), int(window)
+        self.window: list[dict] = []  # pending items, stream order (the packer's whole state)
+
+    def _fill(self, pull: Callable[[], Optional[dict]]) -> None:
+        while len(self.window) < self.window_size:
+            item = pull()
+            if item is None:
+                return
+            self.window.append(item)
+
+    def pack(self, pull: Callable[[], Optional[dict]]) -> list[dict]:
+        out, left = [], self.budget
+        while True:
+            self._fill(pull)
+            best = -1
+            for i, it in enumerate(self.window):  # largest that fits; earliest wins a tie
+                if it["tokens"] <= left and (best < 0 or it["tokens"] > self.window[best]["tokens"]):
+                    best = i
+            if best < 0:
+                return out
+            item = self.window.pop(best)
+            out.append(item)
+            left -= item["tokens"]
+
+
+def fill_stats(packs_tokens: Sequence[int], budget: int) -> dict:
+    """Fill figures of a list of pack sizes: mean fill and mean/worst padding (budget - tokens)."""
+    pad = [(budget - t) / budget for t in packs_tokens]
+    return {"packs": len(pad), "mean_fill": 1 - sum(pad) / len(pad), "mean_padding": sum(pad) / len(pad),
+            "max_padding": max(pad)}
+
+
+def dp_imbalance(tokens_per_rank_per_step: Sequence[Sequence[int]]) -> dict:
+    """max/mean tokens over DP ranks, per step: the mean and the worst step."""
+    r = [max(s) / (sum(s) / len(s)) for s in tokens_per_rank_per_step]
+    return {"steps": len(r), "mean": sum(r) / len(r), "max": max(r)}
+
+
+def collate_pack(samples: list[dict], pad_text_to: int = 0) -> dict:
+    """One pack as the model takes it. Samples: dicts with latent (C, T, H, W), text (L_i, E),
+    mask (L_i,) bool, tokens, key. Captions are padded to the pack's longest (or pad_text_to)."""
+    L = max(max(s["text"].shape[0] for s in samples), pad_text_to)
+    E = samples[0]["text"].shape[1]
+    text = torch.zeros(len(samples), L, E)
+    mask = torch.zeros(len(samples), L, dtype=torch.bool)
+    for i, s in enumerate(samples):
+        n = s["text"].shape[0]
+        text[i, :n] = s["text"].float() * s["mask"][:, None]  # zero past the mask, always
+        mask[i, :n] = s["mask"]
+    return {"packed": True, "latent": [s["latent"].float() for s in samples], "text": text,
+            "text_mask": mask, "tokens": sum(int(s["tokens"]) for s in samples),
+            "sample_tokens": [int(s["tokens"]) for s in samples], "keys": [s["key"] for s in samples]}

@@ -1,0 +1,178 @@
+"""Patch n' Pack: the FFD packer, its fill/balance figures, and the packing sources."""
+import json
+import random
+
+import pytest
+import torch
+
+from sora_dist.config.data import DataConfig
+from sora_dist.data.packing import Packer, check_sample, dp_imbalance, fill_stats, sample_tokens
+from sora_dist.data.synthetic import SyntheticLatents
+
+
+def _puller(tokens):
+    it = iter([{"tokens": t, "key": i} for i, t in enumerate(tokens)])
+    return lambda: next(it, None)
+
+
+def _all_packs(packer, pull):
+    out = []
+    while True:
+        p = packer.pack(pull)
+        if not p:
+            return out
+        out.append(p)
+
+
+def test_token_count_and_sample_checks():
+    assert sample_tokens((21, 60, 104), (1, 2, 2)) == 21 * 30 * 52
+    assert sample_tokens((3, 7, 9), (1, 2, 2)) == 3 * 4 * 5  # ceil, as the model pads
+    assert check_sample((2, 4, 6), (1, 2, 2), 12, "x") == 12
+    with pytest.raises(ValueError) as e:
+        check_sample((2, 4, 6), (1, 2, 2), 11, "shard-1.tar: sample 'k7'")
+    msg = str(e.value)
+    assert msg.startswith("shard-1.tar: sample 'k7': 12 tokens")
+    assert "raise data.tokens_per_rank to >= 12 or shard the sequence with parallel.cp" in msg
+    with pytest.raises(ValueError, match=r"s9: latent T x H x W = 3x4x5 does not divide by "
+                                         r"model.patch_size=\[1, 2, 2\] \(W=5\).*data.packing=false"):
+        check_sample((3, 4, 5), (1, 2, 2), 100, "s9")
+
+
+def test_ffd_takes_largest_fitting_and_refills_the_window():
+    # window [3,7,2,5,4]: 7, refill 6, then 3 fills the budget -> [7,3]; then [6,4]; then [5,2,1]
+    packs = _all_packs(Packer(10, 5), _puller([3, 7, 2, 5, 4, 6, 1]))
+    assert [[it["tokens"] for it in p] for p in packs] == [[7, 3], [6, 4], [5, 2, 1]]
+    # ties go to the earlier sample in the stream
+    packs = _all_packs(Packer(4, 8), _puller([2, 2, 2, 2, 2]))
+    assert [[it["key"] for it in p] for p in packs] == [[0, 1], [2, 3], [4]]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_packs_are_deterministic_within_budget_and_emit_every_sample_once(seed):
+    rng = random.Random(seed)
+    tokens = [rng.choice([1, 3, 8, 20, 64, 100]) for _ in range(500)]
+    packs = _all_packs(Packer(100, 16), _puller(tokens))
+    assert all(0 < sum(it["tokens"] for it in p) <= 100 for p in packs)
+    keys = [it["key"] for p in packs for it in p]
+    assert sorted(keys) == list(range(len(tokens)))  # every sample exactly once
+    again = _all_packs(Packer(100, 16), _puller(tokens))
+    assert [[it["key"] for it in p] for p in again] == [[it["key"] for it in p] for p in packs]
+
+
+# A realistic mixed set at Wan2.1 480p latent sizes (VAE 4x8x8, patch 1x2x2): images and clips
+# of 1..21 latent frames (81 video frames) in five aspect ratios; budget = the longest sample.
+ASPECTS = [(60, 104), (104, 60), (64, 64), (72, 96), (96, 72)]
+BUDGET = 21 * 36 * 48
+
+
+def _mixed_stream(seed):
+    rng, i = random.Random(seed), 0
+    while True:
+        H, W = rng.choice(ASPECTS)
+        T = 1 if rng.random() < 0.3 else rng.randint(1, 21)
+        yield {"tokens": sample_tokens((T, H, W), (1, 2, 2)), "key": i}
+        i += 1
+
+
+def _simulate(dp, window, steps=200):
+    per_rank = []
+    for r in range(dp):
+        stream, packer = _mixed_stream(1000 + r), Packer(BUDGET, window)
+        per_rank.append([sum(it["tokens"] for it in packer.pack(lambda: next(stream))) for _ in range(steps)])
+    return fill_stats([t for p in per_rank for t in p], BUDGET), dp_imbalance(list(zip(*per_rank)))
+
+
+@pytest.mark.parametrize("dp", [2, 4])
+def test_fill_and_dp_balance_on_a_mixed_set(dp):
+    fill, imb = _simulate(dp, window=64)
+    print(f"dp={dp}: padding mean {fill['mean_padding']:.2%} max {fill['max_padding']:.2%}, "
+          f"imbalance mean {imb['mean']:.4f} worst step {imb['max']:.4f}")
+    assert fill["mean_padding"] <= 0.02
+    assert imb["mean"] <= 1.05 and imb["max"] <= 1.05
+    # The bounds discriminate: without look-ahead (window 1: stream-order greedy) they fail.
+    fill1, imb1 = _simulate(dp, window=1)
+    assert fill1["mean_padding"] > 0.02 and imb1["max"] > 1.05
+
+
+# ---- synthetic source ---------------------------------------------------------------------------
+MIXED = [[1, 8, 8], [1, 6, 10], [1, 10, 6], [3, 8, 8], [2, 6, 10], [4, 4, 12], [5, 8, 8]]
+
+
+def _syn_cfg(**kw):
+    kw = {"source": "synthetic", "synthetic_buckets": MIXED, "synthetic_samples": 100_000, "packing": True,
+          "tokens_per_rank": 96, "pack_window": 8, **kw}
+    return DataConfig(**kw)
+
+
+def test_synthetic_packs_mix_images_and_clips_in_the_batch_format():
+    ld = SyntheticLatents(_syn_cfg(), 4, 8, 0, 1)
+    shapes, keys = set(), []
+    for _ in range(20):
+        b = next(ld)
+        K = len(b["latent"])
+        assert b["packed"] is True and b["text"].shape == (K, 8, 8) and b["text_mask"].shape == (K, 8)
+        assert b["text"].dtype == torch.float32 and b["text_mask"].dtype == torch.bool
+        assert b["tokens"] == sum(b["sample_tokens"]) <= 96 and len(b["keys"]) == K
+        for x, n in zip(b["latent"], b["sample_tokens"]):
+            assert x.dtype == torch.float32 and x.shape[0] == 4 and n == sample_tokens(x.shape[1:], (1, 2, 2))
+            shapes.add(tuple(x.shape[1:]))
+        keys += b["keys"]
+    assert {s[0] for s in shapes} >= {1, 5} and len({s[1] / s[2] for s in shapes}) >= 3  # mixed
+    assert len(keys) == len(set(keys))
+
+
+@pytest.mark.parametrize("stop", [1, 5])
+def test_synthetic_resume_draws_the_same_packs(stop):
+    ref = SyntheticLatents(_syn_cfg(), 4, 8, 1, 2)
+    full = [next(ref) for _ in range(stop + 6)]
+    ld = SyntheticLatents(_syn_cfg(), 4, 8, 1, 2)
+    for _ in range(stop):
+        next(ld)
+    sd = json.loads(json.dumps(ld.state_dict()))
+    assert sd["window"]  # the window really is restored
+    resumed = SyntheticLatents(_syn_cfg(), 4, 8, 1, 2)
+    resumed.load_state_dict(sd)
+    for want in full[stop:]:
+        got = next(resumed)
+        assert got["keys"] == want["keys"] and torch.equal(got["text"], want["text"])
+        assert all(torch.equal(a, b) for a, b in zip(got["latent"], want["latent"]))
+
+
+def test_synthetic_dp_resize_with_packing_loses_and_repeats_nothing():
+    old = [SyntheticLatents(_syn_cfg(), 4, 8, r, 3) for r in range(3)]
+    emitted = [k for _ in range(6) for ld in old for k in next(ld)["keys"]]
+    states = [json.loads(json.dumps(ld.state_dict())) for ld in old]
+    waiting = {k for sd in states for k in sd["window"]}
+    assert waiting and len({sd["read"] for sd in states}) > 1  # ranks read unevenly: gaps to fill
+    new = [SyntheticLatents(_syn_cfg(), 4, 8, r, 2) for r in range(2)]
+    for ld in new:
+        assert "dp_size 3 -> 2" in ld.load_elastic_state(states)
+    for _ in range(12):
+        for ld in new:
+            emitted += next(ld)["keys"]
+    assert len(emitted) == len(set(emitted))                   # nothing repeats
+    assert waiting <= set(emitted)                             # the old windows' samples come out
+    held = {s["key"] for ld in new for s in ld.packer.window} | {ld._position(k) for ld in new
+                                                                 for k in range(ld.read, len(ld.carry))}
+    assert set(range(new[0].base_samples)) <= set(emitted) | held  # and nothing below the frontier is skipped
+
+
+def test_synthetic_oversize_or_indivisible_bucket_is_named():
+    with pytest.raises(ValueError, match=r"data.synthetic_buckets entry \[5, 8, 8\]: 80 tokens .* >= 80"):
+        SyntheticLatents(_syn_cfg(tokens_per_rank=64), 4, 8, 0, 1)
+    with pytest.raises(ValueError, match=r"data.synthetic_buckets entry \[3, 7, 9\].*does not divide"):
+        SyntheticLatents(_syn_cfg(synthetic_buckets=[[3, 7, 9]]), 4, 8, 0, 1)
+    SyntheticLatents(_syn_cfg(packing=False, synthetic_buckets=[[3, 7, 9]]), 4, 8, 0, 1)  # only when packing
+
+
+def test_validate_names_the_token_budget():
+    from sora_dist.config import ConfigError, JobConfig, validate
+    cfg = JobConfig()
+    cfg.data.packing = True
+    with pytest.raises(ConfigError, match=r"data.tokens_per_rank=0: data.packing=true needs .* set data.tokens_per_rank>0"):
+        validate(cfg)
+    cfg.data.tokens_per_rank = 4096
+    validate(cfg)
+    cfg.data.pack_window = 0
+    with pytest.raises(ConfigError, match="data.pack_window=0"):
+        validate(cfg)
