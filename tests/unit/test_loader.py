@@ -338,3 +338,92 @@ def test_second_resize_takes_the_override_from_ranks_still_in_that_epoch(shards)
     states[1]["epoch_override"][1] = states[1]["epoch_override"][1][:-1]
     with pytest.raises(ValueError, match="disagree"):
         ShardLoader(cfg, 0, 2).load_elastic_state(states)
+
+
+# ---- packing (data.packing): token-budget packs from the shards -------------------------------
+TOKENS = {(2, 4, 4): 8, (1, 4, 6): 6, (3, 2, 2): 3}  # under the default patch (1, 2, 2)
+
+
+def _packed(folder, **kw):
+    return _cfg(folder, **{"packing": True, "tokens_per_rank": 16, "pack_window": 4, "shuffle_buffer": 5, **kw})
+
+
+def _pack_ids(pack):
+    return [int(x[0, 0, 0, 0]) for x in pack["latent"]]
+
+
+def test_packed_batches_fill_the_budget_in_the_batch_format(shards):
+    folder, n = shards
+    ld = ShardLoader(_packed(folder), 0, 1)
+    names = {name for name, _ in ld.shards}
+    seen = []
+    for _ in range(6):
+        b = next(ld)
+        ids, K = _pack_ids(b), len(b["latent"])
+        assert b["packed"] is True and len(b["keys"]) == K and b["text_mask"].shape[0] == K
+        toks = [TOKENS[tuple(x.shape[1:])] for x in b["latent"]]
+        assert b["sample_tokens"] == toks and b["tokens"] == sum(toks) <= 16
+        assert toks == sorted(toks, reverse=True)  # first-fit decreasing
+        lens = [1 + i % 5 for i in ids]
+        assert b["text"].shape == (K, max(lens), 8) and b["text_mask"].sum(1).tolist() == lens
+        for j, i in enumerate(ids):
+            assert b["latent"][j].dtype == torch.float32 and b["latent"][j].shape[0] == 4
+            assert torch.all(b["text"][j, :lens[j]] == i + 0.5) and torch.all(b["text"][j, lens[j]:] == 0)
+            assert b["keys"][j].split("/")[0] in names and b["captions"][j] == f"cap {i}"
+        seen += ids
+    assert len(seen) == len(set(seen))  # 6 packs of one 23-sample epoch: no sample twice
+
+
+@pytest.mark.parametrize("stop", [1, 3, 7])
+def test_packed_resume_yields_the_same_packs(shards, stop):
+    folder, _ = shards
+    cfg = _packed(folder)
+    ref = ShardLoader(cfg, 1, 2)
+    full = [next(ref)["keys"] for _ in range(stop + 8)]  # crosses epoch boundaries
+    ld = ShardLoader(cfg, 1, 2)
+    for _ in range(stop):
+        next(ld)
+    sd = json.loads(json.dumps(ld.state_dict()))
+    assert sd["pending"]["window"]  # the window is saved and re-read
+    resumed = ShardLoader(cfg, 1, 2)
+    resumed.load_state_dict(sd)
+    assert [next(resumed)["keys"] for _ in range(8)] == full[stop:]
+
+
+def test_packed_dp_resize_reads_the_window_samples_again(shards):
+    folder, n = shards
+    cfg = _packed(folder)
+    old = [ShardLoader(cfg, r, 2) for r in range(2)]
+    emitted = {i for ld in old for _ in range(2) for i in _pack_ids(next(ld))}
+    assert all(ld.epoch == 0 for ld in old)
+    states = [json.loads(json.dumps(ld.state_dict())) for ld in old]
+    waiting = {int(s["latent"].flatten()[0]) for ld in old for s in ld.packer.window}
+    assert waiting and not waiting & emitted
+    new = [ShardLoader(cfg, r, 3) for r in range(3)]
+    for ld in new:
+        assert "dp_size=2 to 3" in ld.load_elastic_state(states)
+        assert ld.packer.window == []
+    parts = [_epoch_ids(ld, 0) for ld in new]
+    again = set().union(*parts)
+    assert sum(map(len, parts)) == len(again)      # new ranks are disjoint
+    assert waiting <= again                        # the old windows' samples are not lost
+    assert emitted | again == set(range(n))        # nor anything else of the epoch
+    b = next(new[0])
+    assert b["packed"] and b["tokens"] <= 16
+
+
+def test_unpackable_samples_are_named_at_load_time(shards):
+    from sora_dist.config.model import ModelConfig
+
+    folder, _ = shards
+    ld = ShardLoader(_packed(folder, tokens_per_rank=7), 0, 1)  # (2, 4, 4) latents have 8 tokens
+    with pytest.raises(ValueError, match=r"shard-r000-\d+\.tar: sample '[^']+': 8 tokens .*raise "
+                                         r"data.tokens_per_rank to >= 8 or shard the sequence with parallel.cp"):
+        for _ in range(10):
+            next(ld)
+    ld = ShardLoader(_packed(folder, tokens_per_rank=64), 0, 1,
+                     model_cfg=ModelConfig(in_channels=4, text_dim=8, patch_size=[2, 2, 2]))
+    with pytest.raises(ValueError, match=r"shard-r000-\d+\.tar: sample '[^']+': latent T x H x W = \dx\dx\d "
+                                         r"does not divide by model.patch_size=\[2, 2, 2\] \(T="):
+        for _ in range(10):
+            next(ld)
