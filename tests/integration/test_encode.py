@@ -179,6 +179,9 @@ def test_config_errors_before_work(tmp_path, models):
     man = _manifest(tmp_path / "m.jsonl", _clips(tmp_path / "v", 1))
     with pytest.raises(ConfigError, match="1 \\+ 4\\*k"):
         run_encode(_cfg(models, man, tmp_path / "out", frames=[1, 6]))
+    with pytest.raises(ConfigError, match=r"encode.storage_dtype='bf8': use bf16, fp16 or fp32"):
+        run_encode(_cfg(models, man, tmp_path / "out_sd", storage_dtype="bf8"))
+    assert not (tmp_path / "out_sd").exists()  # refused before anything is written
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"caption": "no path"}\n')
     with pytest.raises(ConfigError, match="bad.jsonl:1"):
@@ -225,7 +228,7 @@ def test_umt5_folder_encodes_and_shards_record_it(tmp_path, models, umt5):
         b = next(ld)
         emb, mask = direct.encode(b["captions"])
         assert b["text"].shape == emb.shape == (1, 512, 32)  # Wan layout in every training batch
-        torch.testing.assert_close(b["text"], emb, atol=1e-5, rtol=1e-5)
+        assert torch.equal(b["text"], emb.to(torch.bfloat16).float())  # stored in bf16 by default
         assert torch.equal(b["text_mask"], mask) and mask.sum() < 512
 
     # a rerun into that folder with the T5 encoder would mix two encoders' embeddings
@@ -250,3 +253,47 @@ def test_unsupported_text_encoder_is_a_config_error_before_work(tmp_path, models
                                           r".*supported text encoders: t5, umt5"):
         run_encode(_cfg((models[0], str(bad)), _manifest(tmp_path / "m.jsonl", _clips(tmp_path / "v", 1)), out))
     assert not out.exists()  # nothing written
+
+
+@pytest.mark.parametrize("storage_dtype", ["bf16", "fp16", "fp32"])
+def test_storage_dtype_round_trips_through_sora_encode(tmp_path, models, storage_dtype):
+    """Shards in each storage dtype: the loader's float32 equals the direct encoding rounded by
+    torch to that dtype (bit for bit; fp32 is the encoding itself); the manifest and every
+    sample record it."""
+    import tarfile
+
+    from sora_dist.config.data import DataConfig
+    from sora_dist.data.loader import ShardLoader
+    from sora_dist.data.video_io import load_clip, parse_buckets
+    from sora_dist.models.text import TextEncoder
+    from sora_dist.models.vae import VideoVAE
+
+    rows = _clips(tmp_path / "v", 2)
+    cfg = _cfg(models, _manifest(tmp_path / "m.jsonl", rows), tmp_path / "out", storage_dtype=storage_dtype)
+    m = run_encode(cfg)["manifest"]
+    assert (m["storage_dtype"], m["storage_dtypes"]) == (storage_dtype, {storage_dtype: 2})
+    ext = "bf16" if storage_dtype == "bf16" else "npy"
+    for p in sh.list_shards(str(tmp_path / "out")):
+        with tarfile.open(p) as tf:
+            names = {n.split(".", 1)[1] for n in tf.getnames()}
+        assert names == {f"latent.{ext}", f"text.{ext}", "mask.npy", "json"}
+    vae, te = VideoVAE.load(models[0]), TextEncoder.load(models[1], cfg.text_max_length)
+    buckets = parse_buckets(cfg.resolutions, cfg.frames)
+    rnd = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[storage_dtype]
+    ld = ShardLoader(DataConfig(source="shards", shards=str(tmp_path / "out"), batch_size=1, shuffle_buffer=0), 0, 1)
+    seen = set()
+    for _ in rows:
+        b = next(ld)
+        cap = b["captions"][0]
+        row = next(r for r in rows if r["caption"] == cap)
+        lat = vae.encode(load_clip(row["path"], buckets, cfg.target_fps)[0])[0]
+        emb, mask = te.encode([cap])
+        txt = emb[0, : int(mask.sum())]
+        assert b["latent"].dtype == b["text"].dtype == torch.float32
+        assert torch.equal(b["latent"][0], lat.to(rnd).float()) and torch.equal(b["text"][0], txt.to(rnd).float())
+        assert (storage_dtype == "fp32") == torch.equal(b["latent"][0], lat)  # the rounding is real
+        seen.add(cap)
+        meta = next(mt for p in sh.list_shards(str(tmp_path / "out")) for mt in sh.read_shard_meta(p)
+                    if mt["caption"] == cap)
+        assert meta["storage_dtype"] == storage_dtype and meta["text_shape"] == list(txt.shape)
+    assert seen == {r["caption"] for r in rows}
