@@ -28,7 +28,8 @@ def test_roundtrip_matches_direct_encode(tmp_path, tile):
     man.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = EncodeConfig(input=str(man), output=str(tmp_path / "out"), vae_path=vae_dir, text_encoder_path=te_dir,
                        resolutions=[[32, 32], [32, 64], [64, 32]], frames=[1, 5, 9], target_fps=8.0,
-                       samples_per_shard=3, progress=False, rank=0, world_size=1, vae_tile_size=tile)
+                       samples_per_shard=3, progress=False, rank=0, world_size=1, vae_tile_size=tile,
+                       storage_dtype="fp32")  # exact float32 round trip (bf16 storage: test_storage_dtype)
     run_encode(cfg)
 
     vae, te = VideoVAE.load(vae_dir), TextEncoder.load(te_dir, cfg.text_max_length)
