@@ -45,6 +45,21 @@ class Objective:
         x_t, target = self.corrupt(x0, t, noise)
         return x_t, self.model_time(t), drop, target
 
+    def packed_training_inputs(self, latents: list, generator: torch.Generator):
+        """training_inputs for a pack (models/packing.py): K latents of any sizes, each with its
+        own t, noise and caption drop, drawn from the generator in this order: t (K), then each
+        sample's noise, then the drops. Returns (x_t list, model_time (K,), drop (K,), targets)."""
+        K = len(latents)
+        t = self.sample_t(K, generator).to(latents[0].device)
+        noises = [randn_like_cpu(x, generator) for x in latents]
+        drop = (torch.rand(K, generator=generator) < self.caption_dropout).to(latents[0].device)
+        xs, targets = [], []
+        for i, (x0, n) in enumerate(zip(latents, noises)):
+            x_t, y = self.corrupt(x0[None], t[i:i + 1], n[None])
+            xs.append(x_t[0])
+            targets.append(y[0])
+        return xs, self.model_time(t), drop, targets
+
     def training_loss(
         self, model, x0: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
         generator: torch.Generator,

@@ -29,6 +29,27 @@ def sdpa_attention(
     return F.scaled_dot_product_attention(q_BHSD, k_BHSD, v_BHSD, attn_mask=mask)
 
 
+def doc_runs(doc_S: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(start, end, id) of each run of equal document ids (packed samples are contiguous)."""
+    ids, counts = torch.unique_consecutive(doc_S, return_counts=True)
+    out, start = [], 0
+    for i, n in zip(ids.tolist(), counts.tolist()):
+        out.append((start, start + n, i))
+        start += n
+    return out
+
+
+def document_attention(attn, q_BHSD, k_BHSD, v_BHSD, doc_S, kv_mask_BS=None) -> torch.Tensor:
+    """Self-attention of a packed sequence (B = 1): each sample's tokens attend only within the
+    sample (a block-diagonal mask), one `attn` call per sample on its own q/k/v slice, so no
+    S x S mask is ever built. doc_S: sample id of each token; its runs are the samples."""
+    outs = []
+    for a, b, _ in doc_runs(doc_S):
+        m = None if kv_mask_BS is None else kv_mask_BS[:, a:b]
+        outs.append(attn(q_BHSD[:, :, a:b], k_BHSD[:, :, a:b], v_BHSD[:, :, a:b], m))
+    return torch.cat(outs, dim=2)
+
+
 def sdpa_priority(kernel: str) -> Optional[list]:
     """SDPBackend priority list for model.sdpa_kernel, or None for torch's default order. The
     chosen kernel goes first and the rest follow as fallbacks (in torch's order), so a kernel
@@ -122,7 +143,13 @@ class CoreAttention(nn.Module):
         return (f"backend={self.backend}" + (", fp8" if self.fp8_recipe is not None else "")
                 + (f", sdpa_kernel={self.sdpa_kernel}" if self.sdpa_kernel != "auto" else ""))
 
-    def forward(self, q_BHSD, k_BHSD, v_BHSD, kv_mask_BS=None):
+    def forward(self, q_BHSD, k_BHSD, v_BHSD, kv_mask_BS=None, doc_S=None):
+        """doc_S (packed sequences): the sample of each token; attention stays within samples."""
+        if doc_S is not None:
+            return document_attention(self._dense, q_BHSD, k_BHSD, v_BHSD, doc_S, kv_mask_BS)
+        return self._dense(q_BHSD, k_BHSD, v_BHSD, kv_mask_BS)
+
+    def _dense(self, q_BHSD, k_BHSD, v_BHSD, kv_mask_BS=None):
         if self.backend == "sdpa":
             if self._sdpa_priority is None:
                 return sdpa_attention(q_BHSD, k_BHSD, v_BHSD, kv_mask_BS)

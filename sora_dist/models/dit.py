@@ -23,6 +23,7 @@ from sora_dist.models.attention import CoreAttention
 from sora_dist.models.embeddings import (
     PatchEmbed3D, TimestepEmbedder, apply_rope, build_rope_3d, unpatchify,
 )
+from sora_dist.models.modulation import gated_add, modulate
 
 
 @dataclass
@@ -42,13 +43,43 @@ class Conditioning:
     # whole CP chunk). None: c_BD is per sample (models/modulation.py).
     rows_S: Optional[torch.Tensor] = None
     head_rows_S: Optional[torch.Tensor] = None
+    # Packed sequences (B = 1, samples of any size one after another; models/packing.py): the
+    # sample of each token (this rank's CP chunk, like token_mask; CP padding gets id -1) and
+    # the real sequence length (the head crops to it). Self-attention stays within a sample,
+    # cross-attention reads the token's own caption (text_BLD then holds one per sample).
+    doc_S: Optional[torch.Tensor] = None
+    seq_len: Optional[int] = None
 
     def with_(self, **kw) -> "Conditioning":
         return replace(self, **kw)
 
 
-def modulate(x_BSD, shift_BD, scale_BD):
-    return x_BSD * (1 + scale_BD[:, None]) + shift_BD[:, None]
+def packed_conditioning(c_KX, text_KLD, text_mask_KL, grids_K3, head_dim: int) -> Conditioning:
+    """The Conditioning of a packed sequence (batch 1): per-sample conditioning vectors become
+    a table (1, K, ...) whose rows the tokens select by sample; RoPE restarts per sample."""
+    from sora_dist.models.packing import packed_layout
+
+    if c_KX.shape[0] != grids_K3.shape[0]:
+        raise ValueError(f"a pack of {grids_K3.shape[0]} samples got {c_KX.shape[0]} timesteps")
+    ids, rope, S = packed_layout(grids_K3, head_dim, c_KX.device)
+    return Conditioning(c_BD=c_KX[None], text_BLD=text_KLD, text_mask_BL=text_mask_KL, rope_SP2=rope,
+                        grid=(1, 1, S), shape_THW=(1, 1, S), rows_S=ids, head_rows_S=ids, doc_S=ids,
+                        seq_len=S)
+
+
+def cross_attention_per_sample(attn, q_BHSD, k_KHLD, v_KHLD, text_mask_KL, doc_S):
+    """Cross-attention of a packed sequence: each run of a sample's tokens attends to that
+    sample's caption only (k/v hold one caption per sample). Padding tokens (id < 0) get 0."""
+    from sora_dist.models.attention import doc_runs
+
+    outs = []
+    for a, b, i in doc_runs(doc_S):
+        if i < 0:
+            outs.append(q_BHSD.new_zeros(*q_BHSD.shape[:2], b - a, v_KHLD.shape[-1]))
+        else:
+            m = None if text_mask_KL is None else text_mask_KL[i:i + 1]
+            outs.append(attn(q_BHSD[:, :, a:b], k_KHLD[i:i + 1], v_KHLD[i:i + 1], m))
+    return torch.cat(outs, dim=2)
 
 
 class RMSNorm(nn.Module):
@@ -86,24 +117,26 @@ class _Attention(nn.Module):
 class SelfAttention(_Attention):
     """Multi-head self-attention over video tokens with 3D RoPE."""
 
-    def forward(self, x_BSD, rope_SP2, token_mask_BS=None):
+    def forward(self, x_BSD, rope_SP2, token_mask_BS=None, doc_S=None):
         B, S, _ = x_BSD.shape
         q = apply_rope(self._heads(x_BSD, self.wq, self.q_norm), rope_SP2)
         k = apply_rope(self._heads(x_BSD, self.wk, self.k_norm), rope_SP2)
         v = self._heads(x_BSD, self.wv)
-        o = self.core_attention(q, k, v, token_mask_BS)
+        o = (self.core_attention(q, k, v, token_mask_BS) if doc_S is None
+             else self.core_attention(q, k, v, token_mask_BS, doc_S))
         return self.wo(o.transpose(1, 2).reshape(B, S, -1))
 
 
 class CrossAttention(_Attention):
     """Video tokens attend to caption tokens (masked). Sequence-local: no CP communication."""
 
-    def forward(self, x_BSD, text_BLD, text_mask_BL):
+    def forward(self, x_BSD, text_BLD, text_mask_BL, doc_S=None):
         B, S, _ = x_BSD.shape
         q = self._heads(x_BSD, self.wq, self.q_norm)
         k = self._heads(text_BLD, self.wk, self.k_norm)
         v = self._heads(text_BLD, self.wv)
-        o = self.core_attention(q, k, v, text_mask_BL)
+        o = (self.core_attention(q, k, v, text_mask_BL) if doc_S is None
+             else cross_attention_per_sample(self.core_attention, q, k, v, text_mask_BL, doc_S))
         return self.wo(o.transpose(1, 2).reshape(B, S, -1))
 
 
@@ -138,14 +171,16 @@ class DiTBlock(nn.Module):
         # for the first it also keeps torch.compile + op-level selective checkpointing exact
         # (measured on torch 2.13: a strided input gave compiled SAC gradients 1e-2 off).
         x_BSD = x_BSD.contiguous()
+        # (B, D) each, or (B, K, D) per packed sample with cond.rows_S naming each token's row.
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
             self.adaLN_modulation(cond.c_BD).chunk(6, dim=-1)
         )
-        h = modulate(self.norm1(x_BSD), shift_msa, scale_msa)
-        x_BSD = x_BSD + gate_msa[:, None] * self.attn(h, cond.rope_SP2, cond.token_mask_BS)
-        x_BSD = x_BSD + self.cross_attn(self.norm_cross(x_BSD), cond.text_BLD, cond.text_mask_BL)
-        h = modulate(self.norm2(x_BSD), shift_mlp, scale_mlp)
-        return x_BSD + gate_mlp[:, None] * self.mlp(h)
+        rows = cond.rows_S
+        h = modulate(self.norm1(x_BSD), shift_msa, scale_msa, rows)
+        x_BSD = gated_add(x_BSD, self.attn(h, cond.rope_SP2, cond.token_mask_BS, cond.doc_S), gate_msa, rows)
+        x_BSD = x_BSD + self.cross_attn(self.norm_cross(x_BSD), cond.text_BLD, cond.text_mask_BL, cond.doc_S)
+        h = modulate(self.norm2(x_BSD), shift_mlp, scale_mlp, rows)
+        return gated_add(x_BSD, self.mlp(h), gate_mlp, rows)
 
 
 class FinalLayer(nn.Module):
@@ -156,9 +191,9 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(D, a.patch_size[0] * a.patch_size[1] * a.patch_size[2] * a.in_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
 
-    def forward(self, x_BSD, c_BD):
+    def forward(self, x_BSD, c_BD, rows_S=None):
         shift, scale = self.adaLN_modulation(c_BD).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm(x_BSD), shift, scale))
+        return self.linear(modulate(self.norm(x_BSD), shift, scale, rows_S))
 
 
 def init_dit_weights(module: nn.Module, zero_init: bool = True) -> None:
@@ -219,9 +254,12 @@ class VideoDiT(nn.Module):
     def embed(
         self, x_BCTHW: torch.Tensor, t_B: torch.Tensor, text_BLD: torch.Tensor,
         text_mask_BL: torch.Tensor, drop_text_B: Optional[torch.Tensor] = None,
+        grids_K3: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, Conditioning]:
         """Patchify and build the conditioning. drop_text_B (bool) swaps those captions for the
-        learned null caption: one valid token, so masked attention never sees an empty row."""
+        learned null caption: one valid token, so masked attention never sees an empty row.
+        With grids_K3, x is a packed sequence of K samples (models/packing.py) and t, text,
+        text_mask, drop_text hold one entry per sample."""
         tokens_BSD, grid = self.x_embedder(x_BCTHW)
         text_mask_BL = text_mask_BL.bool()
         if drop_text_B is not None:
@@ -232,9 +270,12 @@ class VideoDiT(nn.Module):
             d = drop_text_B.bool()
             text_BLD = torch.where(d[:, None, None], null_BLD, text_BLD)
             text_mask_BL = torch.where(d[:, None], null_mask, text_mask_BL)
+        c, text = self.t_embedder(t_B), self.y_embedder(text_BLD)
+        if grids_K3 is not None:
+            return tokens_BSD, packed_conditioning(c, text, text_mask_BL, grids_K3, self.args.head_dim)
         cond = Conditioning(
-            c_BD=self.t_embedder(t_B),
-            text_BLD=self.y_embedder(text_BLD),
+            c_BD=c,
+            text_BLD=text,
             text_mask_BL=text_mask_BL,
             rope_SP2=build_rope_3d(grid, self.args.hidden_size // self.args.num_heads, tokens_BSD.device),
             grid=grid,
@@ -244,17 +285,20 @@ class VideoDiT(nn.Module):
 
     def final(self, tokens_BSD: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The final layer on tokens (the sequence seam runs it on this rank's CP chunk)."""
-        return self.final_layer(tokens_BSD, cond.c_BD)
+        return self.final_layer(tokens_BSD, cond.c_BD, cond.head_rows_S)
 
     def head(self, tokens_BSD: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         return self.to_latents(self.final(tokens_BSD, cond), cond)
 
     def to_latents(self, out_BSP: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """Final-layer tokens (B, S, pt*ph*pw*C) -> latents (B, C, T, H, W), padding cropped."""
+        """Final-layer tokens (B, S, pt*ph*pw*C) -> latents (B, C, T, H, W), padding cropped.
+        A packed sequence stays in token layout (models/packing.py unpacks it)."""
+        if cond.seq_len is not None:
+            return out_BSP[:, :cond.seq_len]
         return unpatchify(out_BSP, cond.grid, self.args.patch_size, self.args.in_channels, cond.shape_THW)
 
-    def forward(self, x_BCTHW, t_B, text_BLD, text_mask_BL, drop_text_B=None):
-        tokens, cond = self.embed(x_BCTHW, t_B, text_BLD, text_mask_BL, drop_text_B)
+    def forward(self, x_BCTHW, t_B, text_BLD, text_mask_BL, drop_text_B=None, grids_K3=None):
+        tokens, cond = self.embed(x_BCTHW, t_B, text_BLD, text_mask_BL, drop_text_B, grids_K3)
         for blk in self.blocks.values():
             tokens = blk(tokens, cond)
         return self.head(tokens, cond)

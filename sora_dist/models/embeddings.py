@@ -93,6 +93,12 @@ class PatchEmbed3D(nn.Module):
         self.proj = nn.Conv3d(in_channels, hidden_size, kernel_size=self.patch, stride=self.patch)
 
     def forward(self, x_BCTHW: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        if x_BCTHW.ndim == 3:
+            # A packed sequence (1, S, C*P) of patches (models/packing.py): each patch is one
+            # conv window, so the same conv (and whatever wraps it) embeds it.
+            B, S, _ = x_BCTHW.shape
+            x = self.proj(x_BCTHW.reshape(B * S, -1, *self.patch))
+            return x.reshape(B, S, -1), (1, 1, S)
         x = self.proj(pad_to_patch(x_BCTHW, self.patch))
         grid = tuple(x.shape[-3:])
         return rearrange(x, "b d t h w -> b (t h w) d"), grid

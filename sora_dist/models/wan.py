@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from sora_dist.config.model import DiTArgs
 from sora_dist.models.attention import CoreAttention
-from sora_dist.models.dit import MLP, Conditioning, RMSNorm
+from sora_dist.models.dit import MLP, Conditioning, RMSNorm, cross_attention_per_sample, packed_conditioning
 from sora_dist.models.embeddings import PatchEmbed3D, TimestepEmbedder, apply_rope, build_rope_3d, unpatchify
 from sora_dist.models.modulation import gated_add, modulate
 
@@ -68,24 +68,26 @@ class WanSelfAttention(nn.Module):
     def _heads(self, x_BSD: torch.Tensor) -> torch.Tensor:
         return x_BSD.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)  # (B, heads, S, hd)
 
-    def forward(self, x_BSD, rope_SP2, token_mask_BS=None):
+    def forward(self, x_BSD, rope_SP2, token_mask_BS=None, doc_S=None):
         B, S, _ = x_BSD.shape
         q = apply_rope(self._heads(self.q_norm(self.wq(x_BSD))), rope_SP2)
         k = apply_rope(self._heads(self.k_norm(self.wk(x_BSD))), rope_SP2)
         v = self._heads(self.wv(x_BSD))
-        o = self.core_attention(q, k, v, token_mask_BS)
+        o = (self.core_attention(q, k, v, token_mask_BS) if doc_S is None
+             else self.core_attention(q, k, v, token_mask_BS, doc_S))
         return self.wo(o.transpose(1, 2).reshape(B, S, -1))
 
 
 class WanCrossAttention(WanSelfAttention):
     """Video tokens attend to every caption token (Wan masks captions by zeroing them)."""
 
-    def forward(self, x_BSD, text_BLD, text_mask_BL=None):
+    def forward(self, x_BSD, text_BLD, text_mask_BL=None, doc_S=None):
         B, S, _ = x_BSD.shape
         q = self._heads(self.q_norm(self.wq(x_BSD)))
         k = self._heads(self.k_norm(self.wk(text_BLD)))
         v = self._heads(self.wv(text_BLD))
-        o = self.core_attention(q, k, v, None)
+        o = (self.core_attention(q, k, v, None) if doc_S is None
+             else cross_attention_per_sample(self.core_attention, q, k, v, None, doc_S))
         return self.wo(o.transpose(1, 2).reshape(B, S, -1))
 
 
@@ -121,10 +123,10 @@ class WanBlock(nn.Module):
             self.modulation(cond.c_BD[..., :6, :]).unbind(-2))
         rows = cond.rows_S
         h = modulate(self.norm1(x_BSD.float()), shift_msa, scale_msa, rows).type_as(x_BSD)
-        a = self.attn(h, cond.rope_SP2, cond.token_mask_BS)
+        a = self.attn(h, cond.rope_SP2, cond.token_mask_BS, cond.doc_S)
         x_BSD = gated_add(x_BSD.float(), a.float(), gate_msa, rows).type_as(x_BSD)
         h = self.norm_cross(x_BSD)
-        x_BSD = x_BSD + self.cross_attn(h, cond.text_BLD, cond.text_mask_BL)
+        x_BSD = x_BSD + self.cross_attn(h, cond.text_BLD, cond.text_mask_BL, cond.doc_S)
         h = modulate(self.norm2(x_BSD.float()), shift_mlp, scale_mlp, rows).type_as(x_BSD)
         return gated_add(x_BSD.float(), self.mlp(h).float(), gate_mlp, rows).type_as(x_BSD)
 
@@ -216,8 +218,10 @@ class WanDiT(nn.Module):
     def embed(
         self, x_BCTHW: torch.Tensor, t_B: torch.Tensor, text_BLD: torch.Tensor,
         text_mask_BL: torch.Tensor, drop_text_B: Optional[torch.Tensor] = None,
+        grids_K3: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, Conditioning]:
-        """Patchify and build the conditioning. Caption rows past the mask, and the whole
+        """Patchify and build the conditioning (with grids_K3: a packed sequence of K samples,
+        models/packing.py; t and the captions per sample). Caption rows past the mask, and the whole
         caption of samples in drop_text_B, are zeroed (Wan's padding and empty caption).
         t_B is one timestep per sample (B,), or one per latent frame (B, T): Wan2.2 TI2V gives
         the clean conditioning frame t=0 (diffusers' per-token `timestep` of shape (B, S), which
@@ -228,6 +232,8 @@ class WanDiT(nn.Module):
         tokens_BSD = tokens_BSD.contiguous()
         rows_S = None
         if t_B.ndim == 2:
+            if grids_K3 is not None:
+                raise NotImplementedError("per-frame timesteps in a packed sequence are not supported")
             if t_B.shape[1] != x_BCTHW.shape[2] or self.args.patch_size[0] != 1:
                 raise ValueError(f"per-frame timesteps {tuple(t_B.shape)} need one per latent frame "
                                  f"(T={x_BCTHW.shape[2]}) and a temporal patch of 1 "
@@ -238,6 +244,10 @@ class WanDiT(nn.Module):
             keep_BL = keep_BL & ~drop_text_B.bool()[:, None]
         text_BLD = text_BLD * keep_BL[..., None].to(text_BLD.dtype)
         c = self.t_embedder(t_B.reshape(-1)).unflatten(0, t_B.shape)  # (B, 7, D) or (B, T, 7, D)
+        if grids_K3 is not None:
+            cond = packed_conditioning(c, self.y_embedder(text_BLD), torch.ones_like(keep_BL), grids_K3,
+                                       self.args.head_dim)
+            return tokens_BSD, cond
         cond = Conditioning(
             c_BD=c,
             text_BLD=self.y_embedder(text_BLD),
@@ -257,10 +267,12 @@ class WanDiT(nn.Module):
         return self.to_latents(self.final(tokens_BSD, cond), cond)
 
     def to_latents(self, out_BSP: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        if cond.seq_len is not None:  # a packed sequence stays in token layout
+            return out_BSP[:, :cond.seq_len]
         return unpatchify(out_BSP, cond.grid, self.args.patch_size, self.args.in_channels, cond.shape_THW)
 
-    def forward(self, x_BCTHW, t_B, text_BLD, text_mask_BL, drop_text_B=None):
-        tokens, cond = self.embed(x_BCTHW, t_B, text_BLD, text_mask_BL, drop_text_B)
+    def forward(self, x_BCTHW, t_B, text_BLD, text_mask_BL, drop_text_B=None, grids_K3=None):
+        tokens, cond = self.embed(x_BCTHW, t_B, text_BLD, text_mask_BL, drop_text_B, grids_K3)
         for blk in self.blocks.values():
             tokens = blk(tokens, cond)
         return self.head(tokens, cond)

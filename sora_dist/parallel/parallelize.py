@@ -40,6 +40,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.distributed.tensor import _random as dtensor_random
 from torch.overrides import TorchFunctionMode
 
+from sora_dist.models.packing import packed_loss
 from sora_dist.parallel.activation_checkpoint import apply_activation_checkpointing
 from sora_dist.parallel.context_parallel import apply_cp_attention
 from sora_dist.parallel.device import autocast
@@ -88,11 +89,20 @@ class ParallelModel:
     def rng_trackers(self) -> list[RNGStatesTracker]:
         return [p.rng_tracker for p in self.parts]
 
-    def forward_backward(self, x_t, t, text, text_mask, drop, target) -> torch.Tensor:
+    def forward_backward(self, x_t, t, text, text_mask, drop, target, grids=None) -> torch.Tensor:
         """Forward and backward of one batch; returns the detached batch loss (under PP, the
         mean over microbatches, on every PP rank). Autocast covers the forward only: backward
         runs in the dtypes the forward saved (the pipeline schedule interleaves the two, so
-        there it covers the schedule)."""
+        there it covers the schedule). grids: a packed sequence (models/packing.py), whose
+        target carries the per-token loss weights."""
+        if grids is not None:
+            if self.pipeline is not None:
+                raise NotImplementedError("packed sequences with pipeline parallelism are not supported yet; "
+                                          "use parallel.pp=1 or data.packing=false")
+            with self.autocast():
+                loss = packed_loss(self.model(x_t, t, text, text_mask, drop, grids), target)
+            loss.backward()
+            return loss.detach()
         if self.pipeline is not None:
             with self.autocast():
                 return self.pipeline.step(x_t, t, text, text_mask, drop, target)

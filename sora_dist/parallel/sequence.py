@@ -103,6 +103,13 @@ class SequenceSharding:
             rope = shard_sequence(rope, 0, self.cp_mesh)
             mask = None if mask is None else shard_sequence(mask, 1, self.cp_mesh).contiguous()
         cond = cond.with_(rope_SP2=rope, token_mask_BS=mask)
+        if cond.doc_S is not None:
+            # Packed samples: the sample of each token, CP-sharded like the mask (attention sees
+            # the CP chunk); padding tokens belong to no sample (-1).
+            doc = F.pad(cond.doc_S, (0, pad), value=-1) if pad else cond.doc_S
+            if self.cp_mesh is not None:
+                doc = shard_sequence(doc, 0, self.cp_mesh).contiguous()
+            cond = cond.with_(doc_S=doc)
         if cond.rows_S is not None:
             # Per-token table rows: the head's cover this rank's CP chunk (padding rows point
             # at row 0, their outputs are dropped), the blocks' also the SP shard of it.

@@ -21,6 +21,7 @@ from sora_dist.data import build_loader
 from sora_dist.diffusion import build_diffusion
 from sora_dist.fsutil import atomic_write_text
 from sora_dist.models import build_model
+from sora_dist.models.packing import pack_latents, pack_targets, token_counts
 from sora_dist.models.dit import count_params
 from sora_dist.models.fp8 import apply_fp8
 from sora_dist.models.wan_weights import load_diffusers_weights
@@ -156,11 +157,23 @@ class Trainer:
         lr = set_lr(self.optimizer, step, cfg.optim, cfg.train.steps)
         gen = step_generator(cfg.train.seed, step, self.dp_rank)
         seed_step(cfg.train.seed, step, self.dp_rank, self.parallel.rng_trackers)  # dropout streams
-        x0 = batch["latent"].to(self.device, non_blocking=True)
         text = batch["text"].to(self.device, non_blocking=True)
         mask = batch["text_mask"].to(self.device, non_blocking=True)
-        x_t, t_model, drop, target = self.diffusion.training_inputs(x0, gen)
-        loss = self.parallel.forward_backward(x_t, t_model, text, mask, drop, target)
+        if batch.get("packed"):
+            # One sequence of whole samples of any sizes (data.packing; models/packing.py).
+            patch = self.model_args.patch_size
+            x0s = [x.to(self.device, non_blocking=True) for x in batch["latent"]]
+            xs, t_model, drop, targets = self.diffusion.packed_training_inputs(x0s, gen)
+            x_t, grids = pack_latents(xs, patch)
+            loss = self.parallel.forward_backward(x_t, t_model, text, mask, drop, pack_targets(targets, patch),
+                                                  grids=grids.to(self.device))
+            seqs = token_counts(grids)
+        else:
+            x0 = batch["latent"].to(self.device, non_blocking=True)
+            x_t, t_model, drop, target = self.diffusion.training_inputs(x0, gen)
+            loss = self.parallel.forward_backward(x_t, t_model, text, mask, drop, target)
+            seq = math.prod(math.ceil(n / p) for n, p in zip(x0.shape[-3:], cfg.model.patch_size))
+            seqs = [seq] * x0.shape[0]
         self.parallel.finalize_grads()
         grad_norm = self.parallel.clip_grad_norm_(cfg.optim.grad_clip)
         loss_avg, grad_norm, self._stop_agreed = self._reduce_step_stats(loss, grad_norm)
@@ -180,12 +193,11 @@ class Trainer:
                 raise NonFiniteLossError(
                     f"{self.nonfinite_streak} consecutive non-finite losses at step {step}: "
                     "lower optim.lr, check the data, or raise train.max_nonfinite_streak")
-        # Tokens and model FLOPs (fwd + bwd, no recompute: the MFU numerator) over all DP ranks.
-        seq = math.prod(math.ceil(n / p) for n, p in zip(x0.shape[-3:], cfg.model.patch_size))
-        samples = x0.shape[0] * self.dp_size
-        return {"loss": loss_avg, "grad_norm": grad_norm, "lr": lr, "tokens": samples * seq,
-                "skipped": self.state.skipped,
-                "flops": samples * self.model_args.flops_per_sample(seq, text.shape[1])}
+        # Tokens and model FLOPs (fwd + bwd, no recompute: the MFU numerator) over all DP ranks,
+        # estimated from this rank's samples (attention is quadratic per sample, not per pack).
+        flops = sum(self.model_args.flops_per_sample(n, text.shape[1]) for n in seqs)
+        return {"loss": loss_avg, "grad_norm": grad_norm, "lr": lr, "tokens": sum(seqs) * self.dp_size,
+                "skipped": self.state.skipped, "flops": flops * self.dp_size}
 
     # ---- the loop ----------------------------------------------------------------------------
     def train(self, stop_at: Optional[int] = None) -> list[float]:

@@ -131,11 +131,19 @@ def finite_lse(lse: torch.Tensor) -> torch.Tensor:
     return lse.masked_fill(lse == float("-inf"), 0.0)
 
 
-def _scores(qs, k32, mask_BS):
+def _scores(qs, k32, mask_BS, doc_q=None, doc_k=None):
+    """Scaled scores of a query chunk to a key block; masked keys, and (packed sequences) keys
+    of another sample than the query's (doc_q (Sq,) vs doc_k (Sk,) ids), get -inf."""
     s = torch.matmul(qs, k32.transpose(-1, -2))
     if mask_BS is not None:
         s.masked_fill_(~mask_BS[:, None, None, :], float("-inf"))
+    if doc_q is not None:
+        s.masked_fill_(doc_q[:, None] != doc_k[None, :], float("-inf"))
     return s
+
+
+def _split_doc(doc_q, rows, n):
+    return doc_q.split(rows) if doc_q is not None else [None] * n
 
 
 # Blockwise math is plain torch: the fallback where no fused kernel applies (and the reference the
@@ -144,12 +152,14 @@ def _scores(qs, k32, mask_BS):
 # works in place on that tile (one live tile in forward, two in backward), and takes queries
 # pre-multiplied by the softmax scale (qs) so no tile-sized op is spent on scaling.
 
-def math_block_forward(qs, k32, v32, mask_BS, rows):
+def math_block_forward(qs, k32, v32, mask_BS, rows, doc_q=None, doc_k=None):
     """Attention of q to one K/V block: (out normalised within the block, its lse). Rows whose
-    keys are all masked in this block get lse = -inf and out = 0."""
+    keys are all masked in this block get lse = -inf and out = 0. doc_q/doc_k: sample ids of
+    a packed sequence's queries and keys (attention within a sample only)."""
     outs, lses = [], []
-    for qc in qs.split(rows, dim=2):
-        s = _scores(qc, k32, mask_BS)
+    chunks = qs.split(rows, dim=2)
+    for qc, dq in zip(chunks, _split_doc(doc_q, rows, len(chunks))):
+        s = _scores(qc, k32, mask_BS, dq, doc_k)
         m = finite_lse(s.amax(dim=-1, keepdim=True))
         p = s.sub_(m).exp_()  # unnormalised; all zeros on fully masked rows
         denom = p.sum(dim=-1, keepdim=True)
@@ -158,12 +168,13 @@ def math_block_forward(qs, k32, v32, mask_BS, rows):
     return torch.cat(outs, 2), torch.cat(lses, 2)
 
 
-def math_block_backward(qs, k32, v32, do32, delta, lse, mask_BS, rows):
+def math_block_backward(qs, k32, v32, do32, delta, lse, mask_BS, rows, doc_q=None, doc_k=None):
     """FA2 backward for one K/V block given the final lse: (dq / scale, stacked [dk, dv]).
     dS = P * (dP - delta), delta_i = sum_d dO_id O_id (the softmax Jacobian term)."""
     dqs, dkv = [], k32.new_zeros((2, *k32.shape))
-    for qc, doc, dc, lc in zip(*(t.split(rows, dim=2) for t in (qs, do32, delta, lse))):
-        p = _scores(qc, k32, mask_BS).sub_(lc).exp_()  # final softmax probabilities
+    chunks = [t.split(rows, dim=2) for t in (qs, do32, delta, lse)]
+    for qc, doc, dc, lc, dq in zip(*chunks, _split_doc(doc_q, rows, len(chunks[0]))):
+        p = _scores(qc, k32, mask_BS, dq, doc_k).sub_(lc).exp_()  # final softmax probabilities
         ds = torch.matmul(doc, v32.transpose(-1, -2)).sub_(dc).mul_(p)
         dqs.append(torch.matmul(ds, k32))
         dkv[0] += torch.matmul(ds.transpose(-1, -2), qc)  # qc carries the scale already

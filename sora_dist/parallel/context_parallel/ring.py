@@ -31,10 +31,25 @@ DEFAULT_MAX_SCORE_ELEMS = 2**25
 # whole ring as a single op whose (out, lse) it keeps, so the backward recompute neither re-runs
 # the ring's attention nor re-sends its K/V; the per-step kernels inside are not cached one by one.
 
-def _ring_forward(q, k, v, mask_BS, group, scale, rows, kernel):
+def _doc_blocks(doc_S, R: int, r: int, S: int):
+    """Packed sequences: (this rank's query sample ids, every block's key sample ids, whether
+    block src shares a sample with our queries) — blocks sharing none are skipped (their K/V
+    still pass through). One host sync per ring call."""
+    if doc_S is None:
+        return None, [None] * R, [True] * R
+    blocks = doc_S.split(S)
+    mine = blocks[r]
+    lo, hi = int(mine.min()), int(mine.max())
+    # Samples are contiguous runs, so id ranges overlap exactly when samples are shared.
+    overlap = [bool(((b >= lo) & (b <= hi) & torch.isin(b, mine)).any()) for b in blocks]
+    return mine, blocks, overlap
+
+
+def _ring_forward(q, k, v, mask_BS, group, scale, rows, kernel, doc_S=None):
     R, r = dist.get_world_size(group), dist.get_rank(group)
     S = k.shape[2]
     math = kernel == "math"
+    doc_q, doc_k, visible = _doc_blocks(doc_S, R, r, S)
     qs = q.float() * scale if math else None
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     lse = out.new_full((*q.shape[:3], 1), float("-inf"))
@@ -44,8 +59,13 @@ def _ring_forward(q, k, v, mask_BS, group, scale, rows, kernel):
             kv_next, works = ring_shift(kv, group)
         src = (r - step) % R  # which rank's tokens this block holds
         m = None if mask_BS is None else mask_BS[:, src * S:(src + 1) * S]
+        if not visible[src]:  # no query here shares a sample with this block
+            if step + 1 < R:
+                wait_all(works)
+                kv = kv_next
+            continue
         if math:
-            o_b, lse_b = math_block_forward(qs, kv[0].float(), kv[1].float(), m, rows)
+            o_b, lse_b = math_block_forward(qs, kv[0].float(), kv[1].float(), m, rows, doc_q, doc_k[src])
         else:
             o_b, lse_b = block_attention(q, kv[0], kv[1], m, scale, kernel)
             o_b = o_b.float()
@@ -60,10 +80,11 @@ def _ring_forward(q, k, v, mask_BS, group, scale, rows, kernel):
     return out.to(q.dtype), lse
 
 
-def _ring_backward(dout, q, k, v, out, lse, mask_BS, group, scale, rows, kernel):
+def _ring_backward(dout, q, k, v, out, lse, mask_BS, group, scale, rows, kernel, doc_S=None):
     R, r = dist.get_world_size(group), dist.get_rank(group)
     S = k.shape[2]
     math = kernel == "math"
+    doc_q, doc_k, visible = _doc_blocks(doc_S, R, r, S)
     if math:
         qs, do32 = q.float() * scale, dout.float()
         delta = (do32 * out.float()).sum(-1, keepdim=True)
@@ -77,8 +98,11 @@ def _ring_backward(dout, q, k, v, out, lse, mask_BS, group, scale, rows, kernel)
             kv_next, kv_works = ring_shift(kv, group)
         src = (r - step) % R
         m = None if mask_BS is None else mask_BS[:, src * S:(src + 1) * S]
-        if math:
-            dq_b, dkv = math_block_backward(qs, kv[0].float(), kv[1].float(), do32, delta, lse, m, rows)
+        if not visible[src]:
+            dkv = torch.zeros((2, *k.shape), dtype=torch.float32, device=k.device)
+        elif math:
+            dq_b, dkv = math_block_backward(qs, kv[0].float(), kv[1].float(), do32, delta, lse, m, rows,
+                                            doc_q, doc_k[src])
             dq += dq_b
         else:
             dq_b, dk_b, dv_b = block_attention_backward(dout, q, kv[0], kv[1], out, lse, m,
@@ -113,19 +137,20 @@ def _group(name: str):
 
 @torch.library.custom_op("sora_dist::ring_attention", mutates_args=())
 def _ring_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_BS: Optional[torch.Tensor],
-             group_name: str, scale: float, rows: int, kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return _ring_forward(q, k, v, mask_BS, _group(group_name), scale, rows, kernel)
+             group_name: str, scale: float, rows: int, kernel: str,
+             doc_S: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return _ring_forward(q, k, v, mask_BS, _group(group_name), scale, rows, kernel, doc_S)
 
 
 @_ring_op.register_fake
-def _(q, k, v, mask_BS, group_name, scale, rows, kernel):
+def _(q, k, v, mask_BS, group_name, scale, rows, kernel, doc_S=None):
     return torch.empty_like(q), q.new_empty((*q.shape[:3], 1), dtype=torch.float32)
 
 
 def _ring_setup_context(ctx, inputs, output):
-    q, k, v, mask_BS, group_name, scale, rows, kernel = inputs
+    q, k, v, mask_BS, group_name, scale, rows, kernel, doc_S = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, mask_BS)
+    ctx.save_for_backward(q, k, v, out, lse, mask_BS, doc_S)
     ctx.args = (group_name, scale, rows, kernel)
 
 
@@ -134,27 +159,29 @@ def _ring_setup_context(ctx, inputs, output):
 @torch.library.custom_op("sora_dist::ring_attention_backward", mutates_args=())
 def _ring_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  out: torch.Tensor, lse: torch.Tensor, mask_BS: Optional[torch.Tensor],
-                 group_name: str, scale: float, rows: int, kernel: str
+                 group_name: str, scale: float, rows: int, kernel: str,
+                 doc_S: Optional[torch.Tensor] = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _ring_backward(dout, q, k, v, out, lse, mask_BS, _group(group_name), scale, rows, kernel)
+    return _ring_backward(dout, q, k, v, out, lse, mask_BS, _group(group_name), scale, rows, kernel, doc_S)
 
 
 @_ring_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, mask_BS, group_name, scale, rows, kernel):
+def _(dout, q, k, v, out, lse, mask_BS, group_name, scale, rows, kernel, doc_S=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _ring_op_backward(ctx, dout, _dlse):
-    q, k, v, out, lse, mask_BS = ctx.saved_tensors
-    dq, dk, dv = _ring_bwd_op(dout, q, k, v, out, lse, mask_BS, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None
+    q, k, v, out, lse, mask_BS, doc_S = ctx.saved_tensors
+    dq, dk, dv = _ring_bwd_op(dout, q, k, v, out, lse, mask_BS, *ctx.args, doc_S)
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 _ring_op.register_autograd(_ring_op_backward, setup_context=_ring_setup_context)
 
 
 def ring_attention(q_BHSD, k_BHSD, v_BHSD, kv_mask_BS, ring_group,
-                   max_score_elems: int = DEFAULT_MAX_SCORE_ELEMS, kernel: str = "auto") -> torch.Tensor:
+                   max_score_elems: int = DEFAULT_MAX_SCORE_ELEMS, kernel: str = "auto",
+                   doc_S: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention of local queries to the whole ring's keys. kv_mask_BS is the mask of all the
     ring's keys (B, R * S_local), in ring-rank order, or None. kernel: auto | fused | math (see
     resolve_block_kernel). max_score_elems bounds the math kernel's fp32 score tile (query rows
@@ -166,6 +193,10 @@ def ring_attention(q_BHSD, k_BHSD, v_BHSD, kv_mask_BS, ring_group,
     dev = q_BHSD.device.type
     dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else q_BHSD.dtype
     q_BHSD, k_BHSD, v_BHSD = (t.to(dt).contiguous() for t in (q_BHSD, k_BHSD, v_BHSD))
+    if doc_S is not None:
+        # Packed samples: the block mask depends on query and key (same sample), which the math
+        # kernel applies per score tile; blocks sharing no sample with our queries are skipped.
+        kernel = "math"
     kernel = resolve_block_kernel(kernel, q_BHSD, kv_mask_BS is not None)
     return _ring_op(q_BHSD, k_BHSD, v_BHSD, kv_mask_BS, ring_group.group_name, D ** -0.5, rows,
-                    kernel)[0]
+                    kernel, doc_S)[0]

@@ -1,0 +1,83 @@
+"""Packed sequences (NaViT's Patch n' Pack): samples of any T/H/W one after another in a single
+token sequence (batch 1), so mixed images and videos train without padding.
+
+Layout, shared by the data side, the models and the loss:
+  * input  x (1, S, C*pt*ph*pw): each sample's latent cut into patches, tokens in (t, h, w)
+    raster order, each patch flattened (c, pt, ph, pw) (the patch embedding's conv weight order);
+  * grids  (K, 3) int64: each sample's patch grid (T', H', W'), in pack order;
+  * per sample: t (K,), caption (K, L, E) with its mask (K, L), caption drop (K,);
+  * output and target (1, S, pt*ph*pw*C): the final layer's token layout (pt, ph, pw, c); the
+    target carries one more column, each token's loss weight (`pack_targets`).
+Sample dims must divide by the patch (the loader checks): a pack holds no padding.
+
+Loss weighting: every sample weighs the same, as in an unpacked batch (the mean over a batch
+of equal-size samples is the mean of their per-sample means): loss = mean over the pack's
+samples of each sample's mean squared error. A token's weight is 1 / (K * tokens_i * P*C).
+"""
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+
+from sora_dist.models.embeddings import build_rope_3d
+
+
+def check_divisible(shape_CTHW, patch) -> None:
+    if any(n % p for n, p in zip(shape_CTHW[-3:], patch)):
+        raise ValueError(f"a packed sample's latent T/H/W {tuple(shape_CTHW[-3:])} must divide by the "
+                         f"patch {tuple(patch)} (packs hold no padding)")
+
+
+def pack_latents(latents: list[torch.Tensor], patch) -> tuple[torch.Tensor, torch.Tensor]:
+    """K latents (C, T_i, H_i, W_i) -> (x (1, S, C*P) in (c pt ph pw) order, grids (K, 3))."""
+    pt, ph, pw = patch
+    parts, grids = [], []
+    for x in latents:
+        check_divisible(x.shape, patch)
+        parts.append(rearrange(x, "c (t pt) (h ph) (w pw) -> (t h w) (c pt ph pw)", pt=pt, ph=ph, pw=pw))
+        grids.append([x.shape[1] // pt, x.shape[2] // ph, x.shape[3] // pw])
+    return torch.cat(parts)[None], torch.tensor(grids, dtype=torch.long)
+
+
+def token_counts(grids_K3: torch.Tensor) -> list[int]:
+    return grids_K3.prod(1).tolist()
+
+
+def unpack_tokens(out_1SP: torch.Tensor, grids_K3: torch.Tensor, patch, channels: int) -> list[torch.Tensor]:
+    """Model output (1, S, pt*ph*pw*C) -> K latents (C, T_i, H_i, W_i)."""
+    pt, ph, pw = patch
+    outs, start = [], 0
+    for (T, H, W) in grids_K3.tolist():
+        n = T * H * W
+        outs.append(rearrange(out_1SP[0, start:start + n], "(t h w) (pt ph pw c) -> c (t pt) (h ph) (w pw)",
+                              t=T, h=H, w=W, pt=pt, ph=ph, pw=pw, c=channels))
+        start += n
+    return outs
+
+
+def pack_targets(targets: list[torch.Tensor], patch) -> torch.Tensor:
+    """K per-sample targets (C, T, H, W) -> (1, S, P*C + 1): the output layout plus each token's
+    loss weight 1 / (K * tokens_i * P*C) (every sample weighs the same)."""
+    pt, ph, pw = patch
+    K = len(targets)
+    parts = []
+    for y in targets:
+        tok = rearrange(y, "c (t pt) (h ph) (w pw) -> (t h w) (pt ph pw c)", pt=pt, ph=ph, pw=pw)
+        w = torch.full((tok.shape[0], 1), 1.0 / (K * tok.numel()), dtype=tok.dtype, device=tok.device)
+        parts.append(torch.cat([tok, w], dim=1))
+    return torch.cat(parts)[None]
+
+
+def packed_loss(out_1SP: torch.Tensor, target_1SP1: torch.Tensor) -> torch.Tensor:
+    """Per-sample-mean MSE of a pack (see the module docstring), in fp32."""
+    y, w = target_1SP1[..., :-1].float(), target_1SP1[..., -1:].float()
+    return ((out_1SP.float() - y).square() * w).sum()
+
+
+def packed_layout(grids_K3: torch.Tensor, head_dim: int, device=None):
+    """(sample id of each token (S,), RoPE table restarting per sample (S, head_dim/2, 2), S)."""
+    counts = token_counts(grids_K3)
+    ids = torch.repeat_interleave(torch.arange(len(counts), device=device),
+                                  torch.tensor(counts, device=device))
+    rope = torch.cat([build_rope_3d(tuple(g), head_dim, device) for g in grids_K3.tolist()])
+    return ids, rope, sum(counts)
