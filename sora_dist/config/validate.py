@@ -157,6 +157,8 @@ def validate(cfg, world_size: Optional[int] = None) -> None:
                                       "a token budget per DP rank; set data.tokens_per_rank>0 (at least "
                                       "the longest sample's tokens), or data.packing=false")
         _check(d.pack_window >= 1, f"data.pack_window={d.pack_window} must be >= 1 (e.g. 64)")
+        _check(p.pp == 1, f"data.packing=true with parallel.pp={p.pp}: packed sequences do not run through "
+                          f"pipeline stages yet; use parallel.pp=1 (CP/TP/FSDP shard a pack) or data.packing=false")
     if d.source == "shards":
         _check(bool(d.shards), "data.source=shards needs data.shards=<folder written by sora-encode>")
         _check_none(shards_problems(d.shards))
