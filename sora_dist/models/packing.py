@@ -16,6 +16,8 @@ samples of each sample's mean squared error. A token's weight is 1 / (K * tokens
 """
 from __future__ import annotations
 
+import random
+
 import torch
 from einops import rearrange
 
@@ -81,3 +83,69 @@ def packed_layout(grids_K3: torch.Tensor, head_dim: int, device=None):
                                   torch.tensor(counts, device=device))
     rope = torch.cat([build_rope_3d(tuple(g), head_dim, device) for g in grids_K3.tolist()])
     return ids, rope, sum(counts)
+
+
+def cp_attention_work(tokens: list[int], cp: int) -> list[int]:
+    """Self-attention work of each CP rank for samples of these token counts, in this order,
+    cut into cp contiguous equal chunks (padding to a multiple of cp counts for nothing): a query
+    attends to every key of its own sample, so each token costs its sample's length."""
+    S = sum(tokens)
+    chunk = -(-S // cp)
+    work, start = [0] * cp, 0
+    for n in tokens:
+        a, b = start, start + n
+        for r in range(a // chunk, min(cp - 1, (b - 1) // chunk) + 1):
+            work[r] += n * (min(b, (r + 1) * chunk) - max(a, r * chunk))
+        start = b
+    return work
+
+
+def cp_balanced_order(tokens: list[int], cp: int, sweeps: int = 4) -> list[int]:
+    """An order of the samples whose contiguous CP chunks carry nearly equal attention work
+    (cp_attention_work), not just equal tokens: long samples cost quadratically, so a pack in
+    the loader's largest-first order gives the first CP ranks most of the work. Deterministic:
+    start from alternating large and small samples, then swap pairs while the busiest rank's
+    work drops. Ring CP gains (each rank computes its own queries); Ulysses is balanced anyway."""
+    K = len(tokens)
+    if cp <= 1 or K <= 1:
+        return list(range(K))
+    by_size = sorted(range(K), key=lambda i: (-tokens[i], i))
+    order, lo, hi = [], 0, K - 1
+    while lo <= hi:  # large, small, large, small, ...
+        order.append(by_size[lo])
+        lo += 1
+        if lo <= hi:
+            order.append(by_size[hi])
+            hi -= 1
+
+    def cost(o):
+        w = cp_attention_work([tokens[i] for i in o], cp)
+        return (max(w), sorted(w, reverse=True))
+
+    best = cost(order)
+    if K > 32:
+        # All pair swaps would be O(K^2) evaluations per sweep: try a fixed budget of seeded
+        # random swaps instead (a few tens of ms), keeping those that help.
+        rng = random.Random(K * 1000003 + cp)
+        for _ in range(1500):
+            i, j = rng.randrange(K), rng.randrange(K)
+            order[i], order[j] = order[j], order[i]
+            c = cost(order)
+            if c < best:
+                best = c
+            else:
+                order[i], order[j] = order[j], order[i]
+        return order
+    for _ in range(sweeps):
+        improved = False
+        for i in range(K):
+            for j in range(i + 1, K):
+                order[i], order[j] = order[j], order[i]
+                c = cost(order)
+                if c < best:
+                    best, improved = c, True
+                else:
+                    order[i], order[j] = order[j], order[i]
+        if not improved:
+            break
+    return order

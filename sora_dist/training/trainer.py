@@ -21,7 +21,7 @@ from sora_dist.data import build_loader
 from sora_dist.diffusion import build_diffusion
 from sora_dist.fsutil import atomic_write_text
 from sora_dist.models import build_model
-from sora_dist.models.packing import pack_latents, pack_targets, token_counts
+from sora_dist.models.packing import cp_balanced_order, pack_latents, pack_targets, token_counts
 from sora_dist.models.dit import count_params
 from sora_dist.models.fp8 import apply_fp8
 from sora_dist.models.wan_weights import load_diffusers_weights
@@ -164,6 +164,15 @@ class Trainer:
             patch = self.model_args.patch_size
             x0s = [x.to(self.device, non_blocking=True) for x in batch["latent"]]
             xs, t_model, drop, targets = self.diffusion.packed_training_inputs(x0s, gen)
+            if self.pdims.cp > 1 and cfg.parallel.cp_mode != "ulysses":
+                # Ring CP computes each rank's own queries: order the samples so every contiguous
+                # CP chunk carries about the same attention work (randomness was drawn first, in
+                # the loader's order, so the step does not depend on the layout).
+                order = cp_balanced_order([math.prod(x.shape[-3:]) // math.prod(patch) for x in xs],
+                                          self.pdims.cp)
+                xs, targets = [xs[i] for i in order], [targets[i] for i in order]
+                idx = torch.tensor(order, device=self.device)
+                t_model, drop, text, mask = t_model[idx], drop[idx], text[idx], mask[idx]
             x_t, grids = pack_latents(xs, patch)
             loss = self.parallel.forward_backward(x_t, t_model, text, mask, drop, pack_targets(targets, patch),
                                                   grids=grids.to(self.device))

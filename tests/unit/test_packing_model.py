@@ -110,3 +110,25 @@ def test_pack_layout_round_trip_and_weights():
     assert abs(float((tgt[..., -1:] * a.patch_volume * a.in_channels).sum()) - 1.0) < 1e-6
     with pytest.raises(ValueError, match="must divide by the patch"):
         pack_latents([torch.zeros(4, 1, 3, 4)], a.patch_size)
+
+
+def test_cp_balanced_order_evens_attention_work():
+    """A pack in the loader's largest-first order loads the first ring CP ranks with most of the
+    attention work (quadratic per sample); the balanced order evens it out."""
+    import random
+
+    from sora_dist.models.packing import cp_attention_work, cp_balanced_order
+
+    rng = random.Random(1)
+    sizes = [1560, 3120, 6240, 12480, 18720, 1040, 780, 256]  # Wan-480p images and clips
+    for K, cp in [(10, 2), (32, 4), (64, 8), (100, 4)]:
+        tokens = sorted((rng.choice(sizes) for _ in range(K)), reverse=True)
+        before = cp_attention_work(tokens, cp)
+        order = cp_balanced_order(tokens, cp)
+        assert sorted(order) == list(range(K)) and order == cp_balanced_order(tokens, cp)
+        after = cp_attention_work([tokens[i] for i in order], cp)
+        assert sum(after) == sum(before) == sum(n * n for n in tokens)
+        mean = sum(before) / cp
+        assert max(before) / mean > 1.1 and max(after) / mean < 1.06, (K, cp, max(before) / mean, max(after) / mean)
+    # chunk 0: 3 tokens of the 4-token sample (3*4); chunk 1: its last token (4) + the 2-token sample (2*2)
+    assert cp_attention_work([4, 2], 2) == [12, 8]
