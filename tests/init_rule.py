@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from sora_dist.config.model import DiTArgs
 from sora_dist.models import build_model
-from sora_dist.models.dit import RMSNorm, VideoDiT, build_dit
+from sora_dist.models.dit import RMSNorm, VideoDiT
 from sora_dist.parallel.pipeline import DiTStage, split_blocks
 from sora_dist.parallel.rng import mix_seed
 

@@ -8,7 +8,7 @@ any field set explicitly wins. `DiTArgs` is that config resolved: what `models/d
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 # Sizes follow DiT (S/B/XL) and extend to the video-model range (1B/7B/30B).

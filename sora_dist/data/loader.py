@@ -25,7 +25,6 @@ samples, then the stream continues at the next unseen sample.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -36,18 +35,12 @@ import torch
 import webdataset as wds
 
 from sora_dist.data.packing import Packer, check_sample, collate_pack
-from sora_dist.data.shards import describe_text_encoder, describe_vae, load_manifest
-
-
-def _npy(b: bytes) -> np.ndarray:
-    # Shards may come from anywhere: never unpickle (object arrays are refused).
-    return np.load(io.BytesIO(b), allow_pickle=False)
+from sora_dist.data.shards import decode_arrays, describe_text_encoder, describe_vae, load_manifest
 
 
 def _decode(raw: dict, shard: str) -> dict:
-    # The member format (fp32/fp16 .npy, raw bf16 words) is the writer's: shards.py reads it back.
-    from sora_dist.data.shards import decode_arrays
-
+    # The member format (fp32/fp16 .npy, raw bf16 words) is the writer's: shards.py reads it back
+    # (never unpickling: shards may come from anywhere).
     try:
         meta = json.loads(raw["json"])
         latent, text, mask = decode_arrays(raw, meta)  # float32, float32, bool in any storage dtype
