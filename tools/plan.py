@@ -3,6 +3,7 @@
     python tools/plan.py --flavor 7B --tokens 460000 --gpus 64 --mem-gib 80
     python tools/plan.py --hidden 3072 --depth 34 --heads 24 --tokens 460000 --gpus 64 --attn-dtype fp8
     python tools/plan.py --flavor wan2.1-14b --frames 81 --height 720 --width 1280 --gpus 8 --mem-gib 80
+    python tools/plan.py --flavor 7B --tokens-per-rank 460000 --gpus 64   # packing: one pack per DP rank
     python tools/plan.py --calibrate        # planner vs measured saved bytes of tiny real models (CPU)
 
 Wan flavors (wan2.1-1.3b, wan2.1-14b, wan2.2-5b, wan2.2-a14b: one expert) plan full fine-tuning of
@@ -40,13 +41,24 @@ def parse_args(argv=None):
     m.add_argument("--in-channels", type=int,
                    help=f"VAE latent channels (default {P.LATENT_CHANNELS}; the Wan flavor's)")
     w = ap.add_argument_group("workload and machine")
-    w.add_argument("--tokens", type=int, default=460_000, help="video tokens per sample")
+    w.add_argument("--tokens", type=int, default=None,
+                   help="video tokens per sample (default 460,000; with --tokens-per-rank: N)")
     w.add_argument("--frames", type=int, help="video frames (with --height/--width: sets --tokens)")
     w.add_argument("--height", type=int)
     w.add_argument("--width", type=int)
     w.add_argument("--vae-stride", type=str, default=None,
                    help="VAE compression t,h,w (default 4,8,8; wan2.2-5b 4,16,16)")
     w.add_argument("--micro-batch", type=int, default=1, help="samples per microbatch")
+    w.add_argument("--tokens-per-rank", type=int, default=None, metavar="N",
+                   help="packing (data.packing=true data.tokens_per_rank=N): each DP rank's micro-batch "
+                        "is one pack of up to N tokens of whole samples. Planned for a pack's worst case, "
+                        "one sample of N tokens: attention is quadratic in a sample's length and the "
+                        "saved activations linear in tokens, so a pack of shorter samples costs no more "
+                        "FLOPs or activation memory, except one caption per sample (a pack of many images "
+                        "holds more caption tokens: plan --text-len for that if captions are long). "
+                        "Replaces --tokens and --micro-batch; --frames/--height/--width then give the "
+                        "longest sample, which N must hold. CP/TP shard a pack like a sample; layouts "
+                        "with pp > 1 are rejected (validate refuses packing with pipeline stages)")
     w.add_argument("--microbatches", type=int, default=None,
                    help="microbatches per step with PP (default 2*pp; 1 without PP)")
     w.add_argument("--gpus", type=int, default=64)
@@ -150,10 +162,20 @@ def main(argv=None) -> int:
         a.tokens = P.video_tokens(m, a.frames, a.height, a.width, stride)
         print(f"video {a.frames} frames x {a.height}x{a.width} -> VAE {stride} -> patch "
               f"{tuple(m.patch_size)}: {a.tokens:,} tokens")
+    if a.tokens is None:
+        a.tokens = a.tokens_per_rank or 460_000
+    if a.tokens_per_rank is not None:
+        problem = packing_problem(a)
+        if problem:
+            print(problem, file=sys.stderr)
+            return 2
+        longest, a.tokens = a.tokens, a.tokens_per_rank
     hw = P.Hardware(a.gpus, a.mem_gib, a.peak_tflops, a.peak_tflops_fp8, a.mfu, a.gpus_per_node,
                     a.reserve_gib, a.headroom)
     plans = P.plan_all(m, hw, a.tokens, a.micro_batch, a.attn_dtype, a.microbatches, not a.no_ema,
                        a.cp_mode, a.text_len)
+    if a.tokens_per_rank is not None:
+        plans = [reject_pp_for_packing(p) for p in plans]
     f = m.forward_flops(a.tokens, a.text_len)
     print(f"model: {m.arch} ({a.flavor}), hidden {m.hidden_size}, depth {m.depth}, heads {m.num_heads} (head dim "
           f"{m.head_dim}), mlp {m.mlp_width}, text {a.text_len}x{m.text_dim}: "
@@ -169,6 +191,11 @@ def main(argv=None) -> int:
     print(f"machine: {a.gpus} GPUs x {a.mem_gib:g} GiB, peak {a.peak_tflops:g} bf16 / "
           f"{a.peak_tflops_fp8:g} fp8 TFLOP/s, MFU {a.mfu:g}, attention in {a.attn_dtype}; "
           f"micro-batch {a.micro_batch}; memory columns in GiB per GPU (worst PP stage)")
+    if a.tokens_per_rank is not None:
+        print(f"packing: data.tokens_per_rank={a.tokens_per_rank:,} per DP rank = one pack per micro-batch, "
+              f"planned as one {a.tokens_per_rank:,}-token sample (the worst case: attention quadratic in "
+              f"it; packs of shorter samples take less); longest sample {longest:,} tokens; pp=1 only; "
+              "tokens/s counts full packs (mixed sets fill ~98%: tests/unit/test_packing.py)")
     print()
     fits = sorted((p for p in plans if p.ok), key=lambda p: -p.tokens_per_s)
     shown = plans if a.all else fits[: a.top]
@@ -194,8 +221,29 @@ def main(argv=None) -> int:
     print("  activations (GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in best.activation_parts.items()))
     print(f"  parallel.tp={lay.tp} parallel.cp={lay.cp} parallel.cp_mode={lay.cp_mode}"
           + (f" parallel.ulysses_degree={lay.ulysses}" if lay.cp_mode == "hybrid" else "")
-          + f" parallel.pp={lay.pp} parallel.dp={lay.dp} train.activation_checkpointing={lay.recompute}")
+          + f" parallel.pp={lay.pp} parallel.dp={lay.dp} train.activation_checkpointing={lay.recompute}"
+          + (f" data.packing=true data.tokens_per_rank={a.tokens_per_rank}" if a.tokens_per_rank is not None else ""))
     return 0
+
+
+def packing_problem(a) -> str:
+    """'' when --tokens-per-rank can be planned with the other arguments, else why not."""
+    if a.tokens_per_rank < 1:
+        return f"--tokens-per-rank={a.tokens_per_rank}: the token budget must be >= 1"
+    if a.micro_batch != 1:
+        return (f"--micro-batch {a.micro_batch} with --tokens-per-rank: a pack is the micro-batch; "
+                "raise --tokens-per-rank instead")
+    if a.tokens > a.tokens_per_rank:
+        return (f"--tokens-per-rank={a.tokens_per_rank:,} cannot hold the longest sample ({a.tokens:,} tokens "
+                f"from --tokens or --frames/--height/--width): raise it to >= {a.tokens:,}")
+    return ""
+
+
+def reject_pp_for_packing(p: P.Plan) -> P.Plan:
+    """Packs do not run through pipeline stages yet (config validation refuses it)."""
+    if p.layout.pp > 1 and p.ok:
+        p.ok, p.why = False, f"data.packing=true with parallel.pp={p.layout.pp}: packs do not run through pipeline stages"
+    return p
 
 
 def _reason_kind(why: str) -> str:

@@ -428,3 +428,46 @@ def test_op_level_checkpointing_gradients_are_exact(compiled):
         diff = sum(((grads["op"][n] - g) ** 2).sum() for n, g in grads["none"].items()).sqrt()
         norm = sum((g ** 2).sum() for g in grads["none"].values()).sqrt()
         assert diff / norm < 1e-5, (diff / norm).item()
+
+
+def test_plan_tokens_per_rank_plans_a_pack_as_its_worst_case_sample(capsys):
+    """--tokens-per-rank N (data.packing): one pack of N tokens per DP rank, planned as one N-token
+    sample; no layout with pipeline stages is offered (validate refuses packing with pp > 1), the
+    budget must hold the longest sample, and the recommended config validates with packing on."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[2] / "tools" / "plan.py"
+    spec = importlib.util.spec_from_file_location("plan_cli", path)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    base = ["--flavor", "7B", "--gpus", "64", "--mem-gib", "80"]
+    assert cli.main(base + ["--tokens-per-rank", "460000", "--all"]) == 0
+    out = capsys.readouterr().out
+    assert "packing: data.tokens_per_rank=460,000 per DP rank" in out and "one 460,000-token sample" in out
+    rows = [ln.split() for ln in out.splitlines() if ln.strip().endswith("fits")]
+    assert rows and all(r[3] == "1" for r in rows)  # column pp: only single-stage layouts fit
+    assert "data.packing=true with parallel.pp=2: packs do not run through pipeline stages" in out
+    rec = [ln for ln in out.splitlines() if ln.startswith("recommended:")][0]
+    cfg_line = [ln for ln in out.splitlines() if "parallel.tp=" in ln][0]
+    assert cfg_line.endswith("data.packing=true data.tokens_per_rank=460000")
+    # Worst case = one sample of N tokens: the same pick, memory and step time as --tokens N.
+    assert cli.main(base + ["--tokens", "460000"]) == 0
+    plain = capsys.readouterr().out
+    assert [ln for ln in plain.splitlines() if ln.startswith("recommended:")][0] == rec
+    kv = dict(tok.split("=", 1) for tok in cfg_line.split())
+    cfg = JobConfig()
+    cfg.model.flavor = "7B"
+    cfg.data.packing, cfg.data.tokens_per_rank = True, int(kv["data.tokens_per_rank"])
+    cfg.parallel.tp, cfg.parallel.cp, cfg.parallel.pp, cfg.parallel.dp = (
+        int(kv[f"parallel.{k}"]) for k in ("tp", "cp", "pp", "dp"))
+    cfg.parallel.cp_mode = kv["parallel.cp_mode"]
+    if "parallel.ulysses_degree" in kv:
+        cfg.parallel.ulysses_degree = int(kv["parallel.ulysses_degree"])
+    cfg.train.activation_checkpointing = kv["train.activation_checkpointing"]
+    validate(cfg, world_size=64)
+    # The budget must hold the longest sample; a pack is the micro-batch.
+    assert cli.main(base + ["--tokens", "500000", "--tokens-per-rank", "460000"]) == 2
+    assert "raise it to >= 500,000" in capsys.readouterr().err
+    assert cli.main(base + ["--tokens-per-rank", "460000", "--micro-batch", "2"]) == 2
+    assert "a pack is the micro-batch" in capsys.readouterr().err
