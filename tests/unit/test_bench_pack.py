@@ -1,0 +1,48 @@
+"""tools/bench_pack.py at tiny sizes: every figure is printed, and packing's padding and DP
+imbalance are no worse than bucket batching's (properties of the data layout, not timings)."""
+import json
+import pathlib
+import re
+import subprocess
+import sys
+
+TOOL = pathlib.Path(__file__).parents[2] / "tools" / "bench_pack.py"
+TINY = ["--hidden", "32", "--depth", "1", "--heads", "2", "--text-len", "4", "--text-dim", "8",
+        "--frames", "1,2,3", "--aspects", "4x6,6x4,4x4", "--window", "16", "--steps", "8",
+        "--dp", "2,4", "--warmup", "1", "--repeats", "1"]
+
+
+def test_bench_pack_prints_every_figure_and_packing_pads_and_imbalances_less(tmp_path):
+    out_json = tmp_path / "figures.json"
+    run = subprocess.run([sys.executable, str(TOOL), *TINY, "--json", str(out_json)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    out = run.stdout
+    # the mix, the budget/bucket table and the method are stated
+    assert "mix: the stream's first" in out and "token share" in out and "bucket bs" in out
+    assert "budget N = 1 x longest sample (18 tokens)" in out
+    assert "floor(N / bucket tokens)" in out and "median of 1" in out
+    header = "dp mode steps samples tokens time s tok/s x bucket padding dp wait imb mean imb max T=1 tok"
+    assert header in " ".join(out.split())
+    rows = {(r[0], r[1]): r for r in (ln.split() for ln in out.splitlines())
+            if len(r) == 13 and r[0].isdigit() and r[1] in ("bucket", "packing")}
+    assert set(rows) == {(d, m) for d in ("2", "4") for m in ("bucket", "packing")}
+    for d in ("2", "4"):
+        assert re.search(rf"dp={d}: tokens/s packing/bucket [\d.]+x .*padding [\d.]+% \| [\d.]+% .*imbalance mean "
+                         r"[\d.]+ worst [\d.]+ \| [\d.]+ worst [\d.]+", out)
+    fig = json.loads(out_json.read_text())
+    # the printed mix covers the stream: shares of a whole
+    shares = [float(r[5].rstrip("%")) for r in (ln.split() for ln in out.splitlines())
+              if len(r) == 8 and r[0].isdigit()]
+    assert len(shares) == len(fig["mix"]) and abs(sum(shares) - 100) < 0.5
+    for d in ("2", "4"):
+        b, p = fig["dp"][d]["bucket"], fig["dp"][d]["packing"]
+        for f in (b, p):
+            assert f["tokens_per_s"] > 0 and f["steps"] == 8 and f["ranks"] == int(d)
+            assert 0 <= f["padding"] < 1 and 0 <= f["dp_wait"] < 1 and f["imbalance_max"] >= f["imbalance_mean"] >= 1
+        assert p["padding"] <= b["padding"]
+        assert p["imbalance_mean"] <= b["imbalance_mean"] and p["imbalance_max"] <= b["imbalance_max"]
+        assert fig["dp"][d]["speedup"] == p["tokens_per_s"] / b["tokens_per_s"]
+        # the printed row is the JSON's figure
+        assert rows[(d, "packing")][8] == f"{p['padding']:.1%}"
+        assert rows[(d, "bucket")][11] == f"{b['imbalance_max']:.3f}"
