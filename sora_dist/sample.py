@@ -13,9 +13,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 
 import hydra
 import torch
+import torch.distributed as dist
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
@@ -30,7 +32,8 @@ from sora_dist.fsutil import atomic_write_text
 from sora_dist.models import build_model
 from sora_dist.models.text import TextEncoder, read_model_type
 from sora_dist.models.vae import VideoVAE
-from sora_dist.parallel.device import resolve_device_type
+from sora_dist.parallel.device import autocast, init_distributed
+from sora_dist.parallel.inference import SamplingLayout, build_sampling_layout, gather_records, parallel_denoiser
 from sora_dist.training import checkpoint as ckpt
 from sora_dist.training.optim import EMA
 
@@ -83,27 +86,31 @@ def _prompts(cfg: SampleConfig) -> list[str]:
     return prompts
 
 
-def _load_model(cfg: SampleConfig, job, device, run_dir=None, path=None):
+def _load_model(cfg: SampleConfig, job, device, layout: SamplingLayout, run_dir=None):
+    """The run's denoiser under the sampling layout, from its checkpoint (EMA weights by
+    default); every rank reads only its own shards (DCP)."""
     run_dir = run_dir or cfg.run_dir
-    path = path if run_dir != cfg.run_dir else cfg.checkpoint
+    path = cfg.checkpoint if run_dir == cfg.run_dir else None
     if path is None:
         found = ckpt.latest(os.path.join(run_dir, "checkpoints"))
         if found is None:
             raise ConfigError(f"no complete checkpoint under {run_dir}/checkpoints; train first "
                               "or pass checkpoint=<step folder>")
         path = found[1]
+
+    def load(model):
+        if cfg.use_ema and job.train.ema_decay > 0:
+            ema = EMA(model, job.train.ema_decay)
+            ckpt.load(path, model, None, ema)
+            ema.copy_to(model)
+        else:
+            ckpt.load_model_only(path, model)
+
     torch.manual_seed(0)  # init values are overwritten; fixed only to keep runs reproducible
-    model = build_model(job.model)
-    if cfg.use_ema and job.train.ema_decay > 0:
-        ema = EMA(model, job.train.ema_decay)
-        ckpt.load(path, model, None, ema)
-        ema.copy_to(model)
-    else:
-        ckpt.load_model_only(path, model)
-    return model.to(device).eval(), path
+    return parallel_denoiser(job, cfg.parallel, layout, load, device), path
 
 
-def _low_noise_expert(cfg: SampleConfig, job, device) -> dict:
+def _low_noise_expert(cfg: SampleConfig, job, device, layout: SamplingLayout) -> dict:
     """Wan2.2-A14B's second expert: a run trained on the low-noise range (diffusion.t_range
     [0, boundary]) of the same architecture; sampling switches to it below the boundary."""
     low = _job_config(cfg.low_noise_run_dir)
@@ -114,7 +121,7 @@ def _low_noise_expert(cfg: SampleConfig, job, device) -> dict:
         raise ConfigError(f"low_noise_run_dir={cfg.low_noise_run_dir!r} trained model.arch/in_channels/"
                           f"text_dim={low.model.arch}/{low.model.in_channels}/{low.model.text_dim}, but "
                           f"run_dir has {job.model.arch}/{job.model.in_channels}/{job.model.text_dim}")
-    model_2, _ = _load_model(cfg, low, device, run_dir=cfg.low_noise_run_dir)
+    model_2, _ = _load_model(cfg, low, device, layout, run_dir=cfg.low_noise_run_dir)
     out = {"model_2": model_2, "boundary_ratio": cfg.boundary_ratio}
     if cfg.guidance_scale_2 is not None:
         out["guidance_scale_2"] = cfg.guidance_scale_2
@@ -146,7 +153,15 @@ def _cond_latent(cfg: SampleConfig, vae, shape_BCTHW, device):
 
 
 def run_sample(cfg: SampleConfig) -> dict:
+    """Sample every prompt (one process, or all ranks of a torchrun/srun launch: see
+    parallel/inference.py). Returns this rank's {"records", "latents", "indices", "cond_mask"}
+    (latents of the batches its prompt group sampled; records on writer ranks)."""
     validate_sample(cfg)
+    env = init_distributed(cfg.device, cfg.parallel.backend, cfg.parallel.timeout_s)
+    try:
+        layout = build_sampling_layout(cfg.parallel, cfg.cfg_parallel, env.world_size, env.device.type)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     job = _job_config(cfg.run_dir)
     prompts = _prompts(cfg)
     vae_path, te_path, text_cfg = _resolve_models(cfg, job)
@@ -154,7 +169,7 @@ def run_sample(cfg: SampleConfig) -> dict:
         read_model_type(te_path)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"text_encoder_path: {e}") from None
-    device = torch.device(resolve_device_type(cfg.device))
+    device = env.device
     vae = VideoVAE.load(vae_path, device=device)
     try:
         vae.enable_tiling_from_size(cfg.vae_tile_size)
@@ -174,7 +189,7 @@ def run_sample(cfg: SampleConfig) -> dict:
     te = TextEncoder.load(te_path, text_cfg["max_length"], device=device, pad_to_max=text_cfg["pad_to_max"])
     if te.dim != job.model.text_dim:
         raise ConfigError(f"text encoder width {te.dim} != model.text_dim={job.model.text_dim}")
-    model, ckpt_path = _load_model(cfg, job, device)
+    model, ckpt_path = _load_model(cfg, job, device, layout)
     d = job.diffusion
     if cfg.shift is not None:
         if d.objective != "flow":
@@ -185,17 +200,25 @@ def run_sample(cfg: SampleConfig) -> dict:
     if job.model.arch == "wan" and cfg.cond_path:
         flow_kw["clean_cond_frames"] = True  # Wan2.2 TI2V: clean condition frames at t=0
     if cfg.low_noise_run_dir:
-        flow_kw.update(_low_noise_expert(cfg, job, device))
+        flow_kw.update(_low_noise_expert(cfg, job, device, layout))
     diffusion = build_diffusion(d)
+    p = cfg.parallel
+    layout_name = (f"groups={layout.groups} cfg={'2' if layout.cfg_parallel else '1'} cp={p.cp}"
+                   f"({p.cp_mode}) tp={p.tp}")
     sampler = cfg.sampler or d.sampler
     steps = cfg.steps if cfg.steps is not None else d.sample_steps
     scale = cfg.guidance_scale if cfg.guidance_scale is not None else d.guidance_scale
 
     os.makedirs(cfg.output_dir, exist_ok=True)
-    records, latents = [], []
-    for s in range(0, len(prompts), cfg.batch_size):
+    records, latents, indices = [], [], []
+    starts = list(range(0, len(prompts), cfg.batch_size))
+    cmask = None
+    for j in layout.batches(len(starts)):
+        s = starts[j]
         batch = prompts[s:s + cfg.batch_size]
         B = len(batch)
+        if cfg.skip_existing and all(os.path.exists(_video_path(cfg, s + i)) for i in range(B)):
+            continue  # a rerun: this batch's videos are there (every rank of the group sees the same files)
         text, mask = te.encode(batch)
         # One generator per call, seeded from the first prompt's index: reruns reproduce.
         g = torch.Generator().manual_seed(cfg.seed + s)
@@ -203,19 +226,48 @@ def run_sample(cfg: SampleConfig) -> dict:
         cond, cmask = (None, None)
         if cfg.cond_path:
             cond, cmask = _cond_latent(cfg, vae, (B, C, t, h, w), device)
-        x0 = diffusion.sample(model, noise, text.to(device), mask.to(device), steps=steps, sampler=sampler,
-                              guidance_scale=scale, generator=g, cond_latent=cond,
-                              cond_frames_mask_T=cmask, eta=d.ddim_eta, progress=cfg.progress, **flow_kw)
+        t0 = time.perf_counter()
+        with autocast(device, job.train.mixed_precision):
+            x0 = diffusion.sample(model, noise, text.to(device), mask.to(device), steps=steps, sampler=sampler,
+                                  guidance_scale=scale, generator=g, cond_latent=cond, cond_frames_mask_T=cmask,
+                                  eta=d.ddim_eta, progress=cfg.progress and layout.writer, **flow_kw)
+        sample_s = time.perf_counter() - t0
+        latents += [x0[i].float().cpu() for i in range(B)]
+        indices += [s + i for i in range(B)]
+        if not layout.writer:
+            continue
         video = vae.decode(x0.float())  # (B, 3, T, H, W) in [-1, 1]
         for i, prompt in enumerate(batch):
-            path = write_mp4(video[i].permute(1, 0, 2, 3), os.path.join(cfg.output_dir, f"sample_{s + i:03d}.mp4"), cfg.fps)
-            records.append({"prompt": prompt, "path": path, "seed": cfg.seed + s, "index_in_batch": i, "batch_size": cfg.batch_size,
-                            "checkpoint": ckpt_path, "sampler": sampler, "steps": steps, "guidance_scale": scale,
-                            "low_noise_run_dir": cfg.low_noise_run_dir})
-            latents.append(x0[i].cpu())
-    atomic_write_text(os.path.join(cfg.output_dir, "samples.jsonl"), "".join(json.dumps(r) + "\n" for r in records))
-    print(f"sora-sample: {len(records)} videos in {os.path.abspath(cfg.output_dir)}", flush=True)
-    return {"records": records, "latents": latents, "cond_mask": cmask}
+            path = write_mp4(video[i].permute(1, 0, 2, 3), _video_path(cfg, s + i), cfg.fps)
+            records.append({"index": s + i, "prompt": prompt, "path": path, "seed": cfg.seed + s,
+                            "index_in_batch": i, "batch_size": cfg.batch_size, "checkpoint": ckpt_path,
+                            "sampler": sampler, "steps": steps, "guidance_scale": scale,
+                            "low_noise_run_dir": cfg.low_noise_run_dir, "layout": layout_name,
+                            "sample_s": round(sample_s, 3)})
+    merged = gather_records(records, layout)
+    if merged is not None:  # global rank 0
+        _write_records(cfg, merged)
+        print(f"sora-sample: {len(merged)} new videos in {os.path.abspath(cfg.output_dir)}", flush=True)
+    if dist.is_initialized():
+        dist.barrier()
+    return {"records": records, "latents": latents, "indices": indices, "cond_mask": cmask}
+
+
+def _video_path(cfg: SampleConfig, index: int) -> str:
+    return os.path.join(cfg.output_dir, f"sample_{index:03d}.mp4")
+
+
+def _write_records(cfg: SampleConfig, new: list[dict]) -> None:
+    """samples.jsonl: this run's records plus the earlier runs' for videos it skipped, by index."""
+    path = os.path.join(cfg.output_dir, "samples.jsonl")
+    by_index = {}
+    if cfg.skip_existing and os.path.exists(path):
+        for line in open(path, encoding="utf-8"):
+            r = json.loads(line)
+            if "index" in r and os.path.exists(r.get("path", "")):
+                by_index[r["index"]] = r
+    by_index.update({r["index"]: r for r in new})
+    atomic_write_text(path, "".join(json.dumps(by_index[i]) + "\n" for i in sorted(by_index)))
 
 
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="sample")

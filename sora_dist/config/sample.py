@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from sora_dist.config.parallel import ParallelConfig
 from sora_dist.config.train import DEVICES
 from sora_dist.config.validate import ConfigError, either
 
@@ -62,8 +63,17 @@ class SampleConfig:
     cond_latent_frames: int = 1
     # VAE spatial tiling for decoding large frames: tile side in pixels; 0 = off.
     vae_tile_size: int = 0
-    # Where the mp4 files and samples.jsonl go.
+    # Where the mp4 files and samples.jsonl go (on every node: a shared folder under srun).
     output_dir: str = "samples"
+    # A rerun skips batches whose videos are already in output_dir.
+    skip_existing: bool = True
+    # Launched with torchrun/srun: the denoiser's layout (parallel.tp, sequence_parallel, cp,
+    # cp_mode, ulysses_degree, fsdp; pp must stay 1). The ranks left over form data-parallel
+    # prompt groups that take whole batches in turn.
+    parallel: ParallelConfig = field(default_factory=lambda: ParallelConfig(fsdp=False))
+    # Classifier-free guidance in parallel: the conditional and unconditional passes of each
+    # step run on two halves of the ranks, one exchange per step (needs guidance_scale != 1).
+    cfg_parallel: bool = False
     # "auto", "cpu" or "cuda".
     device: str = "auto"
     # Show the sampler's progress bar.

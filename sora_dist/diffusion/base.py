@@ -17,6 +17,9 @@ def randn_like_cpu(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 def guided(model, guidance_scale: float) -> Callable:
     """Classifier-free guidance (Ho & Salimans): eps = u + s * (c - u), one batched call."""
 
+    if hasattr(model, "guide"):  # a denoiser that guides itself (CFG-parallel: parallel/inference.py)
+        return model.guide(guidance_scale)
+
     def fn(x, t, text, text_mask):
         if guidance_scale == 1.0:
             return model(x, t, text, text_mask)
