@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from fractions import Fraction
+from typing import Iterator, NamedTuple, Optional
 
 import torch
 
@@ -186,6 +188,244 @@ class VideoVAE:
 
             out = unpatchify(out, patch_size=m.config.patch_size)
         return out.clamp(-1, 1)
+
+    # ---- streaming / sharded decode ------------------------------------------------------
+    def pixel_frames(self, t0: int, t1: int) -> tuple[int, int]:
+        """Global pixel-frame range [p0, p1) that latent frames [t0, t1) decode to.
+        Latent frame 0 gives 1 frame, every later one gives temporal_compression frames."""
+        tc = self.temporal_compression
+        return (0 if t0 == 0 else 1 + (t0 - 1) * tc), (0 if t1 == 0 else 1 + (t1 - 1) * tc)
+
+    def _check_stream_args(self, latent: torch.Tensor, frames_per_chunk: int,
+                           tile: Optional[int], overlap: Optional[int]) -> Optional[tuple[int, int]]:
+        if latent.ndim != 5 or latent.shape[1] != self.latent_channels:
+            raise ValueError(f"decode_stream wants (B, {self.latent_channels}, t, h, w); got {tuple(latent.shape)}")
+        if not isinstance(frames_per_chunk, int) or frames_per_chunk < 1:
+            raise ValueError(f"frames_per_chunk={frames_per_chunk!r} must be an int >= 1 (latent frames per chunk)")
+        if tile is None:
+            if overlap is not None:
+                raise ValueError("overlap is given but tile is None; pass tile=<pixels> to tile spatially")
+            return None
+        s = self.spatial_compression
+        if overlap is None:  # a quarter of the tile, on the latent grid
+            overlap = max(s, (tile // 4) // s * s)
+        if tile <= 0 or tile % s or overlap % s or not 0 < overlap < tile:
+            raise ValueError(f"tile={tile}, overlap={overlap}: both must divide by the spatial factor {s} "
+                             "and satisfy 0 < overlap < tile")
+        return tile, overlap
+
+    @torch.no_grad()
+    def decode_stream(self, latent: torch.Tensor, frames_per_chunk: int = 1, tile: Optional[int] = None,
+                      overlap: Optional[int] = None) -> Iterator[torch.Tensor]:
+        """Yield float32 frames (B, 3, T_chunk, H, W) in [-1, 1], frames_per_chunk latent frames
+        at a time, in order. torch.cat(list(...), dim=2) == decode(latent) (bit for bit untiled).
+
+        Wan only holds the causal feature cache (2 frames per conv) plus one chunk, so peak memory
+        does not grow with video length. tile/overlap (pixels) also bound it by the tile: tiles on
+        diffusers' grid, each with its own cache, blended linearly in the overlap exactly like
+        diffusers' tiled_decode. CogVideoX falls back to decode() then slicing (not bounded)."""
+        grid = self._check_stream_args(latent, frames_per_chunk, tile, overlap)
+        if self.kind != "AutoencoderKLWan":
+            out = self.decode(latent)
+            for t0 in range(0, latent.shape[2], frames_per_chunk):
+                p0, p1 = self.pixel_frames(t0, min(t0 + frames_per_chunk, latent.shape[2]))
+                yield out[:, :, p0:p1]
+            return
+        for _, frames in self._stream_wan(latent, 0, latent.shape[2], frames_per_chunk, grid):
+            yield frames
+
+    def _stream_wan(self, latent, start: int, stop: int, k: int, grid) -> Iterator[tuple[int, torch.Tensor]]:
+        """Decode latent frames [start, stop) with a fresh cache (start is treated as a first
+        frame); yields (index of the first latent frame in the chunk, frames)."""
+        m = self.model
+        z = (latent[:, :, start:stop].to(self.device, torch.float32) * self._std + self._mean).to(self.dtype)
+        n_conv = m._cached_conv_counts["decoder"]
+        h, w = z.shape[-2:]
+        s, patch = self.spatial_compression, m.config.patch_size
+        if grid is None:  # one "tile": the whole frame
+            tiles, tl, sl, blend = [(0, 0)], max(h, w), max(h, w), 0
+        else:
+            tl, sl = grid[0] // s, (grid[0] - grid[1]) // s
+            tiles = [(i, j) for i in range(0, h, sl) for j in range(0, w, sl)]
+            blend = grid[1] // (patch or 1)  # blend extent in the decoder's (patched) output pixels
+        caches = [[None] * n_conv for _ in tiles]  # each tile keeps its own causal cache
+        for c0 in range(0, z.shape[2], k):
+            outs = []
+            for (i, j), cache in zip(tiles, caches):
+                x = m.post_quant_conv(z[:, :, c0:c0 + k, i:i + tl, j:j + tl])  # 1x1x1: exact per tile
+                seq = []
+                for f in range(x.shape[2]):
+                    seq.append(m.decoder(x[:, :, f:f + 1], feat_cache=cache, feat_idx=[0],
+                                         first_chunk=(c0 + f == 0)).float())
+                outs.append(torch.cat(seq, dim=2))
+            out = outs[0] if grid is None else self._blend_tiles(outs, tiles, sl, blend, h, w)
+            if patch is not None:
+                from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+
+                out = unpatchify(out, patch_size=patch)
+            yield start + c0, out.clamp(-1, 1)
+
+    def _blend_tiles(self, outs, tiles, sl: int, blend: int, h: int, w: int) -> torch.Tensor:
+        # Same order and in-place semantics as diffusers' tiled_decode, so results match it.
+        m, stride = self.model, sl * self.spatial_compression // (self.model.config.patch_size or 1)
+        rows_i = sorted({i for i, _ in tiles})
+        rows = [[o for (i, _), o in zip(tiles, outs) if i == r] for r in rows_i]
+        result = []
+        for a, row in enumerate(rows):
+            cropped = []
+            for b, t in enumerate(row):
+                if a > 0:
+                    t = m.blend_v(rows[a - 1][b], t, blend)
+                if b > 0:
+                    t = m.blend_h(row[b - 1], t, blend)
+                cropped.append(t[:, :, :, :stride, :stride])
+            result.append(torch.cat(cropped, dim=-1))
+        full = h * self.spatial_compression // (m.config.patch_size or 1), w * self.spatial_compression // (
+            m.config.patch_size or 1)
+        return torch.cat(result, dim=3)[:, :, :, :full[0], :full[1]]
+
+    @torch.no_grad()
+    def decoder_receptive_field(self, probe_frames: int = 40) -> int:
+        """Latent frames of history the causal decoder's output depends on (measured, cached).
+
+        Every causal conv looks 2 frames back, so the dependence is finite (~30 latent frames for
+        build_tiny_vae's Wan, more for the full model's 2 res blocks). Measured, not derived: perturb
+        latent frame 0 of a 2x2-latent probe and find the last latent frame whose pixels change."""
+        if getattr(self, "_rf", None) is None:
+            if self.kind != "AutoencoderKLWan":
+                self._rf = 0  # decode_shard decodes all for CogVideoX; no cache carried
+                return self._rf
+            g = torch.Generator().manual_seed(0)
+            n = probe_frames
+            while True:
+                z = torch.randn(1, self.latent_channels, n, 2, 2, generator=g)
+                z2 = z.clone()
+                z2[:, :, 0] += 3.0
+                d = (self.decode(z) - self.decode(z2)).abs().amax(dim=(0, 1, 3, 4))
+                last = int(d.nonzero().max()) if d.any() else 0
+                lat = (last + self.temporal_compression - 1) // self.temporal_compression  # latent index
+                if lat < n - 1:
+                    self._rf = lat
+                    break
+                n *= 2
+        return self._rf
+
+    @torch.no_grad()
+    def decode_shard(self, latent: torch.Tensor, rank: int, world: int, warmup: Optional[int] = None,
+                     frames_per_chunk: int = 1, tile: Optional[int] = None,
+                     overlap: Optional[int] = None) -> "ShardFrames":
+        """Decode this rank's contiguous share of latent frames (DP/CP ranks decode one video in
+        parallel). The causal decoder needs history, so `warmup` latent frames before the share
+        are decoded with a fresh cache and their outputs dropped. The decoder's temporal receptive
+        field is finite: warmup >= decoder_receptive_field() (the default) gives the whole decode
+        bit for bit; a shorter warm-up is cheaper but only approximate near the share's start.
+        Returns frames (B, 3, n, H, W) and their global pixel-frame range [start, stop)."""
+        if not (isinstance(world, int) and world >= 1 and isinstance(rank, int) and 0 <= rank < world):
+            raise ValueError(f"decode_shard: need 0 <= rank < world; got rank={rank!r}, world={world!r}")
+        if warmup is None:
+            warmup = max(1, self.decoder_receptive_field())
+        if not isinstance(warmup, int) or warmup < 1:
+            # a fresh causal cache decodes its first latent frame to 1 pixel frame, not
+            # temporal_compression: at least that one frame must be a dropped warm-up frame
+            raise ValueError(f"decode_shard: warmup={warmup!r} must be an int >= 1 (latent frames)")
+        grid = self._check_stream_args(latent, frames_per_chunk, tile, overlap)
+        t = latent.shape[2]
+        t0, t1 = rank * t // world, (rank + 1) * t // world
+        p0, p1 = self.pixel_frames(t0, t1)
+        if t0 == t1:  # more ranks than latent frames: this rank has nothing to do
+            H, W = (d * self.spatial_compression for d in latent.shape[-2:])
+            return ShardFrames(torch.empty(latent.shape[0], 3, 0, H, W), p0, p1)
+        if self.kind != "AutoencoderKLWan":  # no causal cache to carry: decode all, keep the share
+            return ShardFrames(self.decode(latent)[:, :, p0:p1], p0, p1)
+        w0 = max(0, t0 - warmup)
+        local = lambda n: self.pixel_frames(0, n)[1]  # pixel frames of n latent frames from a fresh cache
+        drop = local(t0 - w0)  # the warm-up's outputs
+        keep = []
+        for c0, frames in self._stream_wan(latent, w0, t1, frames_per_chunk, grid):
+            lo = max(0, drop - local(c0 - w0))
+            if lo < frames.shape[2]:
+                keep.append(frames[:, :, lo:])
+        return ShardFrames(torch.cat(keep, dim=2), p0, p1)
+
+
+class ShardFrames(NamedTuple):
+    """One rank's decoded frames and their global pixel-frame indices [start, stop)."""
+    frames: torch.Tensor
+    start: int
+    stop: int
+
+
+class Mp4StreamWriter:
+    """Write decoded chunks to an mp4 as they arrive (PyAV), atomically: a temp file in the same
+    folder is renamed into place on close(); on error it is removed. Same conventions as
+    data.video_io.write_mp4: float frames in [-1, 1] or uint8, (T, 3, H, W) or (1, 3, T, H, W)."""
+
+    def __init__(self, path: str, fps: float, codec: Optional[str] = None):
+        import av
+
+        if fps <= 0:
+            raise ValueError(f"Mp4StreamWriter: fps={fps} must be > 0")
+        self.path = os.path.abspath(path)
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self._tmp = os.path.join(os.path.dirname(self.path), f".{os.path.basename(self.path)}.{os.getpid()}.tmp.mp4")
+        self._codec = codec or ("libx264" if "libx264" in av.codecs_available else "mpeg4")
+        self._rate = Fraction(fps).limit_denominator(1001)
+        self._av, self._container, self._stream, self.frames_written = av, None, None, 0
+
+    def write(self, frames: torch.Tensor) -> None:
+        x = frames.detach().cpu()
+        if x.ndim == 5:
+            if x.shape[0] != 1:
+                raise ValueError(f"Mp4StreamWriter.write: batch of {x.shape[0]} videos; write one at a time")
+            x = x[0].permute(1, 0, 2, 3)
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"Mp4StreamWriter.write wants (T, 3, H, W) or (1, 3, T, H, W); got {tuple(frames.shape)}")
+        if x.dtype != torch.uint8:
+            x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        H, W = x.shape[-2:]
+        if H % 2 or W % 2:  # yuv420p needs even sizes: pad one edge pixel
+            x = torch.nn.functional.pad(x.float(), (0, W % 2, 0, H % 2), mode="replicate").to(torch.uint8)
+        if self._container is None:
+            self._container = self._av.open(self._tmp, mode="w")
+            self._stream = self._container.add_stream(self._codec, rate=self._rate)
+            self._stream.width, self._stream.height, self._stream.pix_fmt = x.shape[-1], x.shape[-2], "yuv420p"
+            if self._codec == "libx264":
+                self._stream.options = {"crf": "18", "preset": "veryfast"}
+        elif (x.shape[-1], x.shape[-2]) != (self._stream.width, self._stream.height):
+            raise ValueError(f"Mp4StreamWriter.write: frame size {W}x{H} differs from the first chunk's")
+        for f in x.permute(0, 2, 3, 1).contiguous().numpy():
+            for packet in self._stream.encode(self._av.VideoFrame.from_ndarray(f, format="rgb24")):
+                self._container.mux(packet)
+        self.frames_written += x.shape[0]
+
+    def close(self) -> str:
+        if self._container is None:
+            raise ValueError("Mp4StreamWriter.close: no frames were written")
+        try:
+            for packet in self._stream.encode():
+                self._container.mux(packet)
+            self._container.close()
+            os.replace(self._tmp, self.path)
+        finally:
+            self.abort()
+        return self.path
+
+    def abort(self) -> None:
+        if self._container is not None and os.path.exists(self._tmp):
+            try:
+                self._container.close()
+            except Exception:  # already closed or broken; the temp file goes either way
+                pass
+            os.remove(self._tmp)
+
+    def __enter__(self) -> "Mp4StreamWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
 
 def build_tiny_vae(save_dir: str, latent_channels: int = 4, kind: str = "wan", seed: int = 0) -> str:
