@@ -3,6 +3,10 @@
   sora-sample run_dir=runs/demo 'prompts=["a red square moving right on a black background"]'
   sora-sample run_dir=runs/demo cond_path=first_frame.png            # image-to-video
   sora-sample run_dir=runs/demo cond_path=clip.mp4 cond_latent_frames=2 cond_position=last
+  sora-sample run_dir=runs/demo mode=edit cond_path=clip.mp4 strength=0.6 'prompts=["..."]'
+  sora-sample run_dir=runs/demo mode=connect cond_path=a.mp4 cond_path_2=b.mp4
+  sora-sample run_dir=runs/demo mode=loop loop_latent_frames=1
+  torchrun --nproc_per_node 8 -m sora_dist.sample run_dir=... parallel.cp=4 cfg_parallel=true
 
 Model and diffusion settings come from the run's saved config.yaml, and the VAE/text encoder
 from the shard manifest the run trained on, so the sampler cannot silently disagree with the
@@ -26,14 +30,14 @@ from sora_dist.console import quiet_third_party
 from sora_dist.config.sample import SampleConfig, validate_sample
 from sora_dist.config.validate import ConfigError
 from sora_dist.data.shards import load_manifest
-from sora_dist.data.video_io import BadInput, load_clip, parse_buckets, probe, write_mp4
+from sora_dist.data.video_io import write_mp4
 from sora_dist.diffusion import build_diffusion
 from sora_dist.fsutil import atomic_write_text
-from sora_dist.models import build_model
 from sora_dist.models.text import TextEncoder, read_model_type
 from sora_dist.models.vae import VideoVAE
 from sora_dist.parallel.device import autocast, init_distributed
 from sora_dist.parallel.inference import SamplingLayout, build_sampling_layout, gather_records, parallel_denoiser
+from sora_dist.sample_modes import mode_inputs
 from sora_dist.training import checkpoint as ckpt
 from sora_dist.training.optim import EMA
 
@@ -128,30 +132,6 @@ def _low_noise_expert(cfg: SampleConfig, job, device, layout: SamplingLayout) ->
     return out
 
 
-def _cond_latent(cfg: SampleConfig, vae, shape_BCTHW, device):
-    """Encode the conditioning image/video into k latent frames at the start or end of the clip."""
-    k = cfg.cond_latent_frames
-    T = shape_BCTHW[2]
-    if k >= T:
-        raise ConfigError(f"cond_latent_frames={k} leaves nothing to generate in {T} latent frames")
-    try:
-        is_image = probe(cfg.cond_path).is_image
-        if is_image and k != 1:
-            raise ConfigError(f"cond_path={cfg.cond_path!r} is an image: use cond_latent_frames=1")
-        # The causal VAE maps 1 + tc*(k-1) frames to exactly k latent frames.
-        need = 1 + vae.temporal_compression * (k - 1)
-        frames, _, _, _ = load_clip(cfg.cond_path, parse_buckets([[cfg.height, cfg.width]], [need]), cfg.fps)
-    except BadInput as e:
-        raise ConfigError(f"cond_path: {e}") from None
-    z = vae.encode(frames).to(device)  # (1, C, k, h, w)
-    cond = torch.zeros(shape_BCTHW, device=device)
-    mask = torch.zeros(T, dtype=torch.bool)
-    sl = slice(0, k) if cfg.cond_position == "first" else slice(T - k, T)
-    cond[:, :, sl] = z
-    mask[sl] = True
-    return cond, mask
-
-
 def run_sample(cfg: SampleConfig) -> dict:
     """Sample every prompt (one process, or all ranks of a torchrun/srun launch: see
     parallel/inference.py). Returns this rank's {"records", "latents", "indices", "cond_mask"}
@@ -222,15 +202,19 @@ def run_sample(cfg: SampleConfig) -> dict:
         text, mask = te.encode(batch)
         # One generator per call, seeded from the first prompt's index: reruns reproduce.
         g = torch.Generator().manual_seed(cfg.seed + s)
-        noise = torch.randn((B, C, t, h, w), generator=g).to(device)
-        cond, cmask = (None, None)
-        if cfg.cond_path:
-            cond, cmask = _cond_latent(cfg, vae, (B, C, t, h, w), device)
+        t_all = t + (cfg.loop_latent_frames if cfg.mode == "loop" else 0)  # loop: + the tied tail
+        noise = torch.randn((B, C, t_all, h, w), generator=g).to(device)
+        m = mode_inputs(cfg, vae, (B, C, t_all, h, w), device)
+        cmask = m.cond_mask
+        edit = {"init_latent": m.init_latent, "strength": m.strength} if m.init_latent is not None else {}
         t0 = time.perf_counter()
         with autocast(device, job.train.mixed_precision):
             x0 = diffusion.sample(model, noise, text.to(device), mask.to(device), steps=steps, sampler=sampler,
-                                  guidance_scale=scale, generator=g, cond_latent=cond, cond_frames_mask_T=cmask,
-                                  eta=d.ddim_eta, progress=cfg.progress and layout.writer, **flow_kw)
+                                  guidance_scale=scale, generator=g, cond_latent=m.cond_latent,
+                                  cond_frames_mask_T=cmask, eta=d.ddim_eta, progress=cfg.progress and layout.writer,
+                                  constrain=m.constrain, **edit, **flow_kw)
+        if m.keep_T is not None:
+            x0 = x0[:, :, :m.keep_T]
         sample_s = time.perf_counter() - t0
         latents += [x0[i].float().cpu() for i in range(B)]
         indices += [s + i for i in range(B)]
@@ -239,7 +223,8 @@ def run_sample(cfg: SampleConfig) -> dict:
         video = vae.decode(x0.float())  # (B, 3, T, H, W) in [-1, 1]
         for i, prompt in enumerate(batch):
             path = write_mp4(video[i].permute(1, 0, 2, 3), _video_path(cfg, s + i), cfg.fps)
-            records.append({"index": s + i, "prompt": prompt, "path": path, "seed": cfg.seed + s,
+            write_strip(video[i], path[:-4] + ".png")
+            records.append({"index": s + i, "prompt": prompt, "path": path, "mode": cfg.mode, "seed": cfg.seed + s,
                             "index_in_batch": i, "batch_size": cfg.batch_size, "checkpoint": ckpt_path,
                             "sampler": sampler, "steps": steps, "guidance_scale": scale,
                             "low_noise_run_dir": cfg.low_noise_run_dir, "layout": layout_name,
@@ -251,6 +236,20 @@ def run_sample(cfg: SampleConfig) -> dict:
     if dist.is_initialized():
         dist.barrier()
     return {"records": records, "latents": latents, "indices": indices, "cond_mask": cmask}
+
+
+def write_strip(video_CTHW: torch.Tensor, path: str, n: int = 8) -> str:
+    """Up to n frames evenly spread over the video, side by side in one PNG (a glance at it)."""
+    from PIL import Image
+
+    T = video_CTHW.shape[1]
+    idx = sorted({round(i * (T - 1) / max(n - 1, 1)) for i in range(min(n, T))})
+    frames = ((video_CTHW[:, idx].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (3, n, H, W)
+    strip = frames.permute(2, 1, 3, 0).reshape(frames.shape[2], -1, 3)                # (H, n*W, 3)
+    tmp = path + ".tmp.png"
+    Image.fromarray(strip.cpu().numpy()).save(tmp)
+    os.replace(tmp, path)
+    return path
 
 
 def _video_path(cfg: SampleConfig, index: int) -> str:

@@ -1,12 +1,16 @@
 """Config of `sora-sample`: prompts -> text encoder -> diffusion sampler -> VAE decode -> mp4."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
 from sora_dist.config.parallel import ParallelConfig
 from sora_dist.config.train import DEVICES
 from sora_dist.config.validate import ConfigError, either
+
+
+SAMPLE_MODES = ("generate", "edit", "connect", "loop")
 
 
 @dataclass
@@ -54,8 +58,18 @@ class SampleConfig:
     seed: int = 0
     # Prompts per sampler call.
     batch_size: int = 4
-    # Conditioning image or video for image-to-video / video extension (None = text only).
+    # "generate" (text-to-video; with cond_path image-to-video / extension), "edit" (SDEdit of
+    # the cond_path clip under the prompts), "connect" (cond_path opens, cond_path_2 closes the
+    # video), "loop" (a seamless loop). sora_dist/sample_modes.py says how each is enforced.
+    mode: str = "generate"
+    # Conditioning image or video for image-to-video / video extension / edit / connect.
     cond_path: Optional[str] = None
+    # connect: the clip that closes the video.
+    cond_path_2: Optional[str] = None
+    # edit: how far the source is noised before denoising under the new prompt, in [0, 1].
+    strength: float = 0.6
+    # loop: latent frames of the tail tied to the head.
+    loop_latent_frames: int = 1
     # "first": the condition opens the video (image-to-video, forward extension);
     # "last": it closes the video (backward extension).
     cond_position: str = "first"
@@ -91,6 +105,22 @@ def validate_sample(cfg: SampleConfig) -> None:
         raise ConfigError(f"fps={cfg.fps} must be > 0")
     if cfg.batch_size < 1:
         raise ConfigError(f"batch_size={cfg.batch_size} must be >= 1")
+    if cfg.mode not in SAMPLE_MODES:
+        raise ConfigError(f"mode={cfg.mode!r}: use {either(SAMPLE_MODES)}")
+    if cfg.mode in ("edit", "connect") and not cfg.cond_path:
+        raise ConfigError(f"mode={cfg.mode} needs cond_path=<clip>" + (" and cond_path_2=<clip>" if cfg.mode == "connect" else ""))
+    if cfg.mode == "connect" and not cfg.cond_path_2:
+        raise ConfigError("mode=connect needs cond_path_2=<the clip that closes the video>")
+    if cfg.mode != "connect" and cfg.cond_path_2:
+        raise ConfigError(f"cond_path_2 is for mode=connect (mode={cfg.mode})")
+    if not 0.0 <= cfg.strength <= 1.0:
+        raise ConfigError(f"strength={cfg.strength} must be in [0, 1] (0 returns the source, 1 ignores it)")
+    if cfg.mode == "loop" and (cfg.loop_latent_frames < 1 or cfg.cond_path):
+        raise ConfigError("mode=loop needs loop_latent_frames >= 1 and no cond_path")
+    for f in ("cond_path", "cond_path_2"):
+        path = getattr(cfg, f)
+        if path and not os.path.isfile(path):
+            raise ConfigError(f"{f}={path!r} does not exist")
     if cfg.cond_position not in ("first", "last"):
         raise ConfigError(f"cond_position={cfg.cond_position!r}: use 'first' or 'last'")
     if cfg.cond_latent_frames < 1:

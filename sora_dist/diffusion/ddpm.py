@@ -85,8 +85,13 @@ class GaussianDiffusion(Objective):
     @torch.no_grad()
     def sample(self, model, noise, text, text_mask, steps: int = 50, sampler: str = "ddpm",
                guidance_scale: float = 1.0, generator: Optional[torch.Generator] = None,
-               cond_latent=None, cond_frames_mask_T=None, eta: float = 0.0, progress: bool = False):
-        """DDPM ancestral (Alg. 2 on the respaced chain, posterior variance) or DDIM(eta)."""
+               cond_latent=None, cond_frames_mask_T=None, eta: float = 0.0, progress: bool = False,
+               init_latent=None, strength: float = 1.0, constrain=None):
+        """DDPM ancestral (Alg. 2 on the respaced chain, posterior variance) or DDIM(eta).
+        init_latent + strength (SDEdit): start from init_latent noised to the first timestep at
+        or below strength*T and run the rest of the chain (strength 0 returns init_latent, 1 is
+        plain sampling). constrain(x): applied before every model call and to the result
+        (sora-sample's loop mode)."""
         check_cond(noise, cond_latent, cond_frames_mask_T)
         if sampler not in SAMPLERS["ddpm"]:
             raise ValueError(f"sampler {sampler!r} does not fit DDPM; use one of {SAMPLERS['ddpm']}")
@@ -96,10 +101,16 @@ class GaussianDiffusion(Objective):
         ts = self.timesteps(steps)
         ab_all = self.alphas_cumprod
         x = noise
+        if init_latent is not None and strength < 1.0:
+            ts = [t for t in ts if t < strength * self.T]
+            if not ts:
+                return init_latent.clone()
+            x = self.q_sample(init_latent, torch.full((x.shape[0],), ts[0], dtype=torch.long), noise)
+        constrain = constrain or (lambda v: v)
         for i, t_int in enumerate(progress_iter(ts, progress, sampler)):
             t = torch.full((x.shape[0],), t_int, dtype=torch.long, device=x.device)
-            x = self.fix_frames(x, cond_latent, cond_frames_mask_T,
-                                lambda c: self.q_sample(c, t, fixed_noise))
+            x = constrain(self.fix_frames(x, cond_latent, cond_frames_mask_T,
+                                          lambda c: self.q_sample(c, t, fixed_noise)))
             eps = eps_fn(x, t, text, text_mask).to(x.dtype)
             prev = ts[i + 1] if i + 1 < len(ts) else -1
             ab = float(ab_all[t_int])
@@ -113,4 +124,4 @@ class GaussianDiffusion(Objective):
                 sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
                 mean = math.sqrt(ab_prev) * x0 + math.sqrt(max(1 - ab_prev - sigma**2, 0.0)) * eps
             x = mean + sigma * randn_like_cpu(x, generator) if (prev >= 0 and sigma > 0) else mean
-        return self.fix_frames(x, cond_latent, cond_frames_mask_T)
+        return constrain(self.fix_frames(x, cond_latent, cond_frames_mask_T))

@@ -112,7 +112,8 @@ class RectifiedFlow(Objective):
                guidance_scale: float = 1.0, generator: Optional[torch.Generator] = None,
                cond_latent=None, cond_frames_mask_T=None, eta: float = 0.0, progress: bool = False,
                model_2=None, boundary_ratio: Optional[float] = None,
-               guidance_scale_2: Optional[float] = None, clean_cond_frames: bool = False):
+               guidance_scale_2: Optional[float] = None, clean_cond_frames: bool = False,
+               init_latent=None, strength: float = 1.0, constrain=None):
         """Euler over `sigmas(steps)`: x <- x + (sigma_next - sigma) v(x, sigma * 1000), which is
         diffusers' FlowMatchEulerDiscreteScheduler.step fed its `timesteps`.
 
@@ -126,7 +127,12 @@ class RectifiedFlow(Objective):
         every step to the condition noised to the current sigma, under one timestep per sample.
         clean_cond_frames=True is Wan2.2 TI2V's convention (diffusers' WanImageToVideoPipeline
         with expand_timesteps): they stay clean and the model gets one timestep per latent frame,
-        0 on the conditioning frames (the model must take (B, T) timesteps: WanDiT)."""
+        0 on the conditioning frames (the model must take (B, T) timesteps: WanDiT).
+
+        init_latent + strength (SDEdit video editing): start at the grid's first sigma at or
+        below `strength` from (1 - sigma) init_latent + sigma noise, then integrate the rest
+        (strength 0 returns init_latent exactly, 1 is plain sampling). constrain(x) is applied
+        before every model call and to the result (sora-sample's loop mode)."""
         check_cond(noise, cond_latent, cond_frames_mask_T)
         if sampler not in SAMPLERS["flow"]:
             raise ValueError(f"sampler {sampler!r} does not fit rectified flow; use one of {SAMPLERS['flow']}")
@@ -138,8 +144,14 @@ class RectifiedFlow(Objective):
         v_low = v_high if model_2 is None else guided(
             model_2, guidance_scale if guidance_scale_2 is None else guidance_scale_2)
         sigmas = self.sigmas(steps)
-        timesteps = sigmas[:-1] * self.time_scale  # float32, diffusers' scheduler.timesteps
         x = noise
+        if init_latent is not None and strength < 1.0:
+            sigmas = sigmas[sigmas <= strength]  # ends with 0
+            if len(sigmas) < 2:
+                return init_latent.clone()
+            x = (1 - float(sigmas[0])) * init_latent + float(sigmas[0]) * noise
+        timesteps = sigmas[:-1] * self.time_scale  # float32, diffusers' scheduler.timesteps
+        constrain = constrain or (lambda v: v)
         for i in progress_iter(range(len(timesteps)), progress, "euler"):
             t_now, t_next = float(sigmas[i]), float(sigmas[i + 1])
             if clean_cond_frames and cond_latent is not None:
@@ -150,7 +162,8 @@ class RectifiedFlow(Objective):
                 x = self.fix_frames(x, cond_latent, cond_frames_mask_T,
                                     lambda c: (1 - t_now) * c + t_now * noise)
                 t = torch.full((x.shape[0],), float(timesteps[i]), device=x.device)
+            x = constrain(x)
             high = model_2 is None or bool(timesteps[i] >= boundary_ratio * self.time_scale)
             v = (v_high if high else v_low)(x, t, text, text_mask)
             x = x + (t_next - t_now) * v.to(x.dtype)
-        return self.fix_frames(x, cond_latent, cond_frames_mask_T)
+        return constrain(self.fix_frames(x, cond_latent, cond_frames_mask_T))

@@ -80,8 +80,12 @@ def test_conditioning_frames_are_kept(run_dir, tmp_path, position, k):
         cond = write_mp4(frames, str(tmp_path / "cond.mp4"), 8)
     res = run_sample(_cfg(run_dir, tmp_path / "o", cond_path=cond, cond_position=position, cond_latent_frames=k))
     vae = VideoVAE.load(str(run_dir / "vae"))
-    need = 1 + 4 * (k - 1)
+    # A condition opening the video is encoded as a clip start (1 + 4(k-1) frames); one closing
+    # it as a continuation: 1 + 4k frames encoded, the leading image latent dropped.
+    first = position == "first"
+    need = 1 + 4 * (k - 1) if first else 1 + 4 * k
     z = vae.encode(load_clip(cond, parse_buckets([[32, 32]], [need]), 8.0)[0])[0]
+    z = z if first else z[:, 1:]
     sl = slice(0, k) if position == "first" else slice(3 - k, 3)
     for lat in res["latents"]:
         torch.testing.assert_close(lat[:, sl], z)
@@ -263,3 +267,78 @@ def test_wan_run_samples_t2v_ti2v_and_two_experts(tmp_path, monkeypatch):
     assert res["records"][0]["low_noise_run_dir"] == low
     with pytest.raises(ConfigError, match="low_noise_run_dir"):
         run_sample(_cfg(tmp_path, tmp_path / "x", guidance_scale_2=2.0))
+
+
+# ---- modes: edit, connect, loop, image ---------------------------------------------------------
+
+def _clip(tmp_path, name, seed, frames=9):
+    f, _ = render_clip(32, 32, frames, seed=seed)
+    return write_mp4(f, str(tmp_path / name), 8)
+
+
+def test_edit_strength_0_returns_the_source_and_1_is_text_to_video(run_dir, tmp_path):
+    src = _clip(tmp_path, "src.mp4", 5)
+    z = VideoVAE.load(str(run_dir / "vae")).encode(load_clip(src, parse_buckets([[32, 32]], [9]), 8.0)[0])[0]
+    zero = run_sample(_cfg(run_dir, tmp_path / "e0", mode="edit", cond_path=src, strength=0.0))
+    for lat in zero["latents"]:
+        assert torch.equal(lat, z)
+    full = run_sample(_cfg(run_dir, tmp_path / "e1", mode="edit", cond_path=src, strength=1.0))
+    t2v = run_sample(_cfg(run_dir, tmp_path / "t2v"))
+    for a, b in zip(full["latents"], t2v["latents"]):
+        assert torch.equal(a, b)
+    half = run_sample(_cfg(run_dir, tmp_path / "e5", mode="edit", cond_path=src, strength=0.5))
+    for h, a in zip(half["latents"], t2v["latents"]):
+        assert not torch.allclose(h, z) and not torch.allclose(h, a)
+    recs = [json.loads(line) for line in open(tmp_path / "e5" / "samples.jsonl")]
+    assert all(r["mode"] == "edit" and os.path.exists(r["path"][:-4] + ".png") for r in recs)
+
+
+def test_connect_keeps_both_clips_where_they_were_placed(run_dir, tmp_path):
+    a, b = _clip(tmp_path, "a.mp4", 1), _clip(tmp_path, "b.mp4", 2)
+    res = run_sample(_cfg(run_dir, tmp_path / "c", mode="connect", cond_path=a, cond_path_2=b, num_frames=13))
+    vae = VideoVAE.load(str(run_dir / "vae"))
+    za = vae.encode(load_clip(a, parse_buckets([[32, 32]], [5]), 8.0)[0][:1])[0]       # opens: its first frame
+    zb = vae.encode(load_clip(b, parse_buckets([[32, 32]], [5]), 8.0)[0])[0][:, 1:]    # closes: continuation
+    assert res["cond_mask"].tolist() == [True, False, False, True]
+    for lat in res["latents"]:
+        assert torch.equal(lat[:, :1], za) and torch.equal(lat[:, 3:], zb)
+
+
+def test_loop_ties_the_tail_to_the_head(run_dir, tmp_path, monkeypatch):
+    from sora_dist.diffusion import GaussianDiffusion
+
+    full = []
+    original = GaussianDiffusion.sample
+
+    def keep(self, *a, **kw):
+        full.append(original(self, *a, **kw))
+        return full[-1]
+
+    monkeypatch.setattr(GaussianDiffusion, "sample", keep)
+    res = run_sample(_cfg(run_dir, tmp_path / "l", mode="loop", loop_latent_frames=1))
+    x = full[0]
+    assert x.shape[2] == 4 and torch.equal(x[:, :, 3:], x[:, :, :1])   # generated T+1, tail == head
+    assert all(lat.shape[1] == 3 for lat in res["latents"])             # the video is the first T
+
+
+def test_image_generation_at_a_bucket_size(run_dir, tmp_path):
+    res = run_sample(_cfg(run_dir, tmp_path / "img", num_frames=1, width=48))
+    assert all(lat.shape == (4, 1, 4, 6) for lat in res["latents"])
+    r = json.loads(open(tmp_path / "img" / "samples.jsonl").readline())
+    assert probe(r["path"]).num_frames == 1 and os.path.exists(r["path"][:-4] + ".png")
+
+
+@pytest.mark.parametrize("kw, needle", [
+    (dict(mode="edit"), "needs cond_path"),
+    (dict(mode="edit", cond_path="/nonexistent.mp4"), "does not exist"),
+    (dict(mode="edit", cond_path="SRC", strength=1.5), "strength=1.5 must be in [0, 1]"),
+    (dict(mode="connect", cond_path="SRC"), "needs cond_path_2"),
+    (dict(mode="connect", cond_path="SRC", cond_path_2="SHORT", cond_latent_frames=2), "cond_path_2"),
+    (dict(mode="blend"), "mode='blend'"),
+])
+def test_mode_bad_inputs_are_one_config_error(run_dir, tmp_path, kw, needle):
+    src, short = _clip(tmp_path, "src.mp4", 5), _clip(tmp_path, "short.mp4", 6, frames=3)
+    kw = {k: {"SRC": src, "SHORT": short}.get(v, v) if isinstance(v, str) else v for k, v in kw.items()}
+    with pytest.raises(ConfigError) as e:
+        run_sample(_cfg(run_dir, tmp_path / "bad", **kw))
+    assert needle in str(e.value) and "\n" not in str(e.value)
