@@ -39,14 +39,41 @@ def doc_runs(doc_S: torch.Tensor) -> list[tuple[int, int, int]]:
     return out
 
 
+def same_length_groups(runs: list[tuple[int, int, int]]) -> list[tuple[int, int, int, int]]:
+    """Consecutive runs of equal length merged: (start, length, count, first id). The packer
+    puts equal-size samples (images of one bucket, clips of one shape) next to each other, so a
+    pack of many small samples becomes a few batched kernel calls instead of one per sample."""
+    out = []
+    for a, b, i in runs:
+        n = b - a
+        if out and out[-1][1] == n and out[-1][0] + out[-1][1] * out[-1][2] == a and out[-1][3] + out[-1][2] == i:
+            s, _, c, f = out[-1]
+            out[-1] = (s, n, c + 1, f)
+        else:
+            out.append((a, n, 1, i))
+    return out
+
+
+def _as_batch(x_1HSD: torch.Tensor, start: int, n: int, count: int) -> torch.Tensor:
+    """count consecutive samples of n tokens of a packed (1, H, S, D) tensor as (count, H, n, D)."""
+    x = x_1HSD[0, :, start:start + n * count]
+    return x.unflatten(1, (count, n)).transpose(0, 1)
+
+
+def _from_batch(o_CHnD: torch.Tensor) -> torch.Tensor:
+    return o_CHnD.transpose(0, 1).flatten(1, 2)[None]
+
+
 def document_attention(attn, q_BHSD, k_BHSD, v_BHSD, doc_S, kv_mask_BS=None) -> torch.Tensor:
     """Self-attention of a packed sequence (B = 1): each sample's tokens attend only within the
-    sample (a block-diagonal mask), one `attn` call per sample on its own q/k/v slice, so no
-    S x S mask is ever built. doc_S: sample id of each token; its runs are the samples."""
+    sample (a block-diagonal mask), one `attn` call per group of equal-size neighbouring samples
+    (batched), so no S x S mask is ever built. doc_S: sample id of each token; its runs are the
+    samples."""
     outs = []
-    for a, b, _ in doc_runs(doc_S):
-        m = None if kv_mask_BS is None else kv_mask_BS[:, a:b]
-        outs.append(attn(q_BHSD[:, :, a:b], k_BHSD[:, :, a:b], v_BHSD[:, :, a:b], m))
+    for a, n, c, _ in same_length_groups(doc_runs(doc_S)):
+        m = None if kv_mask_BS is None else kv_mask_BS[0, a:a + n * c].view(c, n)
+        outs.append(_from_batch(attn(_as_batch(q_BHSD, a, n, c), _as_batch(k_BHSD, a, n, c),
+                                     _as_batch(v_BHSD, a, n, c), m)))
     return torch.cat(outs, dim=2)
 
 

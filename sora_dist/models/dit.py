@@ -70,15 +70,15 @@ def packed_conditioning(c_KX, text_KLD, text_mask_KL, grids_K3, head_dim: int) -
 def cross_attention_per_sample(attn, q_BHSD, k_KHLD, v_KHLD, text_mask_KL, doc_S):
     """Cross-attention of a packed sequence: each run of a sample's tokens attends to that
     sample's caption only (k/v hold one caption per sample). Padding tokens (id < 0) get 0."""
-    from sora_dist.models.attention import doc_runs
+    from sora_dist.models.attention import _as_batch, _from_batch, doc_runs, same_length_groups
 
     outs = []
-    for a, b, i in doc_runs(doc_S):
+    for a, n, c, i in same_length_groups(doc_runs(doc_S)):
         if i < 0:
-            outs.append(q_BHSD.new_zeros(*q_BHSD.shape[:2], b - a, v_KHLD.shape[-1]))
-        else:
-            m = None if text_mask_KL is None else text_mask_KL[i:i + 1]
-            outs.append(attn(q_BHSD[:, :, a:b], k_KHLD[i:i + 1], v_KHLD[i:i + 1], m))
+            outs.append(q_BHSD.new_zeros(*q_BHSD.shape[:2], n * c, v_KHLD.shape[-1]))
+        else:  # c neighbouring samples of n tokens each, batched with their c captions
+            m = None if text_mask_KL is None else text_mask_KL[i:i + c]
+            outs.append(_from_batch(attn(_as_batch(q_BHSD, a, n, c), k_KHLD[i:i + c], v_KHLD[i:i + c], m)))
     return torch.cat(outs, dim=2)
 
 

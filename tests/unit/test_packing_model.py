@@ -13,8 +13,9 @@ ARGS = {
     "dit": DiTArgs(hidden_size=32, depth=2, num_heads=4, mlp_ratio=2.0, in_channels=4, text_dim=16),
     "wan": DiTArgs(arch="wan", hidden_size=32, depth=2, num_heads=4, ffn_dim=48, in_channels=4, text_dim=16),
 }
-# An image, short and long clips, three aspect ratios (latent T, H, W; patch 1x2x2).
-SHAPES = [(1, 8, 8), (3, 4, 6), (2, 6, 4), (5, 2, 2), (1, 4, 10)]
+# Images, short and long clips, three aspect ratios (latent T, H, W; patch 1x2x2); equal-size
+# neighbours run as one batched attention call (models/attention.py same_length_groups).
+SHAPES = [(1, 8, 8), (1, 8, 8), (3, 4, 6), (2, 6, 4), (2, 6, 4), (5, 2, 2), (1, 4, 10)]
 
 
 def build(arch):
@@ -31,8 +32,8 @@ def samples(a, seed=1):
     ys = [torch.randn(a.in_channels, *s, generator=g) for s in SHAPES]
     t = torch.rand(K, generator=g) * 1000
     text = torch.randn(K, L, a.text_dim, generator=g)
-    mask = torch.arange(L)[None] < torch.tensor([6, 3, 1, 5, 2])[:, None]
-    drop = torch.tensor([False, False, True, False, False])
+    mask = torch.arange(L)[None] < torch.tensor([6, 3, 1, 5, 2, 4, 6])[:, None]
+    drop = torch.tensor([False, False, True, False, False, True, False])
     return xs, ys, t, text, mask, drop
 
 
@@ -132,3 +133,10 @@ def test_cp_balanced_order_evens_attention_work():
         assert max(before) / mean > 1.1 and max(after) / mean < 1.06, (K, cp, max(before) / mean, max(after) / mean)
     # chunk 0: 3 tokens of the 4-token sample (3*4); chunk 1: its last token (4) + the 2-token sample (2*2)
     assert cp_attention_work([4, 2], 2) == [12, 8]
+
+
+def test_equal_size_neighbours_are_grouped():
+    from sora_dist.models.attention import same_length_groups
+
+    runs = [(0, 4, 0), (4, 8, 1), (8, 12, 2), (12, 15, 3), (15, 18, 4), (18, 20, -1)]
+    assert same_length_groups(runs) == [(0, 4, 3, 0), (12, 3, 2, 3), (18, 2, 1, -1)]
