@@ -30,11 +30,10 @@ from sora_dist.console import quiet_third_party
 from sora_dist.config.sample import SampleConfig, validate_sample
 from sora_dist.config.validate import ConfigError
 from sora_dist.data.shards import load_manifest
-from sora_dist.data.video_io import write_mp4
 from sora_dist.diffusion import build_diffusion
 from sora_dist.fsutil import atomic_write_text
 from sora_dist.models.text import TextEncoder, read_model_type
-from sora_dist.models.vae import VideoVAE
+from sora_dist.models.vae import Mp4StreamWriter, VideoVAE
 from sora_dist.parallel.device import autocast, init_distributed
 from sora_dist.parallel.inference import SamplingLayout, build_sampling_layout, gather_records, parallel_denoiser
 from sora_dist.sample_modes import mode_inputs
@@ -220,10 +219,8 @@ def run_sample(cfg: SampleConfig) -> dict:
         indices += [s + i for i in range(B)]
         if not layout.writer:
             continue
-        video = vae.decode(x0.float())  # (B, 3, T, H, W) in [-1, 1]
         for i, prompt in enumerate(batch):
-            path = write_mp4(video[i].permute(1, 0, 2, 3), _video_path(cfg, s + i), cfg.fps)
-            write_strip(video[i], path[:-4] + ".png")
+            path = _decode_to_mp4(cfg, vae, x0[i:i + 1].float(), _video_path(cfg, s + i))
             records.append({"index": s + i, "prompt": prompt, "path": path, "mode": cfg.mode, "seed": cfg.seed + s,
                             "index_in_batch": i, "batch_size": cfg.batch_size, "checkpoint": ckpt_path,
                             "sampler": sampler, "steps": steps, "guidance_scale": scale,
@@ -238,12 +235,31 @@ def run_sample(cfg: SampleConfig) -> dict:
     return {"records": records, "latents": latents, "indices": indices, "cond_mask": cmask}
 
 
+def strip_indices(T: int, n: int = 8) -> list[int]:
+    return sorted({round(i * (T - 1) / max(n - 1, 1)) for i in range(min(n, T))})
+
+
+def _decode_to_mp4(cfg: SampleConfig, vae, latent_1CTHW: torch.Tensor, path: str) -> str:
+    """Decode in chunks of cfg.decode_chunk_frames latent frames (the causal cache carried over:
+    equal to a whole decode) straight into the mp4, so a long video never holds all its frames;
+    the frames of the PNG strip are kept on the way."""
+    T = vae.pixel_frames(0, latent_1CTHW.shape[2])[1]
+    want, kept, done = set(strip_indices(T)), [], 0
+    with Mp4StreamWriter(path, cfg.fps) as writer:
+        for chunk in vae.decode_stream(latent_1CTHW, frames_per_chunk=cfg.decode_chunk_frames,
+                                       tile=cfg.vae_tile_size or None):
+            writer.write(chunk)
+            kept += [chunk[0, :, j - done] for j in range(done, done + chunk.shape[2]) if j in want]
+            done += chunk.shape[2]
+    write_strip(torch.stack(kept, dim=1), path[:-4] + ".png", n=len(kept))
+    return os.path.abspath(path)
+
+
 def write_strip(video_CTHW: torch.Tensor, path: str, n: int = 8) -> str:
     """Up to n frames evenly spread over the video, side by side in one PNG (a glance at it)."""
     from PIL import Image
 
-    T = video_CTHW.shape[1]
-    idx = sorted({round(i * (T - 1) / max(n - 1, 1)) for i in range(min(n, T))})
+    idx = strip_indices(video_CTHW.shape[1], n)
     frames = ((video_CTHW[:, idx].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (3, n, H, W)
     strip = frames.permute(2, 1, 3, 0).reshape(frames.shape[2], -1, 3)                # (H, n*W, 3)
     tmp = path + ".tmp.png"

@@ -77,6 +77,9 @@ class SampleConfig:
     cond_latent_frames: int = 1
     # VAE spatial tiling for decoding large frames: tile side in pixels; 0 = off.
     vae_tile_size: int = 0
+    # Latent frames decoded at a time, streamed into the mp4 (the causal cache carries over, so
+    # the video equals a whole decode while memory stays that of one chunk).
+    decode_chunk_frames: int = 4
     # Where the mp4 files and samples.jsonl go (on every node: a shared folder under srun).
     output_dir: str = "samples"
     # A rerun skips batches whose videos are already in output_dir.
@@ -103,6 +106,8 @@ def validate_sample(cfg: SampleConfig) -> None:
         raise ConfigError(f"num_frames/height/width = {cfg.num_frames}/{cfg.height}/{cfg.width} must be >= 1")
     if cfg.fps <= 0:
         raise ConfigError(f"fps={cfg.fps} must be > 0")
+    if cfg.decode_chunk_frames < 1:
+        raise ConfigError(f"decode_chunk_frames={cfg.decode_chunk_frames} must be >= 1")
     if cfg.batch_size < 1:
         raise ConfigError(f"batch_size={cfg.batch_size} must be >= 1")
     if cfg.mode not in SAMPLE_MODES:
