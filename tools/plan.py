@@ -223,7 +223,29 @@ def main(argv=None) -> int:
           + (f" parallel.ulysses_degree={lay.ulysses}" if lay.cp_mode == "hybrid" else "")
           + f" parallel.pp={lay.pp} parallel.dp={lay.dp} train.activation_checkpointing={lay.recompute}"
           + (f" data.packing=true data.tokens_per_rank={a.tokens_per_rank}" if a.tokens_per_rank is not None else ""))
+    print_sampling(a, m, lay)
     return 0
+
+
+def print_sampling(a, m, lay) -> None:
+    """sora-sample with the training layout's model split (tp x cp, parallel/inference.py): per
+    denoising step the CFG pair's forwards (2x forward FLOPs; cfg_parallel=true puts them on two
+    groups), no gradients or optimizer state; bf16 weights whole per TP shard (no FSDP); the
+    largest transient is one block's working set on this rank's tokens. A planner estimate at
+    the same MFU, not a measurement (tools/bench_sample.py measures on this machine)."""
+    tokens, group = a.tokens, lay.tp * lay.cp
+    fwd = m.forward_flops(tokens, a.text_len).total
+    peak = a.peak_tflops_fp8 if a.attn_dtype == "fp8" else a.peak_tflops
+    step_s = 2 * fwd / (group * peak * 1e12 * a.mfu)
+    weights = m.num_params() * 2 / lay.tp / 2**30
+    # one block's forward working set per token: residual, norm, q/k/v/o, MLP hidden (bf16)
+    act = tokens / lay.cp * (8 * m.hidden_size + 2 * m.mlp_width / lay.tp) * 2 / 2**30
+    groups = max(a.gpus // group, 1)
+    print(f"sampling ({tokens:,} tokens, tp={lay.tp} cp={lay.cp} per video; 2x forward per step with "
+          f"CFG): {step_s:.2f} s/step on {group} GPUs, {50 * step_s / 60:.1f} min for 50 steps; "
+          f"weights {weights:.1f} GiB + ~{act:.1f} GiB working set per GPU; {groups} videos at once "
+          f"on {a.gpus} GPUs ({groups // 2 if groups > 1 else 1} with cfg_parallel=true, each step "
+          f"{step_s / 2:.2f} s)")
 
 
 def packing_problem(a) -> str:

@@ -256,6 +256,13 @@ def test_plan_cli_prints_a_recommendation(capsys):
     assert main(["--flavor", "7B", "--tokens", "460000", "--gpus", "64", "--mem-gib", "80"]) == 0
     out = capsys.readouterr().out
     assert "recommended: tp=" in out and "fits" in out
+    # the sampling estimate for the same model split: 2 forwards per step (CFG) on tp*cp GPUs
+    import re
+    m = P.flavor_model("7B")
+    line = next(ln for ln in out.splitlines() if ln.startswith("sampling (460,000 tokens"))
+    tp, cp, step = re.search(r"tp=(\d+) cp=(\d+) per video.*?: ([\d.]+) s/step", line).groups()
+    want = 2 * m.forward_flops(460_000, P.CAPTION_TOKENS).total / (int(tp) * int(cp) * 989e12 * 0.4)
+    assert abs(float(step) - want) <= 0.01
     assert main(["--flavor", "30B", "--tokens", "2000000", "--gpus", "8", "--mem-gib", "24"]) == 1
 
 
