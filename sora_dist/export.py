@@ -40,7 +40,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
-from sora_dist.config import CONFIG_DIR, to_job_config
+from sora_dist.config import CONFIG_DIR, load_run_config
 from sora_dist.config.export import ExportConfig, validate_export
 from sora_dist.config.model import DiTArgs
 from sora_dist.config.validate import ConfigError
@@ -63,13 +63,6 @@ def register_configs() -> None:
 
 
 register_configs()
-
-
-def _job_config(run_dir: str):
-    path = os.path.join(run_dir, "config.yaml")
-    if not os.path.isfile(path):
-        raise ConfigError(f"run_dir={run_dir!r} has no config.yaml; point it at a sora-train run folder")
-    return to_job_config(OmegaConf.load(path))
 
 
 def _checkpoint(cfg: ExportConfig) -> tuple[int, str]:
@@ -136,7 +129,7 @@ def run_export(cfg: ExportConfig) -> str:
     validate_export(cfg)
     if os.path.exists(cfg.output) and not cfg.overwrite:
         raise ConfigError(f"output={cfg.output!r} exists; pick a new folder or set overwrite=true")
-    job = _job_config(cfg.run_dir)
+    job = load_run_config(cfg.run_dir)
     step, path = _checkpoint(cfg)
     model = load_run_model(cfg, job, path)
     dtype = DTYPES[cfg.dtype]

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from sora_dist.config import CONFIG_DIR, to_job_config
+from sora_dist.config import CONFIG_DIR, load_run_config
 from sora_dist.console import quiet_third_party
 from sora_dist.config.sample import SampleConfig, validate_sample
 from sora_dist.config.validate import ConfigError
@@ -49,13 +49,6 @@ def register_configs() -> None:
 
 
 register_configs()
-
-
-def _job_config(run_dir: str):
-    path = os.path.join(run_dir, "config.yaml")
-    if not os.path.isfile(path):
-        raise ConfigError(f"run_dir={run_dir!r} has no config.yaml; point it at a sora-train run folder")
-    return to_job_config(OmegaConf.load(path))
 
 
 def _resolve_models(cfg: SampleConfig, job) -> tuple[str, str, dict]:
@@ -116,7 +109,7 @@ def _load_model(cfg: SampleConfig, job, device, layout: SamplingLayout, run_dir=
 def _low_noise_expert(cfg: SampleConfig, job, device, layout: SamplingLayout) -> dict:
     """Wan2.2-A14B's second expert: a run trained on the low-noise range (diffusion.t_range
     [0, boundary]) of the same architecture; sampling switches to it below the boundary."""
-    low = _job_config(cfg.low_noise_run_dir)
+    low = load_run_config(cfg.low_noise_run_dir)
     if job.diffusion.objective != "flow" or low.diffusion.objective != "flow":
         raise ConfigError("low_noise_run_dir: two-expert sampling is for flow-matching runs (Wan2.2-A14B)")
     if (low.model.arch, low.model.in_channels, low.model.text_dim) != (
@@ -141,7 +134,7 @@ def run_sample(cfg: SampleConfig) -> dict:
         layout = build_sampling_layout(cfg.parallel, cfg.cfg_parallel, env.world_size, env.device.type)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    job = _job_config(cfg.run_dir)
+    job = load_run_config(cfg.run_dir)
     prompts = _prompts(cfg)
     vae_path, te_path, text_cfg = _resolve_models(cfg, job)
     try:  # an unsupported text encoder fails before the VAE and model are loaded
@@ -217,10 +210,15 @@ def run_sample(cfg: SampleConfig) -> dict:
         sample_s = time.perf_counter() - t0
         latents += [x0[i].float().cpu() for i in range(B)]
         indices += [s + i for i in range(B)]
+        if cfg.decode_parallel and len(layout.group_ranks) > 1:
+            paths = [_decode_shared(cfg, vae, x0[i:i + 1].float(), _video_path(cfg, s + i), layout)
+                     for i in range(B)]
+        elif layout.writer:
+            paths = [_decode_to_mp4(cfg, vae, x0[i:i + 1].float(), _video_path(cfg, s + i)) for i in range(B)]
         if not layout.writer:
             continue
         for i, prompt in enumerate(batch):
-            path = _decode_to_mp4(cfg, vae, x0[i:i + 1].float(), _video_path(cfg, s + i))
+            path = paths[i]
             records.append({"index": s + i, "prompt": prompt, "path": path, "mode": cfg.mode, "seed": cfg.seed + s,
                             "index_in_batch": i, "batch_size": cfg.batch_size, "checkpoint": ckpt_path,
                             "sampler": sampler, "steps": steps, "guidance_scale": scale,
@@ -251,6 +249,36 @@ def _decode_to_mp4(cfg: SampleConfig, vae, latent_1CTHW: torch.Tensor, path: str
             writer.write(chunk)
             kept += [chunk[0, :, j - done] for j in range(done, done + chunk.shape[2]) if j in want]
             done += chunk.shape[2]
+    write_strip(torch.stack(kept, dim=1), path[:-4] + ".png", n=len(kept))
+    return os.path.abspath(path)
+
+
+def _decode_shared(cfg: SampleConfig, vae, latent_1CTHW: torch.Tensor, path: str, layout: SamplingLayout):
+    """decode_parallel: every rank of the prompt group decodes its share of the latent frames
+    (VideoVAE.decode_shard: a warm-up of the decoder's receptive field makes it equal to a whole
+    decode); the writer muxes its own share, then receives the others' in frame order, one share
+    in memory at a time. Returns the path on the writer, None elsewhere."""
+    ranks = layout.group_ranks
+    me = ranks.index(dist.get_rank())
+    share = vae.decode_shard(latent_1CTHW, me, len(ranks), frames_per_chunk=cfg.decode_chunk_frames,
+                             tile=cfg.vae_tile_size or None)
+    frames = share.frames.contiguous()
+    if me > 0:
+        dist.send(torch.tensor(frames.shape, device=frames.device), dst=ranks[0])
+        dist.send(frames, dst=ranks[0])
+        return None
+    T = vae.pixel_frames(0, latent_1CTHW.shape[2])[1]
+    want, kept, done = set(strip_indices(T)), [], 0
+    with Mp4StreamWriter(path, cfg.fps) as writer:
+        for src in ranks:
+            if src != ranks[0]:
+                shape = torch.empty(5, dtype=torch.long, device=frames.device)
+                dist.recv(shape, src=src)
+                frames = torch.empty(shape.tolist(), dtype=frames.dtype, device=frames.device)
+                dist.recv(frames, src=src)
+            writer.write(frames)
+            kept += [frames[0, :, j - done] for j in range(done, done + frames.shape[2]) if j in want]
+            done += frames.shape[2]
     write_strip(torch.stack(kept, dim=1), path[:-4] + ".png", n=len(kept))
     return os.path.abspath(path)
 

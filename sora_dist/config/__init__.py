@@ -41,8 +41,18 @@ def to_job_config(cfg) -> JobConfig:
     return OmegaConf.to_object(merged)
 
 
+def load_run_config(run_dir: str) -> JobConfig:
+    """The JobConfig a sora-train run saved (run_dir/config.yaml): what sample/export build from."""
+    import os
+
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(path):
+        raise ConfigError(f"run_dir={run_dir!r} has no config.yaml; point it at a sora-train run folder")
+    return to_job_config(OmegaConf.load(path))
+
+
 __all__ = [
     "CONFIG_DIR", "ConfigError", "DataConfig", "DiffusionConfig", "FLAVORS", "JobConfig", "LoggingConfig",
     "ModelConfig", "OptimConfig", "ParallelConfig", "TrainConfig",
-    "to_job_config", "validate",
+    "load_run_config", "to_job_config", "validate",
 ]

@@ -80,6 +80,10 @@ class SampleConfig:
     # Latent frames decoded at a time, streamed into the mp4 (the causal cache carries over, so
     # the video equals a whole decode while memory stays that of one chunk).
     decode_chunk_frames: int = 4
+    # Under torchrun: every rank of a prompt group decodes a share of each video's latent frames
+    # and the writer muxes them in order (each share decodes the VAE's temporal receptive field
+    # of earlier frames first, so it equals a whole decode; worth it for long videos).
+    decode_parallel: bool = False
     # Where the mp4 files and samples.jsonl go (on every node: a shared folder under srun).
     output_dir: str = "samples"
     # A rerun skips batches whose videos are already in output_dir.

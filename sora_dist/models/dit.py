@@ -223,7 +223,33 @@ def init_dit_weights(module: nn.Module, zero_init: bool = True) -> None:
                 nn.init.zeros_(t)
 
 
-class VideoDiT(nn.Module):
+class DiTSeams(nn.Module):
+    """What VideoDiT and WanDiT share after their own embed(): the blocks in order, then the
+    final layer and unpatchify. These are the seams parallel/ wraps (sequence sharding replaces
+    embed/head on the instance, pipeline stages bind them to a part of the model)."""
+
+    def final(self, tokens_BSD: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The final layer on tokens (the sequence seam runs it on this rank's CP chunk)."""
+        return self.final_layer(tokens_BSD, cond.c_BD, cond.head_rows_S)
+
+    def head(self, tokens_BSD: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        return self.to_latents(self.final(tokens_BSD, cond), cond)
+
+    def to_latents(self, out_BSP: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """Final-layer tokens (B, S, pt*ph*pw*C) -> latents (B, C, T, H, W), padding cropped.
+        A packed sequence stays in token layout (models/packing.py unpacks it)."""
+        if cond.seq_len is not None:
+            return out_BSP[:, :cond.seq_len]
+        return unpatchify(out_BSP, cond.grid, self.args.patch_size, self.args.in_channels, cond.shape_THW)
+
+    def forward(self, x_BCTHW, t_B, text_BLD, text_mask_BL, drop_text_B=None, grids_K3=None):
+        tokens, cond = self.embed(x_BCTHW, t_B, text_BLD, text_mask_BL, drop_text_B, grids_K3)
+        for blk in self.blocks.values():
+            tokens = blk(tokens, cond)
+        return self.head(tokens, cond)
+
+
+class VideoDiT(DiTSeams):
     """Predicts epsilon (DDPM) or velocity (flow) for latents x (B, C, T, H, W) at time t,
     conditioned on caption embeddings (B, L, text_dim) with a mask. T/H/W may differ between
     batches and need not divide by the patch (they are padded then cropped)."""
@@ -283,25 +309,6 @@ class VideoDiT(nn.Module):
         )
         return tokens_BSD, cond
 
-    def final(self, tokens_BSD: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """The final layer on tokens (the sequence seam runs it on this rank's CP chunk)."""
-        return self.final_layer(tokens_BSD, cond.c_BD, cond.head_rows_S)
-
-    def head(self, tokens_BSD: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        return self.to_latents(self.final(tokens_BSD, cond), cond)
-
-    def to_latents(self, out_BSP: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """Final-layer tokens (B, S, pt*ph*pw*C) -> latents (B, C, T, H, W), padding cropped.
-        A packed sequence stays in token layout (models/packing.py unpacks it)."""
-        if cond.seq_len is not None:
-            return out_BSP[:, :cond.seq_len]
-        return unpatchify(out_BSP, cond.grid, self.args.patch_size, self.args.in_channels, cond.shape_THW)
-
-    def forward(self, x_BCTHW, t_B, text_BLD, text_mask_BL, drop_text_B=None, grids_K3=None):
-        tokens, cond = self.embed(x_BCTHW, t_B, text_BLD, text_mask_BL, drop_text_B, grids_K3)
-        for blk in self.blocks.values():
-            tokens = blk(tokens, cond)
-        return self.head(tokens, cond)
 
 
 def build_dit(model_cfg) -> VideoDiT:

@@ -32,8 +32,9 @@ import torch.nn.functional as F
 
 from sora_dist.config.model import DiTArgs
 from sora_dist.models.attention import CoreAttention
-from sora_dist.models.dit import MLP, Conditioning, RMSNorm, cross_attention_per_sample, packed_conditioning
-from sora_dist.models.embeddings import PatchEmbed3D, TimestepEmbedder, apply_rope, build_rope_3d, unpatchify
+from sora_dist.models.dit import (MLP, Conditioning, DiTSeams, RMSNorm, cross_attention_per_sample,
+                                  packed_conditioning)
+from sora_dist.models.embeddings import PatchEmbed3D, TimestepEmbedder, apply_rope, build_rope_3d
 from sora_dist.models.modulation import gated_add, modulate
 
 EPS = 1e-6  # every Wan norm
@@ -191,7 +192,7 @@ def frame_rows(grid: tuple[int, int, int], device=None) -> torch.Tensor:
     return torch.arange(T, device=device).repeat_interleave(H * W)
 
 
-class WanDiT(nn.Module):
+class WanDiT(DiTSeams):
     """Predicts the flow velocity (noise - x0) for latents x (B, C, T, H, W) at time t (Wan feeds
     sigma * 1000), from umT5 caption embeddings (B, L, text_dim) and their mask."""
 
@@ -259,20 +260,3 @@ class WanDiT(nn.Module):
             head_rows_S=rows_S,
         )
         return tokens_BSD, cond
-
-    def final(self, tokens_BSD: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        return self.final_layer(tokens_BSD, cond.c_BD, cond.head_rows_S)
-
-    def head(self, tokens_BSD: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        return self.to_latents(self.final(tokens_BSD, cond), cond)
-
-    def to_latents(self, out_BSP: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        if cond.seq_len is not None:  # a packed sequence stays in token layout
-            return out_BSP[:, :cond.seq_len]
-        return unpatchify(out_BSP, cond.grid, self.args.patch_size, self.args.in_channels, cond.shape_THW)
-
-    def forward(self, x_BCTHW, t_B, text_BLD, text_mask_BL, drop_text_B=None, grids_K3=None):
-        tokens, cond = self.embed(x_BCTHW, t_B, text_BLD, text_mask_BL, drop_text_B, grids_K3)
-        for blk in self.blocks.values():
-            tokens = blk(tokens, cond)
-        return self.head(tokens, cond)

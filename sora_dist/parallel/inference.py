@@ -35,6 +35,7 @@ class SamplingLayout:
     branch: int               # 0: conditional pass, 1: unconditional (CFG-parallel only)
     cfg_group: Any            # the 2-rank group exchanging the two passes, or None
     writer: bool              # tp = cp = branch = 0: decodes and writes the group's videos
+    group_ranks: list         # global ranks of this prompt group, the writer first
 
     def batches(self, n_batches: int) -> list[int]:
         return [j for j in range(n_batches) if j % self.groups == self.group]
@@ -70,7 +71,9 @@ def build_sampling_layout(parallel_cfg, cfg_parallel: bool, world: int, device_t
             if rank in ranks_of[key]:
                 cfg_group = g
     writer = c["tp"] == 0 and c["cp"] == 0 and branch == 0
-    return SamplingLayout(pdims, groups, group, cfg == 2, branch, cfg_group, writer)
+    members = sorted((r for r in range(world) if pdims.coords(r)["dp"] // cfg == group),
+                     key=lambda r: (pdims.coords(r)["dp"] % cfg, pdims.coords(r)["cp"], pdims.coords(r)["tp"]))
+    return SamplingLayout(pdims, groups, group, cfg == 2, branch, cfg_group, writer, members)
 
 
 class CFGParallel(torch.nn.Module):
