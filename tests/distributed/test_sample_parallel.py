@@ -56,9 +56,9 @@ def runs(tmp_path_factory):
 
 def _cfg(run_dir, out, sampler, prompts=PROMPTS[:2], **kw):
     parallel = ParallelConfig(fsdp=False, **kw.pop("parallel", {}))
-    return SampleConfig(run_dir=run_dir, output_dir=str(out), num_frames=9, height=32, width=32, fps=8.0,
-                        steps=3, sampler=sampler, guidance_scale=3.0, progress=False, prompts=list(prompts),
-                        batch_size=2, parallel=parallel, **kw)
+    base = dict(run_dir=run_dir, output_dir=str(out), num_frames=9, height=32, width=32, fps=8.0, steps=3,
+                sampler=sampler, guidance_scale=3.0, progress=False, prompts=list(prompts), batch_size=2)
+    return SampleConfig(**{**base, **kw}, parallel=parallel)
 
 
 def _worker(rank, world, cfg):
@@ -87,8 +87,13 @@ LAYOUTS = {
     "cfg_parallel": (2, dict(cfg_parallel=True)),
     "tp2_cp2": (4, dict(parallel=dict(tp=2, cp=2, cp_mode="ring"))),
 }
-CASES = [("ddpm", "ddpm", n) for n in ("tp2_sp", "cfg_parallel")] + \
-        [("ddpm", "ddim", n) for n in LAYOUTS] + [("flow", "euler", n) for n in LAYOUTS]
+# Every layout under flow; DDPM/DDIM (the same denoiser calls, another update rule) on two, the
+# rest under `pytest -m slow`.
+_SLOW = pytest.mark.slow
+CASES = ([("ddpm", "ddpm", "cfg_parallel"), pytest.param("ddpm", "ddpm", "tp2_sp", marks=_SLOW)]
+         + [("ddpm", "ddim", n) if n in ("tp2_sp", "cfg_parallel") else pytest.param("ddpm", "ddim", n, marks=_SLOW)
+            for n in LAYOUTS]
+         + [("flow", "euler", n) for n in LAYOUTS])
 
 
 @pytest.mark.parametrize("objective, sampler, name", CASES)
