@@ -55,7 +55,7 @@ def runs(tmp_path_factory):
 
 
 def _cfg(run_dir, out, sampler, prompts=PROMPTS[:2], **kw):
-    parallel = ParallelConfig(fsdp=False, **kw.pop("parallel", {}))
+    parallel = ParallelConfig(**{"fsdp": False, **kw.pop("parallel", {})})
     base = dict(run_dir=run_dir, output_dir=str(out), num_frames=9, height=32, width=32, fps=8.0, steps=3,
                 sampler=sampler, guidance_scale=3.0, progress=False, prompts=list(prompts), batch_size=2)
     return SampleConfig(**{**base, **kw}, parallel=parallel)
@@ -86,6 +86,8 @@ LAYOUTS = {
     "cp2_ulysses": (2, dict(parallel=dict(cp=2, cp_mode="ulysses"))),
     "cfg_parallel": (2, dict(cfg_parallel=True)),
     "tp2_cp2": (4, dict(parallel=dict(tp=2, cp=2, cp_mode="ring"))),
+    # weights too big for one device: FSDP-sharded over the CP ranks, gathered per block
+    "cp2_fsdp": (2, dict(parallel=dict(cp=2, cp_mode="ulysses", fsdp=True))),
 }
 # Every layout under flow; DDPM/DDIM (the same denoiser calls, another update rule) on two, the
 # rest under `pytest -m slow`.
