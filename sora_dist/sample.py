@@ -33,7 +33,8 @@ from sora_dist.data.shards import load_manifest
 from sora_dist.diffusion import build_diffusion
 from sora_dist.fsutil import atomic_write_text
 from sora_dist.models.text import TextEncoder, read_model_type
-from sora_dist.models.vae import Mp4StreamWriter, VideoVAE
+from sora_dist.data.video_io import Mp4StreamWriter
+from sora_dist.models.vae import VideoVAE
 from sora_dist.parallel.device import autocast, init_distributed
 from sora_dist.parallel.inference import SamplingLayout, build_sampling_layout, gather_records, parallel_denoiser
 from sora_dist.sample_modes import mode_inputs

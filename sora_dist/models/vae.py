@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from fractions import Fraction
 from typing import Iterator, NamedTuple, Optional
 
 import torch
@@ -354,78 +353,6 @@ class ShardFrames(NamedTuple):
     start: int
     stop: int
 
-
-class Mp4StreamWriter:
-    """Write decoded chunks to an mp4 as they arrive (PyAV), atomically: a temp file in the same
-    folder is renamed into place on close(); on error it is removed. Same conventions as
-    data.video_io.write_mp4: float frames in [-1, 1] or uint8, (T, 3, H, W) or (1, 3, T, H, W)."""
-
-    def __init__(self, path: str, fps: float, codec: Optional[str] = None):
-        import av
-
-        if fps <= 0:
-            raise ValueError(f"Mp4StreamWriter: fps={fps} must be > 0")
-        self.path = os.path.abspath(path)
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        self._tmp = os.path.join(os.path.dirname(self.path), f".{os.path.basename(self.path)}.{os.getpid()}.tmp.mp4")
-        self._codec = codec or ("libx264" if "libx264" in av.codecs_available else "mpeg4")
-        self._rate = Fraction(fps).limit_denominator(1001)
-        self._av, self._container, self._stream, self.frames_written = av, None, None, 0
-
-    def write(self, frames: torch.Tensor) -> None:
-        x = frames.detach().cpu()
-        if x.ndim == 5:
-            if x.shape[0] != 1:
-                raise ValueError(f"Mp4StreamWriter.write: batch of {x.shape[0]} videos; write one at a time")
-            x = x[0].permute(1, 0, 2, 3)
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"Mp4StreamWriter.write wants (T, 3, H, W) or (1, 3, T, H, W); got {tuple(frames.shape)}")
-        if x.dtype != torch.uint8:
-            x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        H, W = x.shape[-2:]
-        if H % 2 or W % 2:  # yuv420p needs even sizes: pad one edge pixel
-            x = torch.nn.functional.pad(x.float(), (0, W % 2, 0, H % 2), mode="replicate").to(torch.uint8)
-        if self._container is None:
-            self._container = self._av.open(self._tmp, mode="w")
-            self._stream = self._container.add_stream(self._codec, rate=self._rate)
-            self._stream.width, self._stream.height, self._stream.pix_fmt = x.shape[-1], x.shape[-2], "yuv420p"
-            if self._codec == "libx264":
-                self._stream.options = {"crf": "18", "preset": "veryfast"}
-        elif (x.shape[-1], x.shape[-2]) != (self._stream.width, self._stream.height):
-            raise ValueError(f"Mp4StreamWriter.write: frame size {W}x{H} differs from the first chunk's")
-        for f in x.permute(0, 2, 3, 1).contiguous().numpy():
-            for packet in self._stream.encode(self._av.VideoFrame.from_ndarray(f, format="rgb24")):
-                self._container.mux(packet)
-        self.frames_written += x.shape[0]
-
-    def close(self) -> str:
-        if self._container is None:
-            raise ValueError("Mp4StreamWriter.close: no frames were written")
-        try:
-            for packet in self._stream.encode():
-                self._container.mux(packet)
-            self._container.close()
-            os.replace(self._tmp, self.path)
-        finally:
-            self.abort()
-        return self.path
-
-    def abort(self) -> None:
-        if self._container is not None and os.path.exists(self._tmp):
-            try:
-                self._container.close()
-            except Exception:  # already closed or broken; the temp file goes either way
-                pass
-            os.remove(self._tmp)
-
-    def __enter__(self) -> "Mp4StreamWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def build_tiny_vae(save_dir: str, latent_channels: int = 4, kind: str = "wan", seed: int = 0) -> str:

@@ -11,7 +11,8 @@ import av
 import pytest
 import torch
 
-from sora_dist.models.vae import Mp4StreamWriter, VideoVAE, build_tiny_vae
+from sora_dist.data.video_io import Mp4StreamWriter
+from sora_dist.models.vae import VideoVAE, build_tiny_vae
 
 
 @pytest.fixture(scope="module")
