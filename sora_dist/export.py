@@ -45,6 +45,7 @@ from sora_dist.config.export import ExportConfig, validate_export
 from sora_dist.config.model import DiTArgs
 from sora_dist.config.validate import ConfigError
 from sora_dist.console import quiet_third_party
+from sora_dist.fsutil import replace_dir
 from sora_dist.models import build_model
 from sora_dist.models.wan_weights import diffusers_config, to_diffusers_state_dict
 from sora_dist.training import checkpoint as ckpt
@@ -107,14 +108,7 @@ def _write_atomic(output: str, files: dict, overwrite: bool) -> None:
     os.makedirs(tmp)
     for name, write in files.items():
         write(os.path.join(tmp, name))
-    if os.path.exists(output):  # overwrite (checked before any work): move aside, never delete first
-        old = output + ".old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(output, old)
-        os.replace(tmp, output)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, output)
+    replace_dir(tmp, output)  # overwrite was checked before any work
 
 
 def _json_writer(obj: dict):

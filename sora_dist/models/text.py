@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sora_dist.fsutil import replace_dir
+
 # Words the tiny tokenizer is trained on: enough to give real sub-word merges for the demo
 # captions; characters outside the words still tokenize through the single-letter alphabet.
 _WORDS = """a an the of on in at to with and or from over under into by for is are moving
@@ -166,7 +168,5 @@ def build_tiny_text_encoder(save_dir: str, d_model: int = 32, num_layers: int = 
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    if os.path.exists(save_dir):
-        shutil.rmtree(save_dir)
-    os.replace(tmp, save_dir)
+    replace_dir(tmp, save_dir)
     return save_dir

@@ -23,6 +23,8 @@ from typing import Iterator, NamedTuple, Optional
 
 import torch
 
+from sora_dist.fsutil import replace_dir
+
 SUPPORTED = ("AutoencoderKLWan", "AutoencoderKLCogVideoX")
 
 
@@ -392,7 +394,5 @@ def build_tiny_vae(save_dir: str, latent_channels: int = 4, kind: str = "wan", s
     tmp = f"{save_dir}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
-    if os.path.exists(save_dir):
-        shutil.rmtree(save_dir)
-    os.replace(tmp, save_dir)
+    replace_dir(tmp, save_dir)
     return save_dir

@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from sora_dist.fsutil import atomic_write_text
+from sora_dist.fsutil import atomic_write_text, replace_dir
 
 log = logging.getLogger("sora_dist")
 
@@ -106,14 +106,7 @@ def _commit(root: str, step: int, keep: int, meta: Optional[dict] = None) -> str
     if _rank() == 0:
         world = dist.get_world_size() if dist.is_initialized() else 1
         atomic_write_text(os.path.join(tmp, MARKER), json.dumps({"step": step, "world_size": world, **(meta or {})}))
-        if os.path.exists(final):  # re-saving a step: move the old one aside, never delete first
-            old = final + ".old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        replace_dir(tmp, final)  # re-saving a step moves the old one aside, never deletes first
         for _, old in list_complete(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()

@@ -30,7 +30,7 @@ from sora_dist.config.vae_train import VAETrainConfig, validate_vae_train
 from sora_dist.console import quiet_third_party, setup_console
 from sora_dist.data.inputs import list_inputs
 from sora_dist.data.video_io import BadInput, choose_bucket, load_clip, parse_buckets, probe
-from sora_dist.fsutil import atomic_write_text
+from sora_dist.fsutil import atomic_write_text, replace_dir
 from sora_dist.parallel.device import autocast, init_distributed, memory_stats, read_launch_env
 from sora_dist.parallel.dims import ParallelDims
 from sora_dist.parallel.fsdp import allreduce_grads, fsdp_mesh, mp_policy
@@ -335,13 +335,7 @@ class VAETrainer:
             tmp = f"{out}.tmp-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             vae.to("cpu").save_pretrained(tmp)
-            if os.path.exists(out):  # replace a previous export: move aside, never delete first
-                old = f"{out}.old-{os.getpid()}"
-                os.replace(out, old)
-                os.replace(tmp, out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, out)
+            replace_dir(tmp, out)
             log.info("exported VAE to %s (latents_mean/std over %d training clips)", out, len(sources))
         if self.world > 1:
             dist.barrier()
