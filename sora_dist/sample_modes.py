@@ -42,17 +42,15 @@ def encode_condition(cfg, vae, path: str, k: int, continuation: bool, field: str
     """k latent frames of the clip/image at `path` (1, C, k, h, w): a clip start, or (continuation)
     the clip's last tc*k frames as they would sit inside a longer video."""
     tc = vae.temporal_compression
+    need = 1 + tc * k if continuation else 1 + tc * (k - 1)
     try:
-        if probe(path).is_image:
-            if k != 1 or continuation:
-                raise ConfigError(f"{field}={path!r} is an image: it can only open the video with "
-                                  f"cond_latent_frames=1 (use a clip to close or extend it backwards)")
-            need = 1
-        else:
-            need = 1 + tc * k if continuation else 1 + tc * (k - 1)
+        is_image = probe(path).is_image
+        if is_image and (k != 1 or continuation):
+            raise ConfigError(f"{field}={path!r} is an image: it can only open the video with "
+                              f"cond_latent_frames=1 (use a clip to close or extend it backwards)")
         # A clip's first frame alone (image-to-video from a video): the bucket rules want >= 2
         # frames from a video, so read 1 + tc and keep the first.
-        read = need if need > 1 or probe(path).is_image else 1 + tc
+        read = need if need > 1 or is_image else 1 + tc
         frames, _, _, _ = load_clip(path, parse_buckets([[cfg.height, cfg.width]], [read]), cfg.fps)
         frames = frames[:need]  # (T, 3, H, W)
     except BadInput as e:
