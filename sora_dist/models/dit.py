@@ -54,17 +54,28 @@ class Conditioning:
         return replace(self, **kw)
 
 
-def packed_conditioning(c_KX, text_KLD, text_mask_KL, grids_K3, head_dim: int) -> Conditioning:
+def packed_conditioning(c_KX, text_KLD, text_mask_KL, grids_K3, head_dim: int,
+                        length: Optional[int] = None) -> Conditioning:
     """The Conditioning of a packed sequence (batch 1): per-sample conditioning vectors become
-    a table (1, K, ...) whose rows the tokens select by sample; RoPE restarts per sample."""
+    a table (1, K, ...) whose rows the tokens select by sample; RoPE restarts per sample.
+    length > the samples' tokens: the sequence ends in padding tokens (a pipeline microbatch's
+    pack padded to the schedule's shape, models/packing.py:split_pack) that belong to no sample
+    (id -1: no attention to or from them, no caption) and read table row 0; the head keeps them
+    (their loss weight is 0)."""
     from sora_dist.models.packing import packed_layout
 
     if c_KX.shape[0] != grids_K3.shape[0]:
         raise ValueError(f"a pack of {grids_K3.shape[0]} samples got {c_KX.shape[0]} timesteps")
     ids, rope, S = packed_layout(grids_K3, head_dim, c_KX.device)
+    rows, L = ids, S if length is None else length
+    if L < S:
+        raise ValueError(f"a pack of {S} tokens cannot be {L} long")
+    if L > S:
+        rows, ids = F.pad(ids, (0, L - S)), F.pad(ids, (0, L - S), value=-1)
+        rope = F.pad(rope, (0, 0, 0, 0, 0, L - S))
     return Conditioning(c_BD=c_KX[None], text_BLD=text_KLD, text_mask_BL=text_mask_KL, rope_SP2=rope,
-                        grid=(1, 1, S), shape_THW=(1, 1, S), rows_S=ids, head_rows_S=ids, doc_S=ids,
-                        seq_len=S)
+                        grid=(1, 1, L), shape_THW=(1, 1, L), rows_S=rows, head_rows_S=rows, doc_S=ids,
+                        seq_len=L)
 
 
 def cross_attention_per_sample(attn, q_BHSD, k_KHLD, v_KHLD, text_mask_KL, doc_S):
@@ -285,7 +296,7 @@ class VideoDiT(DiTSeams):
         """Patchify and build the conditioning. drop_text_B (bool) swaps those captions for the
         learned null caption: one valid token, so masked attention never sees an empty row.
         With grids_K3, x is a packed sequence of K samples (models/packing.py) and t, text,
-        text_mask, drop_text hold one entry per sample."""
+        text_mask, drop_text hold one entry per sample; tokens past the samples' are padding."""
         tokens_BSD, grid = self.x_embedder(x_BCTHW)
         text_mask_BL = text_mask_BL.bool()
         if drop_text_B is not None:
@@ -298,7 +309,8 @@ class VideoDiT(DiTSeams):
             text_mask_BL = torch.where(d[:, None], null_mask, text_mask_BL)
         c, text = self.t_embedder(t_B), self.y_embedder(text_BLD)
         if grids_K3 is not None:
-            return tokens_BSD, packed_conditioning(c, text, text_mask_BL, grids_K3, self.args.head_dim)
+            return tokens_BSD, packed_conditioning(c, text, text_mask_BL, grids_K3, self.args.head_dim,
+                                                   tokens_BSD.shape[1])
         cond = Conditioning(
             c_BD=c,
             text_BLD=text,

@@ -8,7 +8,9 @@ Layout, shared by the data side, the models and the loss:
   * per sample: t (K,), caption (K, L, E) with its mask (K, L), caption drop (K,);
   * output and target (1, S, pt*ph*pw*C): the final layer's token layout (pt, ph, pw, c); the
     target carries one more column, each token's loss weight (`pack_targets`).
-Sample dims must divide by the patch (the loader checks): a pack holds no padding.
+Sample dims must divide by the patch (the loader checks): a pack holds no padding inside a
+sample. Pipeline parallelism deals a pack's samples to microbatches of one shape (`split_pack`):
+those end in padding tokens that belong to no sample and weigh nothing in the loss.
 
 Loss weighting: every sample weighs the same, as in an unpacked batch (the mean over a batch
 of equal-size samples is the mean of their per-sample means): loss = mean over the pack's
@@ -77,12 +79,72 @@ def packed_loss(out_1SP: torch.Tensor, target_1SP1: torch.Tensor) -> torch.Tenso
 
 
 def packed_layout(grids_K3: torch.Tensor, head_dim: int, device=None):
-    """(sample id of each token (S,), RoPE table restarting per sample (S, head_dim/2, 2), S)."""
+    """(sample id of each token (S,), RoPE table restarting per sample (S, head_dim/2, 2), S).
+    A (0, 0, 0) grid is a padding sample (split_pack) and owns no token."""
     counts = token_counts(grids_K3)
     ids = torch.repeat_interleave(torch.arange(len(counts), device=device),
-                                  torch.tensor(counts, device=device))
-    rope = torch.cat([build_rope_3d(tuple(g), head_dim, device) for g in grids_K3.tolist()])
+                                  torch.tensor(counts, device=device, dtype=torch.long))
+    ropes = [build_rope_3d(tuple(g), head_dim, device) for g, n in zip(grids_K3.tolist(), counts) if n]
+    rope = torch.cat(ropes) if ropes else torch.zeros(0, head_dim // 2, 2, device=device)
     return ids, rope, sum(counts)
+
+
+def coarse_ceil(n: int, bits: int = 4) -> int:
+    """n rounded up to `bits` significant binary digits: at most 2^(1-bits) more (1/8 for 4 bits),
+    and only 2^(bits-1) values per octave, so padded lengths recur from step to step."""
+    q = 1 << max(int(n).bit_length() - bits, 0)
+    return max(-(-int(n) // q) * q, 1)
+
+
+def deal_samples(tokens: list[int], parts: int) -> list[list[int]]:
+    """Samples (token counts, pack order) dealt to `parts` groups: largest first, each to the
+    least-filled group (ties: the lower group, then pack order), which keeps the largest group
+    close to sum/parts unless one sample is longer than that. Each group lists its samples in
+    pack order; a group is empty when the pack has fewer samples than parts."""
+    loads, groups = [0] * parts, [[] for _ in range(parts)]
+    for i in sorted(range(len(tokens)), key=lambda i: (-tokens[i], i)):
+        g = min(range(parts), key=lambda j: (loads[j], j))
+        groups[g].append(i)
+        loads[g] += tokens[i]
+    return [sorted(g) for g in groups]
+
+
+def split_pack(parts: int, x_1SP, t_K, text_KLE, text_mask_KL, drop_K, grids_K3, target_1SP1):
+    """A pack as `parts` pipeline microbatches of one shape (a schedule's P2P buffers are fixed):
+    whole samples dealt by `deal_samples`, each microbatch padded to L tokens (its largest,
+    rounded up by `coarse_ceil`) and Kp samples (a power of two). Padding tokens are zero with
+    loss weight 0 and belong to no sample (the model gives them id -1, packed_conditioning);
+    padding samples have grid (0, 0, 0), t 0 and an empty caption mask. The targets keep the
+    pack's weights, so the microbatches' packed_loss values sum to the pack's.
+
+    Returns (x (parts, L, C*P), t (parts*Kp,), text (parts*Kp, L_text, E), text_mask, drop,
+    grids (parts*Kp, 3), target (parts, L, P*C+1)): stacked on dim 0, which torch's schedule
+    chunks into the microbatches (one pack (1, L, ...) and its Kp samples each)."""
+    counts = token_counts(grids_K3)
+    starts = [0]
+    for n in counts:
+        starts.append(starts[-1] + n)
+    groups = deal_samples(counts, parts)
+    L = coarse_ceil(max(sum(counts[i] for i in g) for g in groups))
+    Kp = 1 << max(max(len(g) for g in groups) - 1, 0).bit_length()
+
+    def tokens(src_1SX, g):  # this group's tokens, zero-padded to L
+        rows = [src_1SX[0, starts[i]:starts[i + 1]] for i in g]
+        out = src_1SX.new_zeros(L, src_1SX.shape[-1])
+        if rows:
+            cat = torch.cat(rows)
+            out[:cat.shape[0]] = cat
+        return out
+
+    def samples(src_K, g):  # this group's per-sample rows, zero-padded to Kp
+        out = src_K.new_zeros(Kp, *src_K.shape[1:])
+        out[:len(g)] = src_K[g]
+        return out
+
+    x = torch.stack([tokens(x_1SP, g) for g in groups])
+    target = torch.stack([tokens(target_1SP1, g) for g in groups])
+    per_sample = [torch.cat([samples(v, g) for g in groups]) for v in (t_K, text_KLE, text_mask_KL, drop_K, grids_K3)]
+    return (x, *per_sample, target)
 
 
 def cp_attention_work(tokens: list[int], cp: int) -> list[int]:

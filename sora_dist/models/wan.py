@@ -247,7 +247,7 @@ class WanDiT(DiTSeams):
         c = self.t_embedder(t_B.reshape(-1)).unflatten(0, t_B.shape)  # (B, 7, D) or (B, T, 7, D)
         if grids_K3 is not None:
             cond = packed_conditioning(c, self.y_embedder(text_BLD), torch.ones_like(keep_BL), grids_K3,
-                                       self.args.head_dim)
+                                       self.args.head_dim, tokens_BSD.shape[1])
             return tokens_BSD, cond
         cond = Conditioning(
             c_BD=c,

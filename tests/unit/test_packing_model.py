@@ -140,3 +140,50 @@ def test_equal_size_neighbours_are_grouped():
 
     runs = [(0, 4, 0), (4, 8, 1), (8, 12, 2), (12, 15, 3), (15, 18, 4), (18, 20, -1)]
     assert same_length_groups(runs) == [(0, 4, 3, 0), (12, 3, 2, 3), (18, 2, 1, -1)]
+
+
+def test_deal_samples_and_coarse_ceil():
+    from sora_dist.models.packing import coarse_ceil, deal_samples
+
+    assert deal_samples([16, 18, 12, 5, 5, 7], 2) == [[1, 3, 5], [0, 2, 4]]  # loads 30, 33
+    assert deal_samples([9, 1], 3) == [[0], [1], []]  # fewer samples than microbatches
+    for n in range(1, 5000):
+        c = coarse_ceil(n)
+        assert n <= c <= n * 1.125 and coarse_ceil(c) == c
+    assert len({coarse_ceil(n) for n in range(1025, 2049)}) == 8  # 8 lengths per octave
+
+
+@pytest.mark.parametrize("arch, parts", [("dit", 2), ("dit", 3), ("wan", 2), ("dit", 9)])
+def test_split_pack_microbatches_sum_to_the_pack(arch, parts):
+    """split_pack's microbatches (one shape, padded with tokens of no sample and with (0, 0, 0)
+    samples; 9 parts for 7 samples leaves two all padding), run one by one: their packed losses
+    sum to the pack's, and so do the gradients; every sample sits in exactly one microbatch."""
+    from sora_dist.models.packing import split_pack, token_counts
+
+    a = ARGS[arch]
+    xs, ys, t, text, mask, drop = samples(a)
+    x, grids = pack_latents(xs, a.patch_size)
+    target = pack_targets(ys, a.patch_size)
+    ref = build(arch)
+    ref_loss = packed_loss(ref(x, t, text, mask, drop, grids), target)
+    ref_loss.backward()
+
+    xm, tm, textm, maskm, dropm, gridsm, targetm = split_pack(parts, x, t, text, mask, drop, grids, target)
+    Kp = tm.shape[0] // parts
+    assert xm.shape[0] == targetm.shape[0] == parts and Kp & (Kp - 1) == 0
+    assert sorted(g for g in gridsm.tolist() if g != [0, 0, 0]) == sorted(grids.tolist())
+    per_mb = [sum(token_counts(gridsm[m * Kp:(m + 1) * Kp])) for m in range(parts)]
+    assert sum(per_mb) == x.shape[1] and max(per_mb) <= xm.shape[1] < x.shape[1]
+    assert (per_mb.count(0) == 2) == (parts == 9)
+    m_ = build(arch)
+    loss = 0
+    for m in range(parts):
+        s = slice(m * Kp, (m + 1) * Kp)
+        out = m_(xm[m:m + 1], tm[s], textm[s], maskm[s], dropm[s], gridsm[s])
+        loss = loss + packed_loss(out, targetm[m:m + 1])
+    assert abs(loss.item() - ref_loss.item()) <= 1e-6 * ref_loss.item()
+    loss.backward()
+    ref_grads = dict(ref.named_parameters())
+    bad = {n: rel(p.grad, ref_grads[n].grad) for n, p in m_.named_parameters()
+           if not rel(p.grad, ref_grads[n].grad) < 1e-5}
+    assert not bad, bad
