@@ -58,7 +58,9 @@ def parse_args(argv=None):
                         "holds more caption tokens: plan --text-len for that if captions are long). "
                         "Replaces --tokens and --micro-batch; --frames/--height/--width then give the "
                         "longest sample, which N must hold. CP/TP shard a pack like a sample; layouts "
-                        "with pp > 1 are rejected (validate refuses packing with pipeline stages)")
+                        "with pp > 1 are not planned: under PP a pack's samples are dealt to the "
+                        "microbatches, all padded to the largest, so the worst case (one N-token sample) "
+                        "pads every other microbatch to N tokens")
     w.add_argument("--microbatches", type=int, default=None,
                    help="microbatches per step with PP (default 2*pp; 1 without PP)")
     w.add_argument("--gpus", type=int, default=64)
@@ -262,9 +264,12 @@ def packing_problem(a) -> str:
 
 
 def reject_pp_for_packing(p: P.Plan) -> P.Plan:
-    """Packs do not run through pipeline stages yet (config validation refuses it)."""
+    """Packs run through pipeline stages, but planned as their worst case (one N-token sample)
+    one microbatch would hold it and the others be padded to it (parallel/pipeline.py): not
+    a plan worth offering."""
     if p.layout.pp > 1 and p.ok:
-        p.ok, p.why = False, f"data.packing=true with parallel.pp={p.layout.pp}: packs do not run through pipeline stages"
+        p.ok, p.why = False, (f"data.packing=true with parallel.pp={p.layout.pp}: not planned (the worst-case "
+                              "pack, one N-token sample, pads every other microbatch to N)")
     return p
 
 

@@ -45,6 +45,10 @@ class DataConfig:
     packing: bool = False
     # Token budget of one pack = one DP rank's micro-batch (required > 0 with packing); a
     # sample longer than it is an error (raise it, or shard the sequence with parallel.cp).
+    # With parallel.pp > 1 the pack's whole samples are dealt to the parallel.pp_microbatches
+    # pipeline microbatches, all padded to the largest (+ < 1/8): the padding stays small while
+    # samples are shorter than tokens_per_rank / pp_microbatches; a longer one pads every other
+    # microbatch to its length (data.batch_size is not used).
     tokens_per_rank: int = 0
     # Look-ahead window (samples, in stream order) the first-fit-decreasing packer picks from;
     # larger fills packs better and holds more decoded samples in memory.

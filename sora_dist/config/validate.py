@@ -157,8 +157,6 @@ def validate(cfg, world_size: Optional[int] = None) -> None:
                                       "a token budget per DP rank; set data.tokens_per_rank>0 (at least "
                                       "the longest sample's tokens), or data.packing=false")
         _check(d.pack_window >= 1, f"data.pack_window={d.pack_window} must be >= 1 (e.g. 64)")
-        _check(p.pp == 1, f"data.packing=true with parallel.pp={p.pp}: packed sequences do not run through "
-                          f"pipeline stages yet; use parallel.pp=1 (CP/TP/FSDP shard a pack) or data.packing=false")
     if d.source == "shards":
         _check(bool(d.shards), "data.source=shards needs data.shards=<folder written by sora-encode>")
         _check_none(shards_problems(d.shards))
@@ -182,7 +180,7 @@ def validate(cfg, world_size: Optional[int] = None) -> None:
         heads=heads, mlp_width=args.mlp_width, depth=depth, tp=p.tp, cp=p.cp, cp_mode=p.cp_mode,
         hybrid_degree=p.ulysses_degree, pp=p.pp, pp_schedule=p.pp_schedule,
         virtual=p.pp_virtual_stages, microbatches=p.pp_microbatches))
-    if p.pp > 1:
+    if p.pp > 1 and not getattr(d, "packing", False):  # (a pack's samples are dealt to the microbatches)
         for key, bs in [("", d.batch_size)] + sorted(getattr(d, "bucket_batch_size", {}).items()):
             _check(bs % p.pp_microbatches == 0,
                    f"data.{'bucket_batch_size[' + key + ']' if key else 'batch_size'}={bs} must divide "

@@ -94,18 +94,16 @@ class ParallelModel:
         mean over microbatches, on every PP rank). Autocast covers the forward only: backward
         runs in the dtypes the forward saved (the pipeline schedule interleaves the two, so
         there it covers the schedule). grids: a packed sequence (models/packing.py), whose
-        target carries the per-token loss weights."""
+        target carries the per-token loss weights (under PP its samples are dealt to the
+        microbatches and the loss is still the pack's packed_loss)."""
+        if self.pipeline is not None:
+            with self.autocast():
+                return self.pipeline.step(x_t, t, text, text_mask, drop, target, grids)
         if grids is not None:
-            if self.pipeline is not None:
-                raise NotImplementedError("packed sequences with pipeline parallelism are not supported yet; "
-                                          "use parallel.pp=1 or data.packing=false")
             with self.autocast():
                 loss = packed_loss(self.model(x_t, t, text, text_mask, drop, grids), target)
             loss.backward()
             return loss.detach()
-        if self.pipeline is not None:
-            with self.autocast():
-                return self.pipeline.step(x_t, t, text, text_mask, drop, target)
         with self.autocast():
             loss = self.loss_fn(self.model(x_t, t, text, text_mask, drop), target)
         loss.backward()

@@ -1,7 +1,9 @@
 """A packed sequence (mixed image/clip sizes, one per DP rank) under every parallel layout
 against the one-process packed result: loss and every gradient within 1e-5 relative.
 The pack's length is odd, so CP/SP pad it (padding belongs to no sample); CP shard boundaries
-cut samples, so ring blocks mix samples and some blocks are skipped."""
+cut samples, so ring blocks mix samples and some blocks are skipped. Under pipeline stages the
+pack's samples are dealt to the microbatches, padded to one shape (tokens of no sample, and
+samples of no tokens)."""
 import pytest
 import torch
 import torch.distributed as dist
@@ -107,5 +109,76 @@ def test_packed_layout_matches_one_process(arch, name):
     for rank, r in enumerate(run_distributed(worker, world, arch, layout, all_ranks=True)):
         assert abs(r["loss"] - r["ref"]) <= 1e-5 * r["ref"], (rank, r["loss"], r["ref"])
         assert len(r["errs"]) == r["n"]
+        bad = {n: e for n, e in r["errs"].items() if not e <= 1e-5}
+        assert not bad, f"{arch} {name} rank {rank}: {bad}"
+
+
+# ---- pipeline stages: the pack's samples dealt to the microbatches (models/packing.py:split_pack)
+
+def pp_worker(rank, world, arch, layout, schedule, virtual, microbatches):
+    """The layout with pp=2 (4 blocks) against one process: each DP rank's pack through the
+    schedule, every stage's gradient gathered from the PP ranks."""
+    from torch.distributed.tensor import DTensor
+
+    from sora_dist.diffusion.base import Objective
+    from sora_dist.parallel.parallelize import parallelize_dit
+    from sora_dist.parallel.pipeline import PipelineRunner
+
+    a = DiTArgs(**dict(ARGS[arch], depth=4))
+    cfg = JobConfig()
+    cfg.train.mixed_precision = "fp32"
+    for k, v in dict(layout, pp=2, pp_schedule=schedule, pp_virtual_stages=virtual,
+                     pp_microbatches=microbatches).items():
+        setattr(cfg.parallel, k, v)
+    pdims = ParallelDims.from_config(cfg.parallel, world)
+    ref = build(a)
+    ref_loss = torch.stack([packed_loss(ref(*inputs), target)
+                            for inputs, target in (make_pack(a, d) for d in range(pdims.dp))]).mean()
+    ref_loss.backward()
+    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+
+    meshes = pdims.build_mesh("cpu")
+    model = build(a)
+    runner = PipelineRunner(model, meshes["pp"], torch.device("cpu"), schedule, microbatches, virtual,
+                            Objective.loss, stage_wrapper=lambda st: parallelize_dit(st, pdims, cfg))
+    (x, t, text, mask, drop, grids), target = make_pack(a, pdims.coords(rank)["dp"])
+    loss = runner.step(x, t, text, mask, drop, target, grids)
+    for part in runner.parts:
+        part.finalize_grads()
+    if pdims.dp > 1:
+        dist.all_reduce(loss, group=meshes["dp"].get_group())
+        loss /= pdims.dp
+    grads = {}
+    for n, p in model.named_parameters():
+        g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+        grads[clean_fqn(n)] = g.clone()
+    every = [None] * world
+    dist.all_gather_object(every, grads)
+    merged = {n: g for d in every for n, g in d.items()}
+    errs = {n: ((merged[n] - r).norm() / r.norm()).item() for n, r in ref_grads.items() if n in merged}
+    return {"loss": loss.item(), "ref": ref_loss.item(), "errs": errs, "n": len(ref_grads)}
+
+
+PP_LAYOUTS = {
+    "pp2_1f1b": (2, {}, "1f1b", 1, 2),
+    "pp2_gpipe_3mb": (2, {}, "gpipe", 1, 3),  # 3 microbatches: the loss scale is not a power of 2
+    "pp2_interleaved": (2, {}, "interleaved_1f1b", 2, 2),
+    "pp2_zbv": (2, {}, "zbv", 2, 2),  # zero bubble: stage outputs are detached in place
+    "pp2_tp2_sp": (4, dict(tp=2, sequence_parallel=True), "1f1b", 1, 2),
+    "pp2_cp2_ring": (4, dict(cp=2, cp_mode="ring"), "1f1b", 1, 2),
+    "pp2_dp2_fsdp": (4, dict(fsdp=True), "1f1b", 1, 2),
+}
+PP_CASES = [("dit", n) if n in ("pp2_1f1b", "pp2_gpipe_3mb", "pp2_zbv", "pp2_tp2_sp")
+            else pytest.param("dit", n, marks=pytest.mark.slow) for n in PP_LAYOUTS] + [
+    ("wan", n) if n == "pp2_1f1b" else pytest.param("wan", n, marks=pytest.mark.slow) for n in PP_LAYOUTS]
+
+
+@pytest.mark.parametrize("arch, name", PP_CASES)
+def test_packed_pipeline_matches_one_process(arch, name):
+    world, layout, schedule, virtual, microbatches = PP_LAYOUTS[name]
+    for rank, r in enumerate(run_distributed(pp_worker, world, arch, layout, schedule, virtual, microbatches,
+                                             all_ranks=True)):
+        assert abs(r["loss"] - r["ref"]) <= 1e-5 * r["ref"], (rank, r["loss"], r["ref"])
+        assert len(r["errs"]) == r["n"]  # every parameter's gradient came from some stage
         bad = {n: e for n, e in r["errs"].items() if not e <= 1e-5}
         assert not bad, f"{arch} {name} rank {rank}: {bad}"

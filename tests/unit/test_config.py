@@ -111,6 +111,20 @@ def test_op_checkpointing_is_refused_with_zero_bubble_schedules():
         validate(cfg, world_size=2)
 
 
+def test_packing_validates_with_pipeline_stages():
+    """Packs run through pipeline stages; data.batch_size (unused by packing) need not divide
+    into the microbatches."""
+    from sora_dist.config import JobConfig, validate
+    cfg = JobConfig()
+    cfg.model.depth = 4
+    cfg.data.packing, cfg.data.tokens_per_rank = True, 4096
+    cfg.data.batch_size = 2
+    cfg.parallel.pp, cfg.parallel.pp_microbatches = 2, 3
+    validate(cfg, world_size=2)
+    cfg.parallel.pp_schedule, cfg.parallel.pp_virtual_stages = "interleaved_1f1b", 2
+    validate(cfg, world_size=2)
+
+
 def test_op_checkpointing_with_compile_refuses_tracked_dropout_only():
     from sora_dist.config import ConfigError, JobConfig, validate
     cfg = JobConfig()

@@ -439,8 +439,9 @@ def test_op_level_checkpointing_gradients_are_exact(compiled):
 
 def test_plan_tokens_per_rank_plans_a_pack_as_its_worst_case_sample(capsys):
     """--tokens-per-rank N (data.packing): one pack of N tokens per DP rank, planned as one N-token
-    sample; no layout with pipeline stages is offered (validate refuses packing with pp > 1), the
-    budget must hold the longest sample, and the recommended config validates with packing on."""
+    sample; no layout with pipeline stages is offered (that worst case would pad every other
+    microbatch to N tokens), the budget must hold the longest sample, and the recommended config
+    validates with packing on."""
     import importlib.util
     import pathlib
 
@@ -454,7 +455,7 @@ def test_plan_tokens_per_rank_plans_a_pack_as_its_worst_case_sample(capsys):
     assert "packing: data.tokens_per_rank=460,000 per DP rank" in out and "one 460,000-token sample" in out
     rows = [ln.split() for ln in out.splitlines() if ln.strip().endswith("fits")]
     assert rows and all(r[3] == "1" for r in rows)  # column pp: only single-stage layouts fit
-    assert "data.packing=true with parallel.pp=2: packs do not run through pipeline stages" in out
+    assert "data.packing=true with parallel.pp=2: not planned (the worst-case pack" in out
     rec = [ln for ln in out.splitlines() if ln.startswith("recommended:")][0]
     cfg_line = [ln for ln in out.splitlines() if "parallel.tp=" in ln][0]
     assert cfg_line.endswith("data.packing=true data.tokens_per_rank=460000")
