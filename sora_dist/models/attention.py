@@ -29,17 +29,50 @@ def sdpa_attention(
     return F.scaled_dot_product_attention(q_BHSD, k_BHSD, v_BHSD, attn_mask=mask)
 
 
-def doc_runs(doc_S: torch.Tensor) -> list[tuple[int, int, int]]:
-    """(start, end, id) of each run of equal document ids (packed samples are contiguous)."""
-    ids, counts = torch.unique_consecutive(doc_S, return_counts=True)
+# A packed sequence's layout: (start, end, sample id) of each run of one sample's tokens, in
+# order; id -1 is padding (no sample). The Conditioning carries it (models/dit.py), so attention
+# groups a pack's samples without reading the ids back from the device (a host sync per call on
+# GPU, and a graph break under torch.compile). A tuple of ints: a constant to torch.compile (a
+# compiled block specialises on it, one graph per pack layout) and to activation checkpointing.
+Runs = tuple[tuple[int, int, int], ...]
+
+
+def _runs(pieces) -> Runs:
+    """(sample id, tokens) pieces in sequence order -> Runs: empty pieces dropped, neighbours of
+    one id merged (as torch.unique_consecutive would)."""
     out, start = [], 0
-    for i, n in zip(ids.tolist(), counts.tolist()):
-        out.append((start, start + n, i))
+    for i, n in pieces:
+        if n <= 0:
+            continue
+        if out and out[-1][2] == i:
+            out[-1] = (out[-1][0], start + n, i)
+        else:
+            out.append((start, start + n, i))
         start += n
-    return out
+    return tuple(out)
 
 
-def same_length_groups(runs: list[tuple[int, int, int]]) -> list[tuple[int, int, int, int]]:
+def pack_runs(counts, length: int) -> Runs:
+    """Runs of a pack whose samples hold `counts` tokens, in order (0: a padding sample, no
+    run), padded with id -1 to `length` tokens; from the host-side counts alone."""
+    return _runs([*enumerate(counts), (-1, length - sum(counts))])
+
+
+def window_runs(runs: Runs, start: int, end: int) -> Runs:
+    """The runs of tokens [start, end) (a CP rank's chunk), counted from `start`; tokens past the
+    end of `runs` are padding (id -1), as SequenceSharding pads the sequence."""
+    stop = runs[-1][1] if runs else 0
+    return _runs([(i, min(b, end) - max(a, start)) for a, b, i in runs] + [(-1, end - max(stop, start))])
+
+
+def doc_runs(doc_S: torch.Tensor) -> Runs:
+    """The runs of a tensor of sample ids (packed samples are contiguous). Reads the device (a
+    host sync); the model's attention uses the runs its Conditioning carries instead."""
+    ids, counts = torch.unique_consecutive(doc_S, return_counts=True)
+    return _runs(zip(ids.tolist(), counts.tolist()))
+
+
+def same_length_groups(runs) -> list[tuple[int, int, int, int]]:
     """Consecutive runs of equal length merged: (start, length, count, first id). The packer
     puts equal-size samples (images of one bucket, clips of one shape) next to each other, so a
     pack of many small samples becomes a few batched kernel calls instead of one per sample."""
@@ -54,6 +87,12 @@ def same_length_groups(runs: list[tuple[int, int, int]]) -> list[tuple[int, int,
     return out
 
 
+def sample_groups(runs: Optional[Runs], doc_S: Optional[torch.Tensor] = None):
+    """same_length_groups of a pack: of its precomputed runs, or (runs None) of doc_S's, read from
+    the device (a host sync, for callers that hold only the ids)."""
+    return same_length_groups(runs if runs is not None else doc_runs(doc_S))
+
+
 def _as_batch(x_1HSD: torch.Tensor, start: int, n: int, count: int) -> torch.Tensor:
     """count consecutive samples of n tokens of a packed (1, H, S, D) tensor as (count, H, n, D)."""
     x = x_1HSD[0, :, start:start + n * count]
@@ -64,13 +103,13 @@ def _from_batch(o_CHnD: torch.Tensor) -> torch.Tensor:
     return o_CHnD.transpose(0, 1).flatten(1, 2)[None]
 
 
-def document_attention(attn, q_BHSD, k_BHSD, v_BHSD, doc_S, kv_mask_BS=None) -> torch.Tensor:
+def document_attention(attn, q_BHSD, k_BHSD, v_BHSD, doc_S, kv_mask_BS=None, runs=None) -> torch.Tensor:
     """Self-attention of a packed sequence (B = 1): each sample's tokens attend only within the
     sample (a block-diagonal mask), one `attn` call per group of equal-size neighbouring samples
-    (batched), so no S x S mask is ever built. doc_S: sample id of each token; its runs are the
-    samples."""
+    (batched), so no S x S mask is ever built. doc_S: sample id of each token; `runs` (its runs,
+    Runs) are the samples (read from doc_S when None)."""
     outs = []
-    for a, n, c, _ in same_length_groups(doc_runs(doc_S)):
+    for a, n, c, _ in sample_groups(runs, doc_S):
         m = None if kv_mask_BS is None else kv_mask_BS[0, a:a + n * c].view(c, n)
         outs.append(_from_batch(attn(_as_batch(q_BHSD, a, n, c), _as_batch(k_BHSD, a, n, c),
                                      _as_batch(v_BHSD, a, n, c), m)))
@@ -170,10 +209,11 @@ class CoreAttention(nn.Module):
         return (f"backend={self.backend}" + (", fp8" if self.fp8_recipe is not None else "")
                 + (f", sdpa_kernel={self.sdpa_kernel}" if self.sdpa_kernel != "auto" else ""))
 
-    def forward(self, q_BHSD, k_BHSD, v_BHSD, kv_mask_BS=None, doc_S=None):
-        """doc_S (packed sequences): the sample of each token; attention stays within samples."""
-        if doc_S is not None:
-            return document_attention(self._dense, q_BHSD, k_BHSD, v_BHSD, doc_S, kv_mask_BS)
+    def forward(self, q_BHSD, k_BHSD, v_BHSD, kv_mask_BS=None, doc_S=None, runs=None):
+        """Packed sequences: doc_S, the sample of each token, and/or its runs (Runs; the
+        Conditioning's, worked out on the host); attention stays within samples."""
+        if doc_S is not None or runs is not None:
+            return document_attention(self._dense, q_BHSD, k_BHSD, v_BHSD, doc_S, kv_mask_BS, runs)
         return self._dense(q_BHSD, k_BHSD, v_BHSD, kv_mask_BS)
 
     def _dense(self, q_BHSD, k_BHSD, v_BHSD, kv_mask_BS=None):

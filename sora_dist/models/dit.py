@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sora_dist.config.model import DiTArgs
-from sora_dist.models.attention import CoreAttention
+from sora_dist.models.attention import CoreAttention, Runs
 from sora_dist.models.embeddings import (
     PatchEmbed3D, TimestepEmbedder, apply_rope, build_rope_3d, unpatchify,
 )
@@ -49,6 +49,12 @@ class Conditioning:
     # cross-attention reads the token's own caption (text_BLD then holds one per sample).
     doc_S: Optional[torch.Tensor] = None
     seq_len: Optional[int] = None
+    # The runs of those ids ((start, end, id) each, models/attention.py Runs), worked out on the
+    # host when the pack is built (from its grids), so attention never reads doc_S back from the
+    # device: `doc_runs` are doc_S's (cross-attention, on this rank's tokens), `cp_doc_runs`
+    # those of the whole sequence over the CP group (self-attention's keys; = doc_runs without CP).
+    doc_runs: Optional[Runs] = None
+    cp_doc_runs: Optional[Runs] = None
 
     def with_(self, **kw) -> "Conditioning":
         return replace(self, **kw)
@@ -62,29 +68,33 @@ def packed_conditioning(c_KX, text_KLD, text_mask_KL, grids_K3, head_dim: int,
     pack padded to the schedule's shape, models/packing.py:split_pack) that belong to no sample
     (id -1: no attention to or from them, no caption) and read table row 0; the head keeps them
     (their loss weight is 0)."""
+    from sora_dist.models.attention import pack_runs
     from sora_dist.models.packing import packed_layout
 
     if c_KX.shape[0] != grids_K3.shape[0]:
         raise ValueError(f"a pack of {grids_K3.shape[0]} samples got {c_KX.shape[0]} timesteps")
-    ids, rope, S = packed_layout(grids_K3, head_dim, c_KX.device)
+    ids, rope, counts = packed_layout(grids_K3, head_dim, c_KX.device)
+    S = sum(counts)
     rows, L = ids, S if length is None else length
     if L < S:
         raise ValueError(f"a pack of {S} tokens cannot be {L} long")
     if L > S:
         rows, ids = F.pad(ids, (0, L - S)), F.pad(ids, (0, L - S), value=-1)
         rope = F.pad(rope, (0, 0, 0, 0, 0, L - S))
+    runs = pack_runs(counts, L)
     return Conditioning(c_BD=c_KX[None], text_BLD=text_KLD, text_mask_BL=text_mask_KL, rope_SP2=rope,
                         grid=(1, 1, L), shape_THW=(1, 1, L), rows_S=rows, head_rows_S=rows, doc_S=ids,
-                        seq_len=L)
+                        seq_len=L, doc_runs=runs, cp_doc_runs=runs)
 
 
-def cross_attention_per_sample(attn, q_BHSD, k_KHLD, v_KHLD, text_mask_KL, doc_S):
+def cross_attention_per_sample(attn, q_BHSD, k_KHLD, v_KHLD, text_mask_KL, doc_S, runs=None):
     """Cross-attention of a packed sequence: each run of a sample's tokens attends to that
-    sample's caption only (k/v hold one caption per sample). Padding tokens (id < 0) get 0."""
-    from sora_dist.models.attention import _as_batch, _from_batch, doc_runs, same_length_groups
+    sample's caption only (k/v hold one caption per sample). Padding tokens (id < 0) get 0.
+    runs: doc_S's (Conditioning.doc_runs); read from doc_S when None."""
+    from sora_dist.models.attention import _as_batch, _from_batch, sample_groups
 
     outs = []
-    for a, n, c, i in same_length_groups(doc_runs(doc_S)):
+    for a, n, c, i in sample_groups(runs, doc_S):
         if i < 0:
             outs.append(q_BHSD.new_zeros(*q_BHSD.shape[:2], n * c, v_KHLD.shape[-1]))
         else:  # c neighbouring samples of n tokens each, batched with their c captions
@@ -128,26 +138,26 @@ class _Attention(nn.Module):
 class SelfAttention(_Attention):
     """Multi-head self-attention over video tokens with 3D RoPE."""
 
-    def forward(self, x_BSD, rope_SP2, token_mask_BS=None, doc_S=None):
+    def forward(self, x_BSD, rope_SP2, token_mask_BS=None, doc_S=None, doc_runs=None):
         B, S, _ = x_BSD.shape
         q = apply_rope(self._heads(x_BSD, self.wq, self.q_norm), rope_SP2)
         k = apply_rope(self._heads(x_BSD, self.wk, self.k_norm), rope_SP2)
         v = self._heads(x_BSD, self.wv)
         o = (self.core_attention(q, k, v, token_mask_BS) if doc_S is None
-             else self.core_attention(q, k, v, token_mask_BS, doc_S))
+             else self.core_attention(q, k, v, token_mask_BS, doc_S, doc_runs))
         return self.wo(o.transpose(1, 2).reshape(B, S, -1))
 
 
 class CrossAttention(_Attention):
     """Video tokens attend to caption tokens (masked). Sequence-local: no CP communication."""
 
-    def forward(self, x_BSD, text_BLD, text_mask_BL, doc_S=None):
+    def forward(self, x_BSD, text_BLD, text_mask_BL, doc_S=None, doc_runs=None):
         B, S, _ = x_BSD.shape
         q = self._heads(x_BSD, self.wq, self.q_norm)
         k = self._heads(text_BLD, self.wk, self.k_norm)
         v = self._heads(text_BLD, self.wv)
         o = (self.core_attention(q, k, v, text_mask_BL) if doc_S is None
-             else cross_attention_per_sample(self.core_attention, q, k, v, text_mask_BL, doc_S))
+             else cross_attention_per_sample(self.core_attention, q, k, v, text_mask_BL, doc_S, doc_runs))
         return self.wo(o.transpose(1, 2).reshape(B, S, -1))
 
 
@@ -188,8 +198,10 @@ class DiTBlock(nn.Module):
         )
         rows = cond.rows_S
         h = modulate(self.norm1(x_BSD), shift_msa, scale_msa, rows)
-        x_BSD = gated_add(x_BSD, self.attn(h, cond.rope_SP2, cond.token_mask_BS, cond.doc_S), gate_msa, rows)
-        x_BSD = x_BSD + self.cross_attn(self.norm_cross(x_BSD), cond.text_BLD, cond.text_mask_BL, cond.doc_S)
+        a = self.attn(h, cond.rope_SP2, cond.token_mask_BS, cond.doc_S, cond.cp_doc_runs)
+        x_BSD = gated_add(x_BSD, a, gate_msa, rows)
+        x_BSD = x_BSD + self.cross_attn(self.norm_cross(x_BSD), cond.text_BLD, cond.text_mask_BL,
+                                        cond.doc_S, cond.doc_runs)
         h = modulate(self.norm2(x_BSD), shift_mlp, scale_mlp, rows)
         return gated_add(x_BSD, self.mlp(h), gate_mlp, rows)
 

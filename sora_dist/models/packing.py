@@ -79,14 +79,17 @@ def packed_loss(out_1SP: torch.Tensor, target_1SP1: torch.Tensor) -> torch.Tenso
 
 
 def packed_layout(grids_K3: torch.Tensor, head_dim: int, device=None):
-    """(sample id of each token (S,), RoPE table restarting per sample (S, head_dim/2, 2), S).
+    """(sample id of each token (S,), RoPE table restarting per sample (S, head_dim/2, 2), each
+    sample's token count (a list: the host-side layout, models/attention.py pack_runs)).
     A (0, 0, 0) grid is a padding sample (split_pack) and owns no token."""
-    counts = token_counts(grids_K3)
+    grids = grids_K3.tolist()  # the one host read of a pack's layout
+    counts = [T * H * W for T, H, W in grids]
+    # output_size: the length is known here, so a GPU need not report it back (a sync).
     ids = torch.repeat_interleave(torch.arange(len(counts), device=device),
-                                  torch.tensor(counts, device=device, dtype=torch.long))
-    ropes = [build_rope_3d(tuple(g), head_dim, device) for g, n in zip(grids_K3.tolist(), counts) if n]
+                                  torch.tensor(counts, device=device, dtype=torch.long), output_size=sum(counts))
+    ropes = [build_rope_3d(tuple(g), head_dim, device) for g, n in zip(grids, counts) if n]
     rope = torch.cat(ropes) if ropes else torch.zeros(0, head_dim // 2, 2, device=device)
-    return ids, rope, sum(counts)
+    return ids, rope, counts
 
 
 def coarse_ceil(n: int, bits: int = 4) -> int:

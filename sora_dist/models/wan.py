@@ -69,26 +69,26 @@ class WanSelfAttention(nn.Module):
     def _heads(self, x_BSD: torch.Tensor) -> torch.Tensor:
         return x_BSD.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)  # (B, heads, S, hd)
 
-    def forward(self, x_BSD, rope_SP2, token_mask_BS=None, doc_S=None):
+    def forward(self, x_BSD, rope_SP2, token_mask_BS=None, doc_S=None, doc_runs=None):
         B, S, _ = x_BSD.shape
         q = apply_rope(self._heads(self.q_norm(self.wq(x_BSD))), rope_SP2)
         k = apply_rope(self._heads(self.k_norm(self.wk(x_BSD))), rope_SP2)
         v = self._heads(self.wv(x_BSD))
         o = (self.core_attention(q, k, v, token_mask_BS) if doc_S is None
-             else self.core_attention(q, k, v, token_mask_BS, doc_S))
+             else self.core_attention(q, k, v, token_mask_BS, doc_S, doc_runs))
         return self.wo(o.transpose(1, 2).reshape(B, S, -1))
 
 
 class WanCrossAttention(WanSelfAttention):
     """Video tokens attend to every caption token (Wan masks captions by zeroing them)."""
 
-    def forward(self, x_BSD, text_BLD, text_mask_BL=None, doc_S=None):
+    def forward(self, x_BSD, text_BLD, text_mask_BL=None, doc_S=None, doc_runs=None):
         B, S, _ = x_BSD.shape
         q = self._heads(self.q_norm(self.wq(x_BSD)))
         k = self._heads(self.k_norm(self.wk(text_BLD)))
         v = self._heads(self.wv(text_BLD))
         o = (self.core_attention(q, k, v, None) if doc_S is None
-             else cross_attention_per_sample(self.core_attention, q, k, v, None, doc_S))
+             else cross_attention_per_sample(self.core_attention, q, k, v, None, doc_S, doc_runs))
         return self.wo(o.transpose(1, 2).reshape(B, S, -1))
 
 
@@ -124,10 +124,10 @@ class WanBlock(nn.Module):
             self.modulation(cond.c_BD[..., :6, :]).unbind(-2))
         rows = cond.rows_S
         h = modulate(self.norm1(x_BSD.float()), shift_msa, scale_msa, rows).type_as(x_BSD)
-        a = self.attn(h, cond.rope_SP2, cond.token_mask_BS, cond.doc_S)
+        a = self.attn(h, cond.rope_SP2, cond.token_mask_BS, cond.doc_S, cond.cp_doc_runs)
         x_BSD = gated_add(x_BSD.float(), a.float(), gate_msa, rows).type_as(x_BSD)
         h = self.norm_cross(x_BSD)
-        x_BSD = x_BSD + self.cross_attn(h, cond.text_BLD, cond.text_mask_BL, cond.doc_S)
+        x_BSD = x_BSD + self.cross_attn(h, cond.text_BLD, cond.text_mask_BL, cond.doc_S, cond.doc_runs)
         h = modulate(self.norm2(x_BSD.float()), shift_mlp, scale_mlp, rows).type_as(x_BSD)
         return gated_add(x_BSD.float(), self.mlp(h).float(), gate_mlp, rows).type_as(x_BSD)
 

@@ -17,10 +17,12 @@ import math
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from sora_dist.models.attention import doc_runs, window_runs
 from sora_dist.parallel.context_parallel.comm import gather_along, local_slice
 from sora_dist.parallel.tensor_parallel import local_params
 
@@ -105,11 +107,17 @@ class SequenceSharding:
         cond = cond.with_(rope_SP2=rope, token_mask_BS=mask)
         if cond.doc_S is not None:
             # Packed samples: the sample of each token, CP-sharded like the mask (attention sees
-            # the CP chunk); padding tokens belong to no sample (-1).
+            # the CP chunk); padding tokens belong to no sample (-1). Their runs follow on the
+            # host: the padded sequence's (self-attention spans it under CP) and this chunk's.
             doc = F.pad(cond.doc_S, (0, pad), value=-1) if pad else cond.doc_S
+            runs = cond.doc_runs if cond.doc_runs is not None else doc_runs(cond.doc_S)
+            runs = local = window_runs(runs, 0, S + pad)
             if self.cp_mesh is not None:
                 doc = shard_sequence(doc, 0, self.cp_mesh).contiguous()
-            cond = cond.with_(doc_S=doc)
+                chunk = (S + pad) // self.cp
+                start = dist.get_rank(self.cp_mesh.get_group()) * chunk
+                local = window_runs(runs, start, start + chunk)
+            cond = cond.with_(doc_S=doc, doc_runs=local, cp_doc_runs=runs)
         if cond.rows_S is not None:
             # Per-token table rows: the head's cover this rank's CP chunk (padding rows point
             # at row 0, their outputs are dropped), the blocks' also the SP shard of it.

@@ -104,13 +104,13 @@ def block_plan(sequence_parallel: bool, qk_norm: bool, arch: str = "dit") -> dic
         # c_BD is replicated; under SP its shift/scale/gate multiply token shards.
         ("modulation" if arch == "wan" else "adaLN_modulation"): ReplicateCompute(grad_partial=sp),
         "norm_cross": SequenceParallel(use_local_output=True) if sp else ReplicateCompute(),
-        # args (x, rope, token_mask, doc): gather tokens once; RoPE, mask and the packed
+        # args (x, rope, token_mask, doc, doc_runs): gather tokens once; RoPE, mask and the packed
         # samples' ids cover the whole (CP-local) sequence already because attention runs on all of it.
-        "attn": PrepareModuleInput(input_layouts=(seq, None, None, None),
-                                   desired_input_layouts=(Replicate(), None, None, None)),
-        # args (x, text, text_mask, doc): the caption is replicated over TP.
-        "cross_attn": PrepareModuleInput(input_layouts=(seq, Replicate(), None, None),
-                                         desired_input_layouts=(Replicate(), Replicate(), None, None)),
+        "attn": PrepareModuleInput(input_layouts=(seq, None, None, None, None),
+                                   desired_input_layouts=(Replicate(), None, None, None, None)),
+        # args (x, text, text_mask, doc, doc_runs): the caption is replicated over TP.
+        "cross_attn": PrepareModuleInput(input_layouts=(seq, Replicate(), None, None, None),
+                                         desired_input_layouts=(Replicate(), Replicate(), None, None, None)),
         "mlp": PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),)),
         "mlp.fc1": ColwiseParallel(),
         "mlp.fc2": RowwiseParallel(output_layouts=seq),

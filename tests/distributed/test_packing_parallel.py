@@ -49,9 +49,45 @@ def build(a: DiTArgs):
     return m
 
 
+def no_device_reads():
+    """Packed attention must take the runs its Conditioning carries: make reading them back from
+    the sample ids (doc_runs, a host sync per call on GPU) fail. Returns the real doc_runs."""
+    import sora_dist.models.attention as attention
+
+    def no_device_read(doc_S):
+        raise AssertionError("doc_runs(doc_S) called in a packed forward/backward")
+
+    real, attention.doc_runs = attention.doc_runs, no_device_read
+    return real
+
+
+def spy_conds(model) -> list:
+    """The Conditioning each forward's embed() hands the blocks (after sequence sharding)."""
+    seen, embed = [], model.embed
+
+    def spy(*args, **kwargs):
+        tokens, cond = embed(*args, **kwargs)
+        seen.append(cond)
+        return tokens, cond
+
+    model.embed = spy
+    return seen
+
+
+def check_runs(cond, pdims, meshes, doc_runs):
+    """A rank's sharded Conditioning: doc_runs are its chunk's ids' runs, cp_doc_runs those of
+    the ids gathered over the CP group (what self-attention spans)."""
+    from sora_dist.parallel.context_parallel.comm import gather_along
+
+    whole = gather_along(cond.doc_S, 0, meshes["cp"].get_group()) if pdims.cp > 1 else cond.doc_S
+    assert cond.doc_runs == doc_runs(cond.doc_S), (cond.doc_runs, doc_runs(cond.doc_S))
+    assert cond.cp_doc_runs == doc_runs(whole), (cond.cp_doc_runs, doc_runs(whole))
+
+
 def worker(rank, world, arch, layout):
     from sora_dist.parallel.parallelize import parallelize_dit
 
+    doc_runs = no_device_reads()
     a = DiTArgs(**ARGS[arch])
     cfg = JobConfig()
     cfg.train.mixed_precision = "fp32"
@@ -71,7 +107,9 @@ def worker(rank, world, arch, layout):
     part = parallelize_dit(build(a), pdims, cfg)
     dp_rank = pdims.coords(rank)["dp"]
     inputs, target = make_pack(a, dp_rank)
+    conds = spy_conds(part.module)
     loss = packed_loss(part.module(*inputs), target)
+    check_runs(conds[0], pdims, meshes, doc_runs)
     loss.backward()
     part.finalize_grads()
     g_loss = loss.detach().clone()
@@ -124,6 +162,7 @@ def pp_worker(rank, world, arch, layout, schedule, virtual, microbatches):
     from sora_dist.parallel.parallelize import parallelize_dit
     from sora_dist.parallel.pipeline import PipelineRunner
 
+    no_device_reads()
     a = DiTArgs(**dict(ARGS[arch], depth=4))
     cfg = JobConfig()
     cfg.train.mixed_precision = "fp32"

@@ -187,3 +187,87 @@ def test_split_pack_microbatches_sum_to_the_pack(arch, parts):
     bad = {n: rel(p.grad, ref_grads[n].grad) for n, p in m_.named_parameters()
            if not rel(p.grad, ref_grads[n].grad) < 1e-5}
     assert not bad, bad
+
+
+# ---- a pack's runs, worked out on the host (no device read per attention call) -------------------
+
+def test_pack_runs_equal_the_ids_runs_with_padding_and_cp_shards():
+    """The runs packed_conditioning works out from the grids equal doc_runs of the ids it builds,
+    with padding samples (grid 0, 0, 0) and padding tokens (a microbatch's length); padded like
+    SequenceSharding (to a multiple of cp, or cp x tp) and cut into CP chunks, each chunk's
+    window_runs equal doc_runs of that chunk's ids (chunk boundaries cut samples and padding)."""
+    from sora_dist.models.attention import doc_runs, pack_runs, window_runs
+    from sora_dist.models.dit import packed_conditioning
+
+    assert pack_runs([16, 16, 0, 12], 50) == ((0, 16, 0), (16, 32, 1), (32, 44, 3), (44, 50, -1))
+    grids = torch.tensor([[1, 4, 4], [1, 4, 4], [0, 0, 0], [2, 3, 2], [1, 4, 4], [2, 3, 2], [1, 1, 3], [0, 0, 0]])
+    K, S = len(grids), 75
+    for length in (None, S, 80, 91):
+        cond = packed_conditioning(torch.zeros(K, 8), torch.zeros(K, 3, 8), torch.ones(K, 3, dtype=torch.bool),
+                                   grids, head_dim=8, length=length)
+        assert cond.doc_runs == cond.cp_doc_runs == doc_runs(cond.doc_S)
+        assert cond.with_(seq_len=1).doc_runs == cond.doc_runs  # a field with_() keeps
+        L = cond.doc_S.shape[0]
+        for cp, multiple in [(1, 1), (1, 2), (2, 2), (2, 4), (3, 3), (4, 4), (4, 8), (8, 8)]:
+            total = -(-L // multiple) * multiple
+            padded = F.pad(cond.doc_S, (0, total - L), value=-1)
+            assert window_runs(cond.doc_runs, 0, total) == doc_runs(padded)
+            chunk = total // cp
+            for r in range(cp):
+                got = window_runs(cond.doc_runs, r * chunk, (r + 1) * chunk)
+                assert got == doc_runs(padded[r * chunk:(r + 1) * chunk]), (length, cp, multiple, r)
+
+
+def _blocks_and_head(m, inputs, cond_fn=lambda c: c):
+    tokens, cond = m.embed(*inputs)
+    cond = cond_fn(cond)
+    for blk in m.blocks.values():
+        tokens = blk(tokens, cond)
+    return m.head(tokens, cond)
+
+
+@pytest.mark.parametrize("arch, mode", [("dit", "eager"), ("wan", "eager"), ("dit", "compiled_op_ac")])
+def test_packed_attention_reads_no_sample_ids_back(arch, mode, monkeypatch):
+    """Packed attention takes the runs its Conditioning carries: the tensor doc_runs (a device
+    read, a host sync per call on GPU) is never called in a packed forward and backward (a
+    microbatch with padding tokens; also compiled blocks under op-level recompute, which replays
+    attention), and output and gradients are those of reading the runs from the ids."""
+    import copy
+
+    import sora_dist.models.attention as attention
+    from sora_dist.models.packing import split_pack
+
+    a = ARGS[arch]
+    xs, ys, t, text, mask, drop = samples(a)
+    x, grids = pack_latents(xs, a.patch_size)
+    target = pack_targets(ys, a.patch_size)
+    xm, tm, textm, maskm, dropm, gridsm, targetm = split_pack(2, x, t, text, mask, drop, grids, target)
+    Kp = tm.shape[0] // 2
+    inputs = (xm[:1], tm[:Kp], textm[:Kp], maskm[:Kp], dropm[:Kp], gridsm[:Kp])
+    ref = build(arch)
+    m = copy.deepcopy(ref)
+    if mode == "compiled_op_ac":
+        from sora_dist.parallel.activation_checkpoint import apply_activation_checkpointing
+        from sora_dist.parallel.rng import build_rng_tracker
+
+        apply_activation_checkpointing(m, "op", build_rng_tracker(0, 0, 0, "cpu"))
+        for blk in m.blocks.values():
+            blk.compile()
+
+    # The reference reads the runs back from the ids (a Conditioning without them).
+    want = _blocks_and_head(ref, inputs, lambda c: c.with_(doc_runs=None, cp_doc_runs=None))
+    packed_loss(want, targetm[:1]).backward()
+
+    def no_device_read(doc_S):
+        raise AssertionError("doc_runs(doc_S) called in a packed forward/backward")
+
+    monkeypatch.setattr(attention, "doc_runs", no_device_read)
+    got = _blocks_and_head(m, inputs)
+    packed_loss(got, targetm[:1]).backward()
+    if mode == "eager":
+        assert torch.equal(got, want)
+    assert rel(got.detach(), want.detach()) < 1e-6
+    ref_grads = dict(ref.named_parameters())
+    bad = {n: rel(p.grad, ref_grads[n.replace("_checkpoint_wrapped_module.", "")].grad)
+           for n, p in m.named_parameters()}
+    assert all(e < 1e-5 for e in bad.values()), bad

@@ -88,11 +88,12 @@ class ContextParallelAttention(nn.Module):
             self._te_cp_ready = True
         return True
 
-    def forward(self, q_BHSD, k_BHSD, v_BHSD, kv_mask_BS=None, doc_S=None):
-        """doc_S (a packed sequence): the sample of each of this rank's tokens; attention stays
-        within samples across the whole CP sequence."""
+    def forward(self, q_BHSD, k_BHSD, v_BHSD, kv_mask_BS=None, doc_S=None, runs=None):
+        """doc_S (a packed sequence): the sample of each of this rank's tokens; runs: those of the
+        whole CP sequence (Conditioning.cp_doc_runs). Attention stays within samples across the
+        whole CP sequence."""
         if doc_S is not None:
-            return self._forward_packed(q_BHSD, k_BHSD, v_BHSD, kv_mask_BS, doc_S)
+            return self._forward_packed(q_BHSD, k_BHSD, v_BHSD, kv_mask_BS, doc_S, runs)
         if self._use_te_cp(q_BHSD, kv_mask_BS):
             return self.inner.forward_te_cp(q_BHSD, k_BHSD, v_BHSD)
         ug, rg = self.ulysses_group, self.ring_group
@@ -119,13 +120,14 @@ class ContextParallelAttention(nn.Module):
         return heads_to_seq(o, ug) if ug is not None else o
 
 
-    def _forward_packed(self, q_BHSD, k_BHSD, v_BHSD, kv_mask_BS, doc_S):
+    def _forward_packed(self, q_BHSD, k_BHSD, v_BHSD, kv_mask_BS, doc_S, runs=None):
         ug, rg = self.ulysses_group, self.ring_group
         if ug is not None and q_BHSD.shape[1] % dist.get_world_size(ug):
             raise ValueError(f"Ulysses context parallel over {dist.get_world_size(ug)} ranks needs the "
                              f"local head count ({q_BHSD.shape[1]}) to divide by it")
-        # Sample ids and key mask are tiny: gather them whole, in cp-rank = sequence order.
-        doc = gather_along(doc_S, 0, self.cp_group)
+        # Sample ids and key mask are tiny: gather them whole, in cp-rank = sequence order. The
+        # ring's blocks need the ids; Ulysses' local attention only the runs, when given.
+        doc = gather_along(doc_S, 0, self.cp_group) if rg is not None or runs is None else None
         mask = None if kv_mask_BS is None else gather_along(kv_mask_BS.bool(), 1, self.cp_group)
         if ug is not None:
             B = q_BHSD.shape[0]
@@ -133,7 +135,7 @@ class ContextParallelAttention(nn.Module):
         if rg is not None:
             o = ring_attention(q_BHSD, k_BHSD, v_BHSD, mask, rg, self.max_score_elems, "math", doc_S=doc)
         else:
-            o = self.inner(q_BHSD, k_BHSD, v_BHSD, mask, doc)
+            o = self.inner(q_BHSD, k_BHSD, v_BHSD, mask, doc, runs)
         return heads_to_seq(o, ug) if ug is not None else o
 
 
