@@ -6,8 +6,10 @@ background, with a caption that describes it, so a small model has something lea
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
+import re
 
 import torch
 from PIL import Image
@@ -75,3 +77,90 @@ def make_demo_clips(out_dir: str, n: int = 12, seed: int = 0, sizes=None, fps_ch
             f.write(json.dumps(r) + "\n")
     os.replace(tmp, manifest)
     return manifest
+
+
+# ---- the demo's sample check: read the prompt's attributes back from decoded frames --------------
+CAPTION_RE = re.compile(r"a (\w+) (square|circle) moving (\w+) on a (\w+) background")
+
+
+def parse_caption(caption: str) -> dict:
+    """{'color', 'shape', 'motion', 'background'} of a render_clip caption; ValueError otherwise."""
+    m = CAPTION_RE.fullmatch(caption.strip())
+    if not m or m[1] not in COLORS or m[3] not in MOTIONS or m[4] not in BACKGROUNDS:
+        raise ValueError(f"caption {caption!r} is not of the demo's form 'a <color> <square|circle> moving "
+                         f"<left|right|up|down> on a <black|gray|dark> background'")
+    return {"color": m[1], "shape": m[2], "motion": m[3], "background": m[4]}
+
+
+def _nearest(rgb: torch.Tensor, palette: dict) -> tuple[str, float]:
+    names = sorted(palette)
+    d = (torch.tensor([palette[n] for n in names], dtype=torch.float32) - rgb.float()).norm(dim=1)
+    i = int(d.argmin())
+    return names[i], float(d[i])
+
+
+def _circular_centroid(mask_HW: torch.Tensor) -> tuple[float, float]:
+    """Object centre on the torus (objects wrap around the frame), in pixels."""
+    H, W = mask_HW.shape
+    out = []
+    for n, weights in ((H, mask_HW.float().sum(1)), (W, mask_HW.float().sum(0))):
+        ang = torch.arange(n, dtype=torch.float32) * (2 * math.pi / n)
+        a = math.atan2(float((weights * ang.sin()).sum()), float((weights * ang.cos()).sum()))
+        out.append((a % (2 * math.pi)) * n / (2 * math.pi))
+    return out[0], out[1]
+
+
+def measure_clip(frames_TCHW: torch.Tensor, color_tol: float = 60.0) -> dict:
+    """What a uint8 (T, 3, H, W) clip shows, measured from its pixels:
+    background: the palette colour nearest the per-channel median of all pixels (a VAE's
+    errors gather at the frame's edges, so not the border's);
+    color: the palette colour nearest the median of the object's pixels (those > color_tol from
+    the background), object: mean fraction of the frame those pixels cover;
+    motion: the direction of the larger median per-frame displacement of the object's centre on the
+    torus (None for fewer than 2 frames or less than 0.25 px/frame), with *_dist the distances
+    (0-441) from the measured colours to the palette entries named."""
+    x = frames_TCHW.float()
+    T, _, H, W = x.shape
+    bg_rgb = x.permute(1, 0, 2, 3).reshape(3, -1).median(dim=1).values  # the object covers far less than half
+    background, bg_dist = _nearest(bg_rgb, BACKGROUNDS)
+    mask = (x - bg_rgb.view(1, 3, 1, 1)).norm(dim=1) > color_tol  # (T, H, W)
+    frac = float(mask.float().mean())
+    out = {"background": background, "background_dist": bg_dist, "object": frac,
+           "color": None, "color_dist": float("inf"), "motion": None, "speed": 0.0}
+    if mask.any():
+        obj_rgb = x.permute(1, 0, 2, 3)[:, mask].median(dim=1).values
+        out["color"], out["color_dist"] = _nearest(obj_rgb, COLORS)
+    present = [float(mask[t].float().mean()) > 0.002 for t in range(T)]
+    cents = [_circular_centroid(mask[t]) if present[t] else None for t in range(T)]
+    steps = [[(b - a + n / 2) % n - n / 2 for a, b, n in zip(c0, c1, (H, W))]  # shortest way round
+             for c0, c1 in zip(cents, cents[1:]) if c0 is not None and c1 is not None]
+    if len(steps) >= max(1, (T - 1) // 2):
+        # the median step: a centre-cropped clip's object may leave the picture and jump back
+        dy, dx = torch.tensor(steps).median(dim=0).values.tolist()
+        out["speed"] = max(abs(dy), abs(dx))
+        if out["speed"] >= 0.25:
+            out["motion"] = ("down" if dy > 0 else "up") if abs(dy) > abs(dx) else ("right" if dx > 0 else "left")
+    return out
+
+
+def check_clip(frames_TCHW: torch.Tensor, caption: str, parts=("background", "color", "motion"),
+               color_tol: float = 60.0) -> dict:
+    """measure_clip against the caption: {part: bool} for each part asked, plus 'measured' and
+    'pass' (all parts). A colour counts only within color_tol of its palette entry, and an object
+    only when it covers 0.3-40% of the frame, so noise cannot pass by the nearest-colour lottery."""
+    want = parse_caption(caption)
+    got = measure_clip(frames_TCHW, color_tol)
+    has_object = 0.003 <= got["object"] <= 0.4
+    res = {}
+    for part in parts:
+        if part == "background":
+            res[part] = got["background"] == want["background"] and got["background_dist"] <= color_tol
+        elif part == "color":
+            res[part] = has_object and got["color"] == want["color"] and got["color_dist"] <= color_tol
+        elif part == "motion":
+            res[part] = has_object and got["motion"] == want["motion"]
+        else:
+            raise ValueError(f"check_clip part {part!r}: use background, color or motion")
+    res["pass"] = all(res[p] for p in parts)
+    res["measured"] = got
+    return res

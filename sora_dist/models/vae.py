@@ -357,7 +357,8 @@ class ShardFrames(NamedTuple):
 
 
 
-def build_tiny_vae(save_dir: str, latent_channels: int = 4, kind: str = "wan", seed: int = 0) -> str:
+def build_tiny_vae(save_dir: str, latent_channels: int = 4, kind: str = "wan", seed: int = 0,
+                   base_dim: int = 8) -> str:
     """Create a tiny random-weight VAE of the real class and save it (tests, demos).
 
     Same compression as the full models (4x time, 8x space) so shapes and bucket rules match
@@ -372,8 +373,14 @@ def build_tiny_vae(save_dir: str, latent_channels: int = 4, kind: str = "wan", s
                  latents_std=[round(0.5 + 0.1 * i, 3) for i in range(C)])
     if kind == "wan":
         model = diffusers.AutoencoderKLWan(
-            base_dim=8, z_dim=C, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+            base_dim=base_dim, z_dim=C, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
             temperal_downsample=[False, True, True], **stats)
+    elif kind == "wan-4x":
+        # One spatial level fewer (4x space, 4x time): the demo's VAE, whose 64x64 clips become
+        # 16x16 latents, so a moving object spans a few latent pixels instead of one or two.
+        model = diffusers.AutoencoderKLWan(
+            base_dim=base_dim, z_dim=C, dim_mult=[1, 2, 2], num_res_blocks=1,
+            temperal_downsample=[True, True], scale_factor_spatial=4, **stats)
     elif kind == "wan2.2":
         # Wan 2.2 layout: 2x2 pixel patches folded into channels, residual blocks, 16x spatial.
         model = diffusers.AutoencoderKLWan(
@@ -389,7 +396,7 @@ def build_tiny_vae(save_dir: str, latent_channels: int = 4, kind: str = "wan", s
             sample_height=64, sample_width=64,
         )
     else:
-        raise ValueError(f"build_tiny_vae kind={kind!r}: use 'wan', 'wan2.2' or 'cogvideox'")
+        raise ValueError(f"build_tiny_vae kind={kind!r}: use 'wan', 'wan-4x', 'wan2.2' or 'cogvideox'")
     save_dir = os.path.abspath(save_dir)
     tmp = f"{save_dir}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
