@@ -176,3 +176,22 @@ def test_validate_names_the_token_budget():
     cfg.data.pack_window = 0
     with pytest.raises(ConfigError, match="data.pack_window=0"):
         validate(cfg)
+
+
+def test_ring_block_visibility_from_runs_equals_the_ids():
+    """The ring's skip list from the Conditioning's host runs equals the one read from the sample
+    ids (packs with padding, samples cut by the CP chunks, ring sizes 2-4)."""
+    import random
+
+    from sora_dist.models.attention import pack_runs
+    from sora_dist.parallel.context_parallel.ring import _doc_blocks, block_visibility
+
+    rng = random.Random(0)
+    for _ in range(200):
+        R = rng.choice([2, 3, 4])
+        counts = [rng.choice([0, 1, 3, 8, 17, 40]) for _ in range(rng.randint(1, 6))]
+        S = -(-max(sum(counts), 1) // R) + rng.randint(0, 5)
+        runs = pack_runs(counts, R * S)
+        doc = torch.cat([torch.full((b - a,), i) for a, b, i in runs])
+        for r in range(R):
+            assert block_visibility(runs, R, r, S) == _doc_blocks(doc, R, r, S)[2], (counts, R, S, r)

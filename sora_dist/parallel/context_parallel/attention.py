@@ -133,7 +133,8 @@ class ContextParallelAttention(nn.Module):
             B = q_BHSD.shape[0]
             q_BHSD, k_BHSD, v_BHSD = seq_to_heads(torch.cat([q_BHSD, k_BHSD, v_BHSD]), ug).split(B)
         if rg is not None:
-            o = ring_attention(q_BHSD, k_BHSD, v_BHSD, mask, rg, self.max_score_elems, "math", doc_S=doc)
+            o = ring_attention(q_BHSD, k_BHSD, v_BHSD, mask, rg, self.max_score_elems, "math", doc_S=doc,
+                               doc_runs=runs)
         else:
             o = self.inner(q_BHSD, k_BHSD, v_BHSD, mask, doc, runs)
         return heads_to_seq(o, ug) if ug is not None else o

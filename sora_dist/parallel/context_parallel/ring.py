@@ -31,25 +31,36 @@ DEFAULT_MAX_SCORE_ELEMS = 2**25
 # whole ring as a single op whose (out, lse) it keeps, so the backward recompute neither re-runs
 # the ring's attention nor re-sends its K/V; the per-step kernels inside are not cached one by one.
 
-def _doc_blocks(doc_S, R: int, r: int, S: int):
+def block_visibility(runs, R: int, r: int, S: int) -> list[bool]:
+    """Whether each ring block (tokens [j*S, (j+1)*S) of the whole CP sequence) shares a sample
+    (or padding, id -1) with block r's queries, from the sequence's runs (models/attention.py
+    Runs, host ints): no device read."""
+    ids = [{i for a, b, i in runs if a < (j + 1) * S and b > j * S} for j in range(R)]
+    return [bool(ids[r] & ids[j]) for j in range(R)]
+
+
+def _doc_blocks(doc_S, R: int, r: int, S: int, visible=None):
     """Packed sequences: (this rank's query sample ids, every block's key sample ids, whether
     block src shares a sample with our queries) — blocks sharing none are skipped (their K/V
-    still pass through). One host sync per ring call."""
+    still pass through). `visible` from block_visibility (the Conditioning's runs) avoids the
+    device read; without it the ids are read back (one host sync per ring call)."""
     if doc_S is None:
         return None, [None] * R, [True] * R
     blocks = doc_S.split(S)
     mine = blocks[r]
+    if visible is not None:
+        return mine, blocks, list(visible)
     lo, hi = int(mine.min()), int(mine.max())
     # Samples are contiguous runs, so id ranges overlap exactly when samples are shared.
     overlap = [bool(((b >= lo) & (b <= hi) & torch.isin(b, mine)).any()) for b in blocks]
     return mine, blocks, overlap
 
 
-def _ring_forward(q, k, v, mask_BS, group, scale, rows, kernel, doc_S=None):
+def _ring_forward(q, k, v, mask_BS, group, scale, rows, kernel, doc_S=None, visible=None):
     R, r = dist.get_world_size(group), dist.get_rank(group)
     S = k.shape[2]
     math = kernel == "math"
-    doc_q, doc_k, visible = _doc_blocks(doc_S, R, r, S)
+    doc_q, doc_k, visible = _doc_blocks(doc_S, R, r, S, visible)
     qs = q.float() * scale if math else None
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     lse = out.new_full((*q.shape[:3], 1), float("-inf"))
@@ -80,11 +91,12 @@ def _ring_forward(q, k, v, mask_BS, group, scale, rows, kernel, doc_S=None):
     return out.to(q.dtype), lse
 
 
-def _ring_backward(dout, q, k, v, out, lse, mask_BS, group, scale, rows, kernel, doc_S=None):
+def _ring_backward(dout, q, k, v, out, lse, mask_BS, group, scale, rows, kernel, doc_S=None,
+                   visible=None):
     R, r = dist.get_world_size(group), dist.get_rank(group)
     S = k.shape[2]
     math = kernel == "math"
-    doc_q, doc_k, visible = _doc_blocks(doc_S, R, r, S)
+    doc_q, doc_k, visible = _doc_blocks(doc_S, R, r, S, visible)
     if math:
         qs, do32 = q.float() * scale, dout.float()
         delta = (do32 * out.float()).sum(-1, keepdim=True)
@@ -138,20 +150,22 @@ def _group(name: str):
 @torch.library.custom_op("sora_dist::ring_attention", mutates_args=())
 def _ring_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_BS: Optional[torch.Tensor],
              group_name: str, scale: float, rows: int, kernel: str,
-             doc_S: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    return _ring_forward(q, k, v, mask_BS, _group(group_name), scale, rows, kernel, doc_S)
+             doc_S: Optional[torch.Tensor] = None, visible: Optional[list[bool]] = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _ring_forward(q, k, v, mask_BS, _group(group_name), scale, rows, kernel, doc_S, visible)
 
 
 @_ring_op.register_fake
-def _(q, k, v, mask_BS, group_name, scale, rows, kernel, doc_S=None):
+def _(q, k, v, mask_BS, group_name, scale, rows, kernel, doc_S=None, visible=None):
     return torch.empty_like(q), q.new_empty((*q.shape[:3], 1), dtype=torch.float32)
 
 
 def _ring_setup_context(ctx, inputs, output):
-    q, k, v, mask_BS, group_name, scale, rows, kernel, doc_S = inputs
+    q, k, v, mask_BS, group_name, scale, rows, kernel, doc_S, visible = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, mask_BS, doc_S)
     ctx.args = (group_name, scale, rows, kernel)
+    ctx.visible = visible
 
 
 # The backward is an op of its own too, so torch.compile keeps it opaque instead of tracing
@@ -160,20 +174,21 @@ def _ring_setup_context(ctx, inputs, output):
 def _ring_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  out: torch.Tensor, lse: torch.Tensor, mask_BS: Optional[torch.Tensor],
                  group_name: str, scale: float, rows: int, kernel: str,
-                 doc_S: Optional[torch.Tensor] = None
+                 doc_S: Optional[torch.Tensor] = None, visible: Optional[list[bool]] = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _ring_backward(dout, q, k, v, out, lse, mask_BS, _group(group_name), scale, rows, kernel, doc_S)
+    return _ring_backward(dout, q, k, v, out, lse, mask_BS, _group(group_name), scale, rows, kernel, doc_S,
+                          visible)
 
 
 @_ring_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, mask_BS, group_name, scale, rows, kernel, doc_S=None):
+def _(dout, q, k, v, out, lse, mask_BS, group_name, scale, rows, kernel, doc_S=None, visible=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _ring_op_backward(ctx, dout, _dlse):
     q, k, v, out, lse, mask_BS, doc_S = ctx.saved_tensors
-    dq, dk, dv = _ring_bwd_op(dout, q, k, v, out, lse, mask_BS, *ctx.args, doc_S)
-    return dq, dk, dv, None, None, None, None, None, None
+    dq, dk, dv = _ring_bwd_op(dout, q, k, v, out, lse, mask_BS, *ctx.args, doc_S, ctx.visible)
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 _ring_op.register_autograd(_ring_op_backward, setup_context=_ring_setup_context)
@@ -181,11 +196,12 @@ _ring_op.register_autograd(_ring_op_backward, setup_context=_ring_setup_context)
 
 def ring_attention(q_BHSD, k_BHSD, v_BHSD, kv_mask_BS, ring_group,
                    max_score_elems: int = DEFAULT_MAX_SCORE_ELEMS, kernel: str = "auto",
-                   doc_S: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   doc_S: Optional[torch.Tensor] = None, doc_runs=None) -> torch.Tensor:
     """Attention of local queries to the whole ring's keys. kv_mask_BS is the mask of all the
     ring's keys (B, R * S_local), in ring-rank order, or None. kernel: auto | fused | math (see
     resolve_block_kernel). max_score_elems bounds the math kernel's fp32 score tile (query rows
-    are processed in chunks)."""
+    are processed in chunks). doc_S: a packed sequence's sample ids of the whole ring's keys, in
+    ring order; doc_runs: the same as host runs (then no device read picks the blocks to skip)."""
     B, H, _, D = q_BHSD.shape
     rows = max(1, max_score_elems // (B * H * k_BHSD.shape[2]))
     # One dtype for the block kernels: under autocast q/k can come out fp32 (qk-norm) while v is
@@ -198,5 +214,9 @@ def ring_attention(q_BHSD, k_BHSD, v_BHSD, kv_mask_BS, ring_group,
         # kernel applies per score tile; blocks sharing no sample with our queries are skipped.
         kernel = "math"
     kernel = resolve_block_kernel(kernel, q_BHSD, kv_mask_BS is not None)
+    visible = None
+    if doc_S is not None and doc_runs is not None:
+        visible = block_visibility(doc_runs, dist.get_world_size(ring_group), dist.get_rank(ring_group),
+                                   k_BHSD.shape[2])
     return _ring_op(q_BHSD, k_BHSD, v_BHSD, kv_mask_BS, ring_group.group_name, D ** -0.5, rows,
-                    kernel, doc_S)[0]
+                    kernel, doc_S, visible)[0]
