@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from typing import Optional
 
 from sora_dist.config.optim import OptimConfig
 from sora_dist.config.train import DEVICES, MIXED_PRECISIONS, LoggingConfig
@@ -28,6 +29,12 @@ class VAETrainConfig:
     vae_path: str = "???"
     # Train from random weights of vae_path's architecture instead of fine-tuning its weights.
     from_scratch: bool = False
+    # With from_scratch: the posterior's initial log-variance (the logvar half of quant_conv starts
+    # at this constant). Random init gives logvar ~0, i.e. posterior noise as large as the
+    # encoder's signal: the decoder then learns to ignore z and paints only the mean colour (a
+    # tiny demo VAE sat at that plateau for 400+ steps). Starting near-deterministic lets the
+    # reconstruction shape z first and the KL term raise the variance. None keeps the random init.
+    init_logvar: Optional[float] = -6.0
     # Run folder: resolved config, split.json, checkpoints/, metrics.jsonl, wandb.
     run_dir: str = "runs/vae"
     # Where the trained VAE is written as a diffusers folder (latents_mean/std measured on the

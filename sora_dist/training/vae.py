@@ -82,6 +82,14 @@ class Reconstruct(nn.Module):
         return out, mean, logvar
 
 
+@torch.no_grad()
+def init_posterior_logvar(vae: nn.Module, logvar: float) -> None:
+    """The logvar half of quant_conv's output starts at a constant (zero weights, bias = logvar)."""
+    conv, C = vae.quant_conv, int(vae.config.z_dim)
+    conv.weight[C:].zero_()
+    conv.bias[C:].fill_(logvar)
+
+
 def apply_vae_fsdp(model: Reconstruct, mesh, policy) -> None:
     """One FSDP2 unit per top-level encoder/decoder block (down/up blocks, mid blocks) + the root."""
     from torch.distributed.fsdp import fully_shard
@@ -131,6 +139,8 @@ class VAETrainer:
         if cfg.from_scratch:
             cls = diffusers.AutoencoderKLWan
             vae = cls.from_config(cls.load_config(cfg.vae_path))
+            if cfg.init_logvar is not None:
+                init_posterior_logvar(vae, cfg.init_logvar)
         else:
             vae = diffusers.AutoencoderKLWan.from_pretrained(cfg.vae_path, torch_dtype=torch.float32)
         self.vae_config = dict(vae.config)

@@ -158,3 +158,21 @@ def test_dp2_equals_one_process(data, full_run, tmp_path):
     cfg = asdict(_cfg(data, tmp_path / "dp2", dp_mode="ddp", steps=2, ckpt_every=0))
     got = run_distributed(_dp_run, 2, cfg)
     assert torch.allclose(got, torch.tensor(full_run[0][:2], dtype=torch.float64), rtol=0, atol=1e-5), got
+
+
+def test_from_scratch_starts_near_deterministic_posterior(data, tmp_path):
+    """from_scratch with init_logvar: the posterior's log-variance is that constant for any input
+    (the encoder's signal is not drowned by unit noise at step 0); None keeps the random init."""
+    clip = load_clip(os.path.join(data[0], "clip_0000.mp4"), parse_buckets(RES, FRAMES), 8.0)[0]
+    x = clip.permute(1, 0, 2, 3)[None].float().div(127.5).sub(1.0)
+    logvars = {}
+    for init in (-6.0, None):
+        tr = VAETrainer(_cfg(data, tmp_path / str(init), from_scratch=True, init_logvar=init))
+        try:
+            with torch.no_grad():
+                _, mean, logvars[init] = tr.model(x)
+        finally:
+            tr.close()
+        assert mean.abs().max() > 0  # the mean half keeps its random init
+    assert torch.equal(logvars[-6.0], torch.full_like(logvars[-6.0], -6.0))
+    assert logvars[None].std() > 1e-3 and logvars[None].abs().mean() < 1.0  # random: ~0, varies
