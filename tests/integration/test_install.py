@@ -60,6 +60,9 @@ def test_wheel_contents_and_import_path(installed):
     site, work, env = installed
     assert (site / "sora_dist" / "hydra_configs").is_dir()
     assert list((site / "sora_dist" / "hydra_configs").glob("*.yaml"))
+    # sora-demo's trained VAE ships in the wheel (diffusers folder + its README)
+    vae = site / "sora_dist" / "assets" / "demo_vae"
+    assert {p.name for p in vae.iterdir()} >= {"config.json", "diffusion_pytorch_model.safetensors", "README.md"}
     out = _run([sys.executable, "-c", "import sora_dist, sora_dist.config as c; "
                 "print(sora_dist.__file__); print(c.CONFIG_DIR)"], cwd=work, env=env)
     mod_file, config_dir = out.strip().splitlines()[-2:]
