@@ -1,11 +1,14 @@
 """Streaming, tiled and rank-sharded Wan decode equal decode() of the whole latent.
 
-Tolerances (fp32, CPU, tiny random-weight Wan VAE):
-  decode_stream untiled == decode():             bit for bit (same per-frame ops, cache carried)
-  decode_stream tiled   == diffusers tiled_decode: bit for bit (same grid, same blend order)
+Tolerances (fp32, CPU, tiny random-weight Wan VAE): "equal" is max |diff| <= 1e-5 on [-1, 1]
+frames (EQ). The same per-frame ops run in each case, so only float rounding differs: bit for bit
+on some CPUs, ~1e-6 on others (an AMD EPYC here), whose conv kernels block the work differently
+for different input lengths.
+  decode_stream untiled == decode():             EQ (same per-frame ops, cache carried)
+  decode_stream tiled   == diffusers tiled_decode: EQ (same grid, same blend order)
   tiled vs untiled: differs (tiles see zero padding at their borders); random weights give
                      max |diff| ~0.8, mean ~0.07 on [-1, 1] frames - bounded below, not a quality claim
-  decode_shard with warmup >= decoder_receptive_field(): bit for bit; shorter warm-up differs.
+  decode_shard with warmup >= decoder_receptive_field(): EQ; a shorter warm-up differs (~0.8).
 """
 import av
 import pytest
@@ -18,6 +21,10 @@ from sora_dist.models.vae import VideoVAE, build_tiny_vae
 @pytest.fixture(scope="module")
 def wan(tmp_path_factory):
     return VideoVAE.load(build_tiny_vae(str(tmp_path_factory.mktemp("v") / "wan"), latent_channels=4))
+
+
+def _eq(a, b):
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
 def _z(t, h, w, seed=0):
@@ -35,7 +42,7 @@ def test_stream_chunks_equal_whole_decode(wan, k):
                      for t in range(0, 7, k)]
     assert sizes[:2] == ([1, 4] if k == 1 else [9, 12])
     assert sum(sizes) == ref.shape[2] == 25
-    assert torch.equal(torch.cat(chunks, dim=2), ref)
+    _eq(torch.cat(chunks, dim=2), ref)
 
 
 def test_stream_tiled_matches_diffusers_tiling_and_is_near_untiled(wan):
@@ -48,7 +55,7 @@ def test_stream_tiled_matches_diffusers_tiling_and_is_near_untiled(wan):
         wan.model.disable_tiling()
     got = torch.cat(list(wan.decode_stream(z, frames_per_chunk=2, tile=32, overlap=16)), dim=2)
     assert got.shape == untiled.shape == (1, 3, 9, 48, 64)
-    assert torch.equal(got, ref)
+    _eq(got, ref)
     d = (got - untiled).abs()
     assert 0 < d.mean() < 0.15 and d.max() < 1.2  # really tiled; stated border tolerance
 
@@ -56,7 +63,7 @@ def test_stream_tiled_matches_diffusers_tiling_and_is_near_untiled(wan):
 def test_wan22_patchified_stream(tmp_path):
     vae = VideoVAE.load(build_tiny_vae(str(tmp_path / "w22"), kind="wan2.2"))
     z = _z(3, 2, 3)
-    assert torch.equal(torch.cat(list(vae.decode_stream(z, frames_per_chunk=2)), dim=2), vae.decode(z))
+    _eq(torch.cat(list(vae.decode_stream(z, frames_per_chunk=2)), dim=2), vae.decode(z))
 
 
 def test_shards_equal_whole_decode_with_receptive_field_warmup(wan):
@@ -70,7 +77,7 @@ def test_shards_equal_whole_decode_with_receptive_field_warmup(wan):
         assert shards[0].start == 0 and shards[-1].stop == ref.shape[2]
         assert all(a.stop == b.start for a, b in zip(shards, shards[1:]))
         assert all(s.frames.shape[2] == s.stop - s.start for s in shards)
-        assert torch.equal(torch.cat([s.frames for s in shards], dim=2), ref)
+        _eq(torch.cat([s.frames for s in shards], dim=2), ref)
     # a short warm-up is approximate: the last rank's first frames differ
     short = wan.decode_shard(z, 1, 2, warmup=2)
     assert not torch.allclose(short.frames, ref[:, :, short.start:short.stop], atol=1e-4)
@@ -80,7 +87,7 @@ def test_more_ranks_than_frames(wan):
     z = _z(2, 2, 2)
     shards = [wan.decode_shard(z, r, 4, warmup=1) for r in range(4)]
     assert [s.frames.shape[2] for s in shards] == [s.stop - s.start for s in shards]
-    assert torch.equal(torch.cat([s.frames for s in shards], dim=2), wan.decode(z))
+    _eq(torch.cat([s.frames for s in shards], dim=2), wan.decode(z))
 
 
 def test_bad_arguments(wan):
