@@ -143,10 +143,17 @@ def measure_clip(frames_TCHW: torch.Tensor, color_tol: float = 60.0) -> dict:
     return out
 
 
+# A plain background is read within this distance of its palette entry: under half the distance
+# between the two closest backgrounds (black-dark, 57), so a frame of decoded noise, whose median
+# colour lands anywhere, is not read as a background.
+BACKGROUND_TOL = 25.0
+
+
 def check_clip(frames_TCHW: torch.Tensor, caption: str, parts=("background", "color", "motion"),
                color_tol: float = 60.0) -> dict:
     """measure_clip against the caption: {part: bool} for each part asked, plus 'measured' and
-    'pass' (all parts). A colour counts only within color_tol of its palette entry, and an object
+    'pass' (all parts). A colour counts only within color_tol of its palette entry (the
+    background within BACKGROUND_TOL), and an object
     only when it covers 0.3-40% of the frame, so noise cannot pass by the nearest-colour lottery."""
     want = parse_caption(caption)
     got = measure_clip(frames_TCHW, color_tol)
@@ -154,7 +161,7 @@ def check_clip(frames_TCHW: torch.Tensor, caption: str, parts=("background", "co
     res = {}
     for part in parts:
         if part == "background":
-            res[part] = got["background"] == want["background"] and got["background_dist"] <= color_tol
+            res[part] = got["background"] == want["background"] and got["background_dist"] <= BACKGROUND_TOL
         elif part == "color":
             res[part] = has_object and got["color"] == want["color"] and got["color_dist"] <= color_tol
         elif part == "motion":

@@ -31,9 +31,9 @@ def test_demo_two_ranks(tmp_path, monkeypatch):
 def test_demo_learns(tmp_path):
     """The README's main job (`sora-demo`): clips -> encode with the shipped VAE -> train ->
     sample -> mp4 + PNG strip -> the automatic check (CHECK_PARTS: the background; the shipped
-    VAE cannot bring object colours back, see demo.py). The trained model's videos all show their
-    prompt's background. An untrained model (one step at lr 1e-12: its initial weights to 1e-12)
-    shows one background whatever the prompt, so at most the prompts naming that one pass."""
+    VAE does not bring object colours back reliably, see demo.py). The trained model's videos all
+    show their prompt's background; an untrained model's (one step at lr 1e-12: its initial
+    weights to 1e-12) show none (its decoded noise has no plain background)."""
     import subprocess
     import sys
     from collections import Counter
@@ -48,10 +48,10 @@ def test_demo_learns(tmp_path):
     # Only sora_dist's lines and progress bars: other libraries' import noise is filtered.
     noise = [line for line in out.splitlines() if re.search(r"warn|failed to load|accelerate", line, re.I)]
     assert not noise, noise
-    # The shipped VAE on the demo's own clips (held out from its training): 23.3 dB measured
-    # (assets/demo_vae/README.md; the issue's 25 dB is not reached yet).
+    # The shipped VAE on the demo's own clips (held out from its training): 25.68 dB measured
+    # (assets/demo_vae/README.md).
     psnr = float(re.search(r"VAE reconstruction PSNR ([\d.]+) dB", out)[1])
-    assert psnr >= 23.0, out[-2000:]
+    assert psnr >= 25.0, out[-2000:]
     check = json.load(open(tmp_path / "samples" / "check.json"))
     assert len(check) == PROMPTS and all(c["pass"] for c in check), [(c["prompt"], c["measured"]) for c in check]
     assert f"{PROMPTS}/{PROMPTS} videos show their prompt (background checked)" in out
@@ -67,8 +67,7 @@ def test_demo_learns(tmp_path):
     untrained = train_and_sample(str(tmp_path), str(tmp_path / "shards"), prompts, steps=1,
                                  name="_untrained", overrides=["optim.lr=1e-12"])
     res = check_samples(untrained)
-    assert len({c["measured"]["background"] for c in res}) == 1, [c["measured"] for c in res]
-    assert sum(c["pass"] for c in res) <= max(backgrounds.values()) < PROMPTS
+    assert len(res) == PROMPTS and not any(c["pass"] for c in res), [c["measured"] for c in res]
     assert "model.in_channels=16" in DIT  # the shipped VAE's channels
 
 
