@@ -27,7 +27,8 @@ import torch
 
 from sora_dist.console import quiet_third_party
 from sora_dist.data.demo_clips import check_clip, make_demo_clips
-from sora_dist.data.video_io import load_clip, parse_buckets, probe, read_frames
+from sora_dist.data.inputs import list_inputs
+from sora_dist.data.video_io import load_clip, parse_buckets, probe, read_frames, to_unit_range
 from sora_dist.fsutil import atomic_write_text
 from sora_dist.models.text import build_tiny_text_encoder
 from sora_dist.models.vae import VideoVAE, build_tiny_vae
@@ -93,12 +94,6 @@ def train_demo_vae(workdir: str, verbose: bool = False) -> str:
     return src
 
 
-def clip_rows(manifest: str) -> list[dict]:
-    base = os.path.dirname(manifest)
-    with open(manifest) as f:
-        return [dict(r, path=os.path.join(base, r["path"])) for r in map(json.loads, f)]
-
-
 @torch.no_grad()
 def reconstruction_psnr(vae_path: str, manifest: str, max_clips: int = 0) -> tuple[float, int]:
     """Mean PSNR (dB) of the VAE's encode -> decode of the manifest's clips (the first max_clips;
@@ -107,9 +102,9 @@ def reconstruction_psnr(vae_path: str, manifest: str, max_clips: int = 0) -> tup
 
     vae, buckets = VideoVAE.load(vae_path), parse_buckets(RESOLUTIONS, FRAMES)
     scores = []
-    for row in clip_rows(manifest)[:max_clips or None]:
-        frames = load_clip(row["path"], buckets, FPS)[0]
-        x = frames.permute(1, 0, 2, 3)[None].float().div(127.5).sub(1.0)
+    for item in list_inputs(manifest)[:max_clips or None]:
+        frames = load_clip(item.source, buckets, FPS)[0]
+        x = to_unit_range(frames).permute(1, 0, 2, 3)[None]
         scores.append(psnr_db(vae.decode(vae.encode(frames)), x))
     return sum(scores) / len(scores), len(scores)
 
@@ -145,9 +140,9 @@ def run_demo(workdir: str, n_clips: int = 24, ranks: int = 1, images: int = 2, v
 def demo_prompts(manifest: str, n: int = PROMPTS) -> list[str]:
     """The captions of the first n distinct video clips of the demo set (what the DiT learned)."""
     out = []
-    for row in clip_rows(manifest):
-        if not row["path"].endswith(".png") and row["caption"] not in out:
-            out.append(row["caption"])
+    for item in list_inputs(manifest):
+        if not item.source.endswith(".png") and item.caption not in out:
+            out.append(item.caption)
     return out[:n]
 
 
