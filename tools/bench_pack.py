@@ -16,7 +16,7 @@ and makes its own batches:
     batch leaves the moment its bucket holds data.bucket_batch_size[bucket] samples. The table is
     the Open-Sora rule, and the one we recommend: batch size = floor(N / tokens of the bucket),
     so every bucket's batch holds at most N tokens (about equal memory); N as below.
-  * packing (data.packing=true, data/packing.py): one first-fit-decreasing pack of at most
+  * packing (data.packing=true, data/packing.py): one best-fill pack of at most
     data.tokens_per_rank = N tokens per step over a --window look-ahead; N = --budget-mult x
     the longest sample's tokens (default 1x).
 Step s of the DP job is every rank's s-th batch/pack.
@@ -216,8 +216,8 @@ def figures(per_rank: list[list], timer: StepTimer, budget: int) -> dict:
             "padding": 1 - total_tok / (budget * R * len(steps)),
             "dp_wait": 1 - sum(sum(s) / R for s in sec) / total_s,
             "imbalance_mean": imb["mean"], "imbalance_max": imb["max"],
-            # the trained mix can differ from the stream's (FFD trains long clips first, the
-            # window holds short ones back): the T=1 share of trained tokens shows by how much
+            # the trained mix can differ from the stream's over a short run (samples wait in
+            # the window): the T=1 share of trained tokens shows by how much
             "t1_token_share": sum(sample_tokens(x, PATCH) for st in steps for it in st
                                   for x in item_shapes(it) if x[0] == 1) / total_tok}
 

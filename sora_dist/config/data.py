@@ -50,6 +50,6 @@ class DataConfig:
     # samples are shorter than tokens_per_rank / pp_microbatches; a longer one pads every other
     # microbatch to its length (data.batch_size is not used).
     tokens_per_rank: int = 0
-    # Look-ahead window (samples, in stream order) the first-fit-decreasing packer picks from;
+    # Look-ahead window (samples, in stream order) the best-fill packer picks each pack from;
     # larger fills packs better and holds more decoded samples in memory.
     pack_window: int = 64

@@ -11,7 +11,7 @@ Batching. Samples go into one accumulator per bucket (latent T x H x W); a batch
 moment an accumulator reaches batch_size, so batches never mix buckets and no sample is dropped
 (leftovers carry into the next epoch). Captions in a batch are padded to the longest one.
 
-Packing (data.packing). The same sample stream feeds a first-fit-decreasing packer
+Packing (data.packing). The same sample stream feeds the best-fill packer
 (data/packing.py) instead of the accumulators: each batch is one pack of up to
 data.tokens_per_rank tokens; the packer's look-ahead window plays the accumulators' part
 (stored as "pending": {"window": [...]} in the state, re-read on resume, re-read with its shards

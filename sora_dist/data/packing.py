@@ -3,12 +3,21 @@
 Why packing balances DP ranks without communication. With bucket batches, one DP rank may draw
 a batch of 21-frame clips while another draws images; every step waits for the slowest rank.
 Here every rank fills its own pack to (nearly) the same budget, data.tokens_per_rank, from its
-own stream, so per-step token counts differ only by each pack's unfilled tail. First-fit-
-decreasing over a look-ahead window keeps that tail small: the big samples go in first, and the
-window almost always holds a small one (an image, a short clip) that fits the last gap. No rank
-has to know what the others drew. Attention cost is quadratic in a sample's length, so packs of
-one long clip and of many images still differ in attention FLOPs; tokens (linear layers, the
-bulk at video sizes) are what the budget equalises.
+own stream, so per-step token counts differ only by each pack's unfilled tail. The packer keeps
+that tail small by choosing from a look-ahead window: each pack is the subset of the waiting
+samples whose tokens fill the budget best (an exact subset sum), so no rank has to know what the
+others drew. Attention cost is quadratic in a sample's length, so packs of one long clip and of
+many images still differ in attention FLOPs; tokens (linear layers, the bulk at video sizes) are
+what the budget equalises.
+
+Why an exact fill and not first-fit-decreasing. FFD (largest fitting sample first, until none
+fits) stops at a gap smaller than every waiting sample; the best subset fills it. Simulated over
+4 ranks x 300 packs, window 64, as test_packing.py's test_fill_and_dp_balance does: padding
+0.80% (FFD) -> 0.30% at Wan-480p sizes (budget 36288 tokens); 3.61% -> 1.46% on the bench_pack
+set (budget 576; worst-step imbalance 1.053 -> 1.049); 1.48% -> 0.00% at budget 1152. Among
+equally full subsets the packer prefers one with the window's oldest sample, then larger
+samples (FFD's order). No wait is bounded in theory; the longest wait stayed at or below FFD's
+in 2 of those 3 sets.
 
 Determinism. The packer is a pure function of its input stream and of the window it starts
 with; its whole state is that window, in stream order. The loaders save the window's sample
@@ -44,13 +53,17 @@ def check_sample(shape_THW: Sequence[int], patch: Sequence[int], budget: int, na
 
 
 class Packer:
-    """Deterministic first-fit-decreasing packer over a look-ahead window.
+    """Deterministic best-fill packer over a look-ahead window.
 
     Items are dicts with an int "tokens" (<= budget; the loaders check that with check_sample).
-    pack(pull) fills the window from pull() to `window` items, then repeatedly takes the largest
-    item that still fits the remaining budget (ties: stream order), refilling the window after
-    each take, and returns the pack when nothing in the window fits. pull() returns None when a
-    finite stream ends; the window then drains and pack() returns [] once it is empty.
+    pack(pull) fills the window from pull() to `window` items (stream order), then takes the
+    subset whose tokens come closest to the budget without passing it (exact, `best_fill`); of
+    the equally full subsets, the one with the oldest item if any has it, then the one taking
+    larger items (compared largest first, stream order between equal sizes). The pack lists its
+    items largest first (stream order between equal sizes), so equal-size samples sit next to
+    each other and attention batches them (models/attention.py same_length_groups). pull()
+    returns None when a finite stream ends; the window then drains and pack() returns [] once it
+    is empty.
     """
 
     def __init__(self, budget: int, window: int):
@@ -67,18 +80,40 @@ class Packer:
             self.window.append(item)
 
     def pack(self, pull: Callable[[], Optional[dict]]) -> list[dict]:
-        out, left = [], self.budget
-        while True:
-            self._fill(pull)
-            best = -1
-            for i, it in enumerate(self.window):  # largest that fits; earliest wins a tie
-                if it["tokens"] <= left and (best < 0 or it["tokens"] > self.window[best]["tokens"]):
-                    best = i
-            if best < 0:
-                return out
-            item = self.window.pop(best)
-            out.append(item)
-            left -= item["tokens"]
+        self._fill(pull)
+        w = self.window
+        if not w:
+            return []
+        order = [0] + sorted(range(1, len(w)), key=lambda i: (-int(w[i]["tokens"]), i))
+        take = [order[j] for j in best_fill([int(w[i]["tokens"]) for i in order], self.budget)]
+        out = [w[i] for i in sorted(take, key=lambda i: (-int(w[i]["tokens"]), i))]
+        taken = set(take)
+        self.window = [it for i, it in enumerate(w) if i not in taken]
+        return out
+
+
+def best_fill(sizes: Sequence[int], capacity: int) -> list[int]:
+    """Indices of the subset of `sizes` with the largest sum <= capacity (exact subset sum); of
+    the subsets with that sum, the one that takes earlier items (index 0 first, lexicographic).
+
+    Bitset dynamic programme on Python ints: reach[i] has bit s set when some subset of
+    sizes[i:] sums to s (s <= capacity); O(len(sizes) x capacity / 64) word operations, after
+    dividing sizes and capacity by their common divisor (token counts share the latent grid's
+    factors). 64 items of odd sizes: 0.1 ms at a 36k-token budget, 2.4 ms at 460k (this CPU)."""
+    if capacity <= 0 or not sizes:
+        return []
+    g = math.gcd(*sizes)
+    cap, w = capacity // g, [s // g for s in sizes]
+    mask = (1 << (cap + 1)) - 1
+    reach = [0] * len(w) + [1]
+    for i in range(len(w) - 1, -1, -1):
+        reach[i] = (reach[i + 1] | (reach[i + 1] << w[i])) & mask
+    left, out = reach[0].bit_length() - 1, []
+    for i, wi in enumerate(w):
+        if wi <= left and (reach[i + 1] >> (left - wi)) & 1:
+            out.append(i)
+            left -= wi
+    return out
 
 
 def fill_stats(packs_tokens: Sequence[int], budget: int) -> dict:

@@ -1,4 +1,4 @@
-"""Patch n' Pack: the FFD packer, its fill/balance figures, and the packing sources."""
+"""Patch n' Pack: the best-fill packer, its fill/balance figures, and the packing sources."""
 import json
 import random
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sora_dist.config.data import DataConfig
-from sora_dist.data.packing import Packer, check_sample, dp_imbalance, fill_stats, sample_tokens
+from sora_dist.data.packing import Packer, best_fill, check_sample, dp_imbalance, fill_stats, sample_tokens
 from sora_dist.data.synthetic import SyntheticLatents
 
 
@@ -38,13 +38,32 @@ def test_token_count_and_sample_checks():
         check_sample((3, 4, 5), (1, 2, 2), 100, "s9")
 
 
-def test_ffd_takes_largest_fitting_and_refills_the_window():
-    # window [3,7,2,5,4]: 7, refill 6, then 3 fills the budget -> [7,3]; then [6,4]; then [5,2,1]
+def test_packer_fills_best_prefers_the_oldest_then_larger_samples_and_refills_the_window():
+    # window [3,7,2,5,4]: 3+7 = 10 holds the oldest -> [7,3]; window [2,5,4,6,1]: no full pack holds
+    # the oldest (2), 6+4 before 5+4+1 (larger first) -> [6,4]; then the rest -> [5,2,1]
     packs = _all_packs(Packer(10, 5), _puller([3, 7, 2, 5, 4, 6, 1]))
     assert [[it["tokens"] for it in p] for p in packs] == [[7, 3], [6, 4], [5, 2, 1]]
+    # first-fit-decreasing would take 6 and stop at a gap of 4; the best fill is 5+5
+    packs = _all_packs(Packer(10, 3), _puller([6, 5, 5]))
+    assert [[it["tokens"] for it in p] for p in packs] == [[5, 5], [6]]
     # ties go to the earlier sample in the stream
     packs = _all_packs(Packer(4, 8), _puller([2, 2, 2, 2, 2]))
     assert [[it["key"] for it in p] for p in packs] == [[0, 1], [2, 3], [4]]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_best_fill_is_the_exact_subset_sum_and_lexicographically_first(seed):
+    import itertools
+    rng = random.Random(seed)
+    sizes = [rng.choice([3, 6, 9, 12, 21, 30]) * rng.choice([1, 1, 2]) for _ in range(rng.randint(1, 10))]
+    cap = rng.randint(1, 120)
+    got = best_fill(sizes, cap)
+    subsets = [c for k in range(len(sizes) + 1) for c in itertools.combinations(range(len(sizes)), k)
+               if sum(sizes[i] for i in c) <= cap]
+    best = max(sum(sizes[i] for i in c) for c in subsets)
+    first = min((c for c in subsets if sum(sizes[i] for i in c) == best),
+                key=lambda c: [0 if i in c else 1 for i in range(len(sizes))])
+    assert sum(sizes[i] for i in got) == best and tuple(got) == first
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -140,14 +159,14 @@ def test_synthetic_resume_draws_the_same_packs(stop):
 
 def test_synthetic_dp_resize_with_packing_loses_and_repeats_nothing():
     old = [SyntheticLatents(_syn_cfg(), 4, 8, r, 3) for r in range(3)]
-    emitted = [k for _ in range(6) for ld in old for k in next(ld)["keys"]]
+    emitted = [k for _ in range(9) for ld in old for k in next(ld)["keys"]]
     states = [json.loads(json.dumps(ld.state_dict())) for ld in old]
     waiting = {k for sd in states for k in sd["window"]}
     assert waiting and len({sd["read"] for sd in states}) > 1  # ranks read unevenly: gaps to fill
     new = [SyntheticLatents(_syn_cfg(), 4, 8, r, 2) for r in range(2)]
     for ld in new:
         assert "dp_size 3 -> 2" in ld.load_elastic_state(states)
-    for _ in range(12):
+    for _ in range(30):
         for ld in new:
             emitted += next(ld)["keys"]
     assert len(emitted) == len(set(emitted))                   # nothing repeats
