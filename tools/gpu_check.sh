@@ -5,7 +5,8 @@
 #
 #   1. environment: GPU, driver, torch/CUDA, which optional packages import;
 #   2. the CUDA block kernels of ring attention (flash / memory-efficient, with LSE) against
-#      full attention, and the rest of the attention-seam tests, on the GPU;
+#      full attention, the rest of the attention-seam tests, and packed self-attention through
+#      varlen_attn against per-sample SDPA, on the GPU;
 #   3. tools/bench_step.py at 32k tokens (2 blocks, hidden 3072, 24 heads, bf16): each SDPA
 #      kernel, then the best with per-block compile and torchao FP8 linears, then the cost of
 #      recompute none / op / full: TFLOP/s, MFU and memory;
@@ -45,6 +46,9 @@ EOF
 step "2. attention seam on CUDA (ring block kernels vs full attention)"
 $PY -m pytest -q -p no:cacheprovider tests/unit/test_cp_kernels.py tests/unit/test_attention_backends.py 2>&1 \
     | tee "$OUT_DIR/pytest_attention.txt" | tail -5
+echo "--- packed self-attention: varlen_attn (flash) vs one SDPA call per sample"
+$PY -m pytest -q -p no:cacheprovider tests/unit/test_packing_model.py -k cuda 2>&1 \
+    | tee "$OUT_DIR/pytest_varlen.txt" | tail -3
 
 step "3. bench_step: 2 blocks, hidden 3072, 24 heads, 32768 tokens, bf16"
 BENCH=(tools/bench_step.py --tokens 32768 --hidden 3072 --heads 24 --blocks 2 --warmup 2 --iters 5)

@@ -113,7 +113,41 @@ def document_attention(attn, q_BHSD, k_BHSD, v_BHSD, doc_S, kv_mask_BS=None, run
         m = None if kv_mask_BS is None else kv_mask_BS[0, a:a + n * c].view(c, n)
         outs.append(_from_batch(attn(_as_batch(q_BHSD, a, n, c), _as_batch(k_BHSD, a, n, c),
                                      _as_batch(v_BHSD, a, n, c), m)))
-    return torch.cat(outs, dim=2)
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+def varlen_usable(q_BHSD: torch.Tensor, kv_mask_BS=None) -> bool:
+    """Whether torch's varlen_attn (flash, CUDA only, fp16/bf16) can take a packed sequence's
+    self-attention: a CUDA half-precision (1, H, S, D) query with no key mask, D a multiple of 8
+    up to 256 (flash's head sizes)."""
+    D = q_BHSD.shape[-1]
+    return (q_BHSD.is_cuda and q_BHSD.dtype in (torch.float16, torch.bfloat16) and kv_mask_BS is None
+            and q_BHSD.shape[0] == 1 and D % 8 == 0 and D <= 256)
+
+
+def varlen_document_attention(q_BHSD, k_BHSD, v_BHSD, doc_S=None, runs=None) -> torch.Tensor:
+    """Self-attention of a packed sequence (B = 1) in one kernel call: torch's varlen_attn
+    (flash) with each run of `runs` (read from doc_S when None) as one sequence, so every sample
+    attends within itself, as document_attention computes with one SDPA call per group. A run of
+    padding tokens (id -1) is a sequence of its own, as there. The sequence boundaries go to the
+    device from the host's runs (a host-to-device copy; no device read)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    bounds, longest = varlen_bounds(runs if runs is not None else doc_runs(doc_S))
+    cu = torch.tensor(bounds, dtype=torch.int32, device=q_BHSD.device)
+    q, k, v = (x[0].transpose(0, 1).contiguous() for x in (q_BHSD, k_BHSD, v_BHSD))  # (S, H, D)
+    return varlen_attn(q, k, v, cu, cu, longest, longest).transpose(0, 1)[None]
+
+
+def varlen_bounds(runs: Runs) -> tuple[list[int], int]:
+    """varlen_attn's cumulative sequence bounds of a pack's runs ([0, end of run 1, ...]) and
+    its longest run; the runs must tile the sequence from token 0."""
+    bounds = [0]
+    for a, b, _ in runs:
+        if a != bounds[-1] or b <= a:
+            raise ValueError(f"runs {runs} do not tile the sequence from 0")
+        bounds.append(b)
+    return bounds, max(b - a for a, b, _ in runs)
 
 
 def sdpa_priority(kernel: str) -> Optional[list]:
@@ -211,8 +245,13 @@ class CoreAttention(nn.Module):
 
     def forward(self, q_BHSD, k_BHSD, v_BHSD, kv_mask_BS=None, doc_S=None, runs=None):
         """Packed sequences: doc_S, the sample of each token, and/or its runs (Runs; the
-        Conditioning's, worked out on the host); attention stays within samples."""
+        Conditioning's, worked out on the host); attention stays within samples. On CUDA in
+        fp16/bf16 with sdpa_kernel auto or flash: one varlen_attn (flash) call for the whole
+        pack; elsewhere (CPU, fp32, cuDNN/efficient/math, TE, a key mask): one SDPA / TE call
+        per group of equal-size neighbouring samples (document_attention)."""
         if doc_S is not None or runs is not None:
+            if self.backend == "sdpa" and self.sdpa_kernel in ("auto", "flash") and varlen_usable(q_BHSD, kv_mask_BS):
+                return varlen_document_attention(q_BHSD, k_BHSD, v_BHSD, doc_S, runs)
             return document_attention(self._dense, q_BHSD, k_BHSD, v_BHSD, doc_S, kv_mask_BS, runs)
         return self._dense(q_BHSD, k_BHSD, v_BHSD, kv_mask_BS)
 

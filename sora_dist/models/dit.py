@@ -100,7 +100,7 @@ def cross_attention_per_sample(attn, q_BHSD, k_KHLD, v_KHLD, text_mask_KL, doc_S
         else:  # c neighbouring samples of n tokens each, batched with their c captions
             m = None if text_mask_KL is None else text_mask_KL[i:i + c]
             outs.append(_from_batch(attn(_as_batch(q_BHSD, a, n, c), k_KHLD[i:i + c], v_KHLD[i:i + c], m)))
-    return torch.cat(outs, dim=2)
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
 class RMSNorm(nn.Module):

@@ -95,10 +95,15 @@ class PatchEmbed3D(nn.Module):
     def forward(self, x_BCTHW: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
         if x_BCTHW.ndim == 3:
             # A packed sequence (1, S, C*P) of patches (models/packing.py): each patch is one
-            # conv window, so the same conv (and whatever wraps it) embeds it.
+            # conv window, so the same conv (and whatever wraps it) embeds it. The patches go side
+            # by side along W, one conv over one input: as S inputs of one window each, the CPU
+            # conv cost 13x more (0.9 vs 0.07 ms fwd+bwd for 576 patches, bench_pack's model).
+            # Contiguous: a transposed view here made compiled blocks under op-level recompute
+            # give gradients 5e-4 off (tests/unit/test_packing_model.py), as VideoDiTBlock notes.
             B, S, _ = x_BCTHW.shape
-            x = self.proj(x_BCTHW.reshape(B * S, -1, *self.patch))
-            return x.reshape(B, S, -1), (1, 1, S)
+            pt, ph, pw = self.patch
+            x = rearrange(x_BCTHW, "b s (c pt ph pw) -> b c pt ph (s pw)", pt=pt, ph=ph, pw=pw)
+            return rearrange(self.proj(x), "b d 1 1 s -> b s d").contiguous(), (1, 1, S)
         x = self.proj(pad_to_patch(x_BCTHW, self.patch))
         grid = tuple(x.shape[-3:])
         return rearrange(x, "b d t h w -> b (t h w) d"), grid

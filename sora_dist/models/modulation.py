@@ -15,20 +15,27 @@ from typing import Optional
 import torch
 
 
+def _rows(table_BKD: torch.Tensor, rows_S: torch.Tensor) -> torch.Tensor:
+    """table[:, rows] as index_select: the same values, ~8x faster than advanced indexing on CPU
+    (measured: 3 vs 24 us for a (1, 3, 128) table and 576 rows; advanced indexing goes through
+    the general index kernel)."""
+    return table_BKD.index_select(1, rows_S)
+
+
 class _ModulateRows(torch.autograd.Function):
     """x * (1 + scale[:, rows]) + shift[:, rows]"""
 
     @staticmethod
     def forward(ctx, x_BSD, shift_BKD, scale_BKD, rows_S):
         ctx.save_for_backward(x_BSD, scale_BKD, rows_S)
-        return torch.addcmul(shift_BKD[:, rows_S], x_BSD, 1 + scale_BKD[:, rows_S])
+        return torch.addcmul(_rows(shift_BKD, rows_S), x_BSD, _rows(1 + scale_BKD, rows_S))
 
     @staticmethod
     def backward(ctx, g_BSD):
         x_BSD, scale_BKD, rows_S = ctx.saved_tensors
         g_shift = torch.zeros_like(scale_BKD).index_add_(1, rows_S, g_BSD.to(scale_BKD.dtype))
         g_scale = torch.zeros_like(scale_BKD).index_add_(1, rows_S, (g_BSD * x_BSD).to(scale_BKD.dtype))
-        return g_BSD * (1 + scale_BKD[:, rows_S]), g_shift, g_scale, None
+        return g_BSD * _rows(1 + scale_BKD, rows_S), g_shift, g_scale, None
 
 
 class _GateRows(torch.autograd.Function):
@@ -37,13 +44,13 @@ class _GateRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_BSD, y_BSD, gate_BKD, rows_S):
         ctx.save_for_backward(y_BSD, gate_BKD, rows_S)
-        return torch.addcmul(x_BSD, y_BSD, gate_BKD[:, rows_S])
+        return torch.addcmul(x_BSD, y_BSD, _rows(gate_BKD, rows_S))
 
     @staticmethod
     def backward(ctx, g_BSD):
         y_BSD, gate_BKD, rows_S = ctx.saved_tensors
         g_gate = torch.zeros_like(gate_BKD).index_add_(1, rows_S, (g_BSD * y_BSD).to(gate_BKD.dtype))
-        return g_BSD, g_BSD * gate_BKD[:, rows_S], g_gate, None
+        return g_BSD, g_BSD * _rows(gate_BKD, rows_S), g_gate, None
 
 
 def modulate(x_BSD: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,

@@ -271,3 +271,31 @@ def test_packed_attention_reads_no_sample_ids_back(arch, mode, monkeypatch):
     bad = {n: rel(p.grad, ref_grads[n.replace("_checkpoint_wrapped_module.", "")].grad)
            for n, p in m.named_parameters()}
     assert all(e < 1e-5 for e in bad.values()), bad
+
+
+def test_varlen_bounds_tile_the_runs():
+    from sora_dist.models.attention import pack_runs, varlen_bounds
+
+    assert varlen_bounds(pack_runs([5, 3, 0, 4], 14)) == ([0, 5, 8, 12, 14], 5)  # last run: padding
+    with pytest.raises(ValueError, match="do not tile"):
+        varlen_bounds(((0, 4, 0), (5, 8, 1)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="varlen_attn (flash) runs on CUDA only")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_varlen_pack_attention_equals_per_sample_sdpa_on_cuda(dtype):
+    """On CUDA a pack's self-attention is one varlen_attn call (CoreAttention picks it for
+    fp16/bf16); it equals one SDPA call per sample (document_attention) in output and in the
+    q/k/v gradients, within half-precision rounding (both compute in fp32 inside, round once)."""
+    from sora_dist.models.attention import CoreAttention, document_attention, pack_runs, sdpa_attention
+
+    torch.manual_seed(0)
+    runs = pack_runs([300, 128, 128, 77, 1], 640)  # two equal neighbours (one batched group), padding
+    q, k, v = (torch.randn(1, 8, 640, 64, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+    got = CoreAttention("sdpa", "auto")(q, k, v, runs=runs)
+    g = torch.randn_like(got)
+    got_grads = torch.autograd.grad(got, (q, k, v), g)
+    want = document_attention(sdpa_attention, q, k, v, None, runs=runs)
+    want_grads = torch.autograd.grad(want, (q, k, v), g)
+    for a, b in zip((got, *got_grads), (want, *want_grads)):
+        assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 1e-2
