@@ -25,6 +25,7 @@ import re
 import sys
 
 from sora_dist import planning as P
+from sora_dist.models.packing import microbatch_tokens_bound
 
 
 def parse_args(argv=None):
@@ -52,15 +53,17 @@ def parse_args(argv=None):
     w.add_argument("--tokens-per-rank", type=int, default=None, metavar="N",
                    help="packing (data.packing=true data.tokens_per_rank=N): each DP rank's micro-batch "
                         "is one pack of up to N tokens of whole samples. Planned for a pack's worst case, "
-                        "one sample of N tokens: attention is quadratic in a sample's length and the "
-                        "saved activations linear in tokens, so a pack of shorter samples costs no more "
-                        "FLOPs or activation memory, except one caption per sample (a pack of many images "
-                        "holds more caption tokens: plan --text-len for that if captions are long). "
-                        "Replaces --tokens and --micro-batch; --frames/--height/--width then give the "
-                        "longest sample, which N must hold. CP/TP shard a pack like a sample; layouts "
-                        "with pp > 1 are not planned: under PP a pack's samples are dealt to the "
-                        "microbatches, all padded to the largest, so the worst case (one N-token sample) "
-                        "pads every other microbatch to N tokens")
+                        "samples as long as the longest (one N-token sample without --frames/--height/"
+                        "--width): attention is quadratic in a sample's length and the saved activations "
+                        "linear in tokens, so a pack of shorter samples costs no more FLOPs or activation "
+                        "memory, except one caption per sample (a pack of many images holds more caption "
+                        "tokens: plan --text-len for that if captions are long). Replaces --tokens and "
+                        "--micro-batch; --frames/--height/--width then give the longest sample, which N "
+                        "must hold. CP/TP shard a pack like a sample. With pp > 1 "
+                        "a pack's samples are dealt to the microbatches, all padded to the largest: each "
+                        "is planned as one sample of the most tokens that can reach one (N / microbatches "
+                        "+ about the longest sample; models/packing.py microbatch_tokens_bound), and "
+                        "tokens/s counts the pack's N tokens only")
     w.add_argument("--microbatches", type=int, default=None,
                    help="microbatches per step with PP (default 2*pp; 1 without PP)")
     w.add_argument("--gpus", type=int, default=64)
@@ -177,7 +180,7 @@ def main(argv=None) -> int:
     plans = P.plan_all(m, hw, a.tokens, a.micro_batch, a.attn_dtype, a.microbatches, not a.no_ema,
                        a.cp_mode, a.text_len)
     if a.tokens_per_rank is not None:
-        plans = [reject_pp_for_packing(p) for p in plans]
+        plans = [plan_packing(p, m, hw, a, longest) for p in plans]
     f = m.forward_flops(a.tokens, a.text_len)
     print(f"model: {m.arch} ({a.flavor}), hidden {m.hidden_size}, depth {m.depth}, heads {m.num_heads} (head dim "
           f"{m.head_dim}), mlp {m.mlp_width}, text {a.text_len}x{m.text_dim}: "
@@ -194,10 +197,15 @@ def main(argv=None) -> int:
           f"{a.peak_tflops_fp8:g} fp8 TFLOP/s, MFU {a.mfu:g}, attention in {a.attn_dtype}; "
           f"micro-batch {a.micro_batch}; memory columns in GiB per GPU (worst PP stage)")
     if a.tokens_per_rank is not None:
-        print(f"packing: data.tokens_per_rank={a.tokens_per_rank:,} per DP rank = one pack per micro-batch, "
-              f"planned as one {a.tokens_per_rank:,}-token sample (the worst case: attention quadratic in "
-              f"it; packs of shorter samples take less); longest sample {longest:,} tokens; pp=1 only; "
-              "tokens/s counts full packs (mixed sets fill ~98%: tests/unit/test_packing.py)")
+        shapes = sorted({(p.layout.pp > 1, p.layout.microbatches): pack_shape(a, longest, p.layout)
+                         for p in plans}.items())
+        print(f"packing: data.tokens_per_rank={a.tokens_per_rank:,} per DP rank = one pack per step, longest "
+              f"sample {longest:,} tokens; planned at its worst case, samples as long as the longest "
+              "(attention is quadratic per sample): "
+              + "; ".join(f"{'pp > 1, ' + str(mb) + ' microbatches of' if pipe else 'pp=1, one microbatch of'} "
+                          f"{k} x {n:,} tokens" for (pipe, mb), (k, n) in shapes)
+              + " (pp > 1: split_pack's padded microbatch length, models/packing.py microbatch_tokens_bound); "
+              "tokens/s counts the pack's tokens (mixed sets fill ~99%: tests/unit/test_packing.py)")
     print()
     fits = sorted((p for p in plans if p.ok), key=lambda p: -p.tokens_per_s)
     shown = plans if a.all else fits[: a.top]
@@ -263,14 +271,31 @@ def packing_problem(a) -> str:
     return ""
 
 
-def reject_pp_for_packing(p: P.Plan) -> P.Plan:
-    """Packs run through pipeline stages, but planned as their worst case (one N-token sample)
-    one microbatch would hold it and the others be padded to it (parallel/pipeline.py): not
-    a plan worth offering."""
-    if p.layout.pp > 1 and p.ok:
-        p.ok, p.why = False, (f"data.packing=true with parallel.pp={p.layout.pp}: not planned (the worst-case "
-                              "pack, one N-token sample, pads every other microbatch to N)")
-    return p
+def pack_shape(a, longest: int, lay) -> tuple[int, int]:
+    """(samples, tokens each) a layout's microbatch is planned as under packing. Its tokens L: the
+    pack's N, or with pp > 1 split_pack's padded microbatch length (at most
+    microbatch_tokens_bound(N, longest, mb)). Its worst case holds as many longest samples as
+    fit and the rest in one (with pp, padding is a run of its own): attention, quadratic per
+    sample, then costs q x longest^2 + r^2 (L = q x longest + r). The planner's microbatch is k
+    equal samples, so k = L / (that cost / L), rounded, and each sample L / k tokens: the same
+    token count and, within a few per cent, the same attention work (one N-token sample when
+    the longest sample is N)."""
+    L = a.tokens_per_rank if lay.pp == 1 else microbatch_tokens_bound(a.tokens_per_rank, longest, lay.microbatches)
+    q, r = divmod(L, longest)
+    mean_len = (q * longest ** 2 + r ** 2) / L  # attention work per token of the worst case
+    k = max(1, round(L / mean_len))
+    return k, -(-L // k)
+
+
+def plan_packing(p: P.Plan, m, hw, a, longest: int) -> P.Plan:
+    """A layout re-planned for packs (pack_shape); tokens/s counts the N tokens each DP rank's
+    pack holds per step, not the padding of pipeline microbatches."""
+    if not p.mem:  # rejected before any estimate (layout rules)
+        return p
+    k, n = pack_shape(a, longest, p.layout)
+    q = P.estimate(m, p.layout, hw, n, k, a.attn_dtype, not a.no_ema, a.text_len)
+    q.tokens_per_s = p.layout.dp * a.tokens_per_rank / q.step_s
+    return q
 
 
 def _reason_kind(why: str) -> str:

@@ -18,6 +18,7 @@ samples of each sample's mean squared error. A token's weight is 1 / (K * tokens
 """
 from __future__ import annotations
 
+import math
 import random
 
 import torch
@@ -110,6 +111,17 @@ def deal_samples(tokens: list[int], parts: int) -> list[list[int]]:
         groups[g].append(i)
         loads[g] += tokens[i]
     return [sorted(g) for g in groups]
+
+
+def microbatch_tokens_bound(budget: int, longest: int, parts: int) -> int:
+    """The most tokens split_pack pads a pipeline microbatch to, for any pack of <= budget tokens
+    whose samples hold <= longest each. deal_samples gives each sample to the least-filled group,
+    so when the largest group took its last sample s it held at most (total - s) / parts: it
+    ends at <= budget / parts + longest * (parts - 1) / parts, and never above the budget;
+    split_pack then rounds up with coarse_ceil (monotone). The planner plans packs under PP as
+    `parts` microbatches of this length (tools/plan.py)."""
+    raw = min(budget, math.ceil((budget + longest * (parts - 1)) / parts))
+    return coarse_ceil(raw)
 
 
 def split_pack(parts: int, x_1SP, t_K, text_KLE, text_mask_KL, drop_K, grids_K3, target_1SP1):

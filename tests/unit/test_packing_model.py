@@ -153,6 +153,30 @@ def test_deal_samples_and_coarse_ceil():
     assert len({coarse_ceil(n) for n in range(1025, 2049)}) == 8  # 8 lengths per octave
 
 
+def test_microbatch_tokens_bound_holds_for_any_pack():
+    """split_pack's microbatch length (coarse_ceil of deal_samples' largest group) never exceeds
+    microbatch_tokens_bound, over random packs; the bound is reached (one longest sample)."""
+    import random
+
+    from sora_dist.models.packing import coarse_ceil, deal_samples, microbatch_tokens_bound
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        budget, parts = rng.randint(50, 5000), rng.randint(2, 8)
+        longest = rng.randint(1, budget)
+        tokens, left = [], budget
+        while left > 0 and rng.random() < 0.95:
+            n = rng.randint(1, min(longest, left))
+            tokens.append(n)
+            left -= n
+        if not tokens:
+            continue
+        L = coarse_ceil(max(sum(tokens[i] for i in g) for g in deal_samples(tokens, parts)))
+        assert L <= microbatch_tokens_bound(budget, longest, parts), (tokens, parts, longest)
+    assert microbatch_tokens_bound(1000, 1000, 4) == coarse_ceil(1000)  # one sample fills the pack
+    assert microbatch_tokens_bound(1024, 64, 4) == coarse_ceil(256 + 48)
+
+
 @pytest.mark.parametrize("arch, parts", [("dit", 2), ("dit", 3), ("wan", 2), ("dit", 9)])
 def test_split_pack_microbatches_sum_to_the_pack(arch, parts):
     """split_pack's microbatches (one shape, padded with tokens of no sample and with (0, 0, 0)

@@ -438,10 +438,11 @@ def test_op_level_checkpointing_gradients_are_exact(compiled):
 
 
 def test_plan_tokens_per_rank_plans_a_pack_as_its_worst_case_sample(capsys):
-    """--tokens-per-rank N (data.packing): one pack of N tokens per DP rank, planned as one N-token
-    sample; no layout with pipeline stages is offered (that worst case would pad every other
-    microbatch to N tokens), the budget must hold the longest sample, and the recommended config
-    validates with packing on."""
+    """--tokens-per-rank N (data.packing): one pack of N tokens per DP rank, planned at its worst
+    case: one N-token sample without the longest sample's size; with pipeline stages each
+    microbatch at split_pack's padded length (one 460k sample pads every microbatch to
+    coarse_ceil(460k)), tokens/s counting the pack's N tokens only; the budget must hold the
+    longest sample, and the recommended config validates with packing on."""
     import importlib.util
     import pathlib
 
@@ -452,10 +453,13 @@ def test_plan_tokens_per_rank_plans_a_pack_as_its_worst_case_sample(capsys):
     base = ["--flavor", "7B", "--gpus", "64", "--mem-gib", "80"]
     assert cli.main(base + ["--tokens-per-rank", "460000", "--all"]) == 0
     out = capsys.readouterr().out
-    assert "packing: data.tokens_per_rank=460,000 per DP rank" in out and "one 460,000-token sample" in out
+    assert "packing: data.tokens_per_rank=460,000 per DP rank" in out and "pp=1, one microbatch of 1 x 460,000" in out
+    assert "pp > 1, 4 microbatches of 1 x 491,520 tokens" in out
     rows = [ln.split() for ln in out.splitlines() if ln.strip().endswith("fits")]
-    assert rows and all(r[3] == "1" for r in rows)  # column pp: only single-stage layouts fit
-    assert "data.packing=true with parallel.pp=2: not planned (the worst-case pack" in out
+    # columns: tp cp mode pp dp rc mb | ... step_s tok/s status: tokens/s = dp x N / step
+    assert rows and any(r[3] != "1" for r in rows)
+    for r in rows:
+        assert float(r[-2]) == pytest.approx(int(r[4]) * 460_000 / float(r[-3]), rel=2e-3)
     rec = [ln for ln in out.splitlines() if ln.startswith("recommended:")][0]
     cfg_line = [ln for ln in out.splitlines() if "parallel.tp=" in ln][0]
     assert cfg_line.endswith("data.packing=true data.tokens_per_rank=460000")
@@ -474,6 +478,15 @@ def test_plan_tokens_per_rank_plans_a_pack_as_its_worst_case_sample(capsys):
         cfg.parallel.ulysses_degree = int(kv["parallel.ulysses_degree"])
     cfg.train.activation_checkpointing = kv["train.activation_checkpointing"]
     validate(cfg, world_size=64)
+    # With the longest sample known (81 frames at 480x832: 32,760 tokens) the pack is planned as
+    # 14 samples of ~32.8k tokens (attention 14x cheaper than one 460k sample): more tokens/s.
+    assert cli.main(base + ["--tokens-per-rank", "460000", "--frames", "81", "--height", "480",
+                            "--width", "832"]) == 0
+    out = capsys.readouterr().out
+    assert "longest sample 32,760 tokens" in out and "pp=1, one microbatch of 14 x 32,858 tokens" in out
+    rec2 = [ln for ln in out.splitlines() if ln.startswith("recommended:")][0]
+    tps = lambda ln: float(ln.split(" tokens/s")[0].rsplit(" ", 1)[1].replace(",", ""))  # noqa: E731
+    assert tps(rec2) > 1.5 * tps(rec)
     # The budget must hold the longest sample; a pack is the micro-batch.
     assert cli.main(base + ["--tokens", "500000", "--tokens-per-rank", "460000"]) == 2
     assert "raise it to >= 500,000" in capsys.readouterr().err

@@ -105,6 +105,7 @@ def _ring_backward(dout, q, k, v, out, lse, mask_BS, group, scale, rows, kernel,
     lse = finite_lse(lse)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     kv = torch.stack([k, v])
+    dkv_in, dkv_works = None, []  # what the previous rank sent (from step 1 on)
     for step in range(R):
         if step + 1 < R:
             kv_next, kv_works = ring_shift(kv, group)
