@@ -91,15 +91,16 @@ def cross_attention_per_sample(attn, q_BHSD, k_KHLD, v_KHLD, text_mask_KL, doc_S
     """Cross-attention of a packed sequence: each run of a sample's tokens attends to that
     sample's caption only (k/v hold one caption per sample). Padding tokens (id < 0) get 0.
     runs: doc_S's (Conditioning.doc_runs); read from doc_S when None."""
-    from sora_dist.models.attention import _as_batch, _from_batch, sample_groups
+    from sora_dist.models.attention import _from_batch, _group_pieces, sample_groups
 
+    groups = sample_groups(runs, doc_S)
     outs = []
-    for a, n, c, i in sample_groups(runs, doc_S):
+    for (a, n, c, i), q in zip(groups, _group_pieces(q_BHSD, groups)):
         if i < 0:
             outs.append(q_BHSD.new_zeros(*q_BHSD.shape[:2], n * c, v_KHLD.shape[-1]))
         else:  # c neighbouring samples of n tokens each, batched with their c captions
             m = None if text_mask_KL is None else text_mask_KL[i:i + c]
-            outs.append(_from_batch(attn(_as_batch(q_BHSD, a, n, c), k_KHLD[i:i + c], v_KHLD[i:i + c], m)))
+            outs.append(_from_batch(attn(q, k_KHLD[i:i + c], v_KHLD[i:i + c], m)))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
