@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sora_dist.config.model import DiTArgs
-from sora_dist.models.attention import CoreAttention, Runs
+from sora_dist.models.attention import CoreAttention, Runs, packed_eager
 from sora_dist.models.embeddings import (
     PatchEmbed3D, TimestepEmbedder, apply_rope, build_rope_3d, unpatchify,
 )
@@ -87,6 +87,36 @@ def packed_conditioning(c_KX, text_KLD, text_mask_KL, grids_K3, head_dim: int,
                         seq_len=L, doc_runs=runs, cp_doc_runs=runs)
 
 
+def self_attention(attn: nn.Module, x_BSD: torch.Tensor, cond: "Conditioning") -> torch.Tensor:
+    """A block's self-attention module on its tokens: inside a compiled block for a batch, and
+    for a pack outside it (_packed_self_attention)."""
+    if cond.doc_S is None:  # all five inputs: tensor parallel's input plan counts them
+        return attn(x_BSD, cond.rope_SP2, cond.token_mask_BS, None, None)
+    return _packed_self_attention(attn, x_BSD, cond)
+
+
+def cross_attention(attn: nn.Module, x_BSD: torch.Tensor, cond: "Conditioning") -> torch.Tensor:
+    if cond.doc_S is None:
+        return attn(x_BSD, cond.text_BLD, cond.text_mask_BL, None, None)
+    return _packed_cross_attention(attn, x_BSD, cond)
+
+
+# A pack's attention sub-modules run outside torch.compile's graphs, handed the Conditioning
+# whole: the traced block never reads the pack's layout (its Runs), so dynamo installs no guard
+# on it. Passing the runs themselves across the graph break guarded their length (one compile
+# per sample count); inside the compiled block they were constants (one compile per layout,
+# models/attention.py packed_eager). The projections around the attention kernel run eager too.
+@packed_eager
+def _packed_self_attention(attn, x_BSD, cond):
+    return attn(x_BSD, cond.rope_SP2, cond.token_mask_BS, cond.doc_S, cond.cp_doc_runs)
+
+
+@packed_eager
+def _packed_cross_attention(attn, x_BSD, cond):
+    return attn(x_BSD, cond.text_BLD, cond.text_mask_BL, cond.doc_S, cond.doc_runs)
+
+
+@packed_eager
 def cross_attention_per_sample(attn, q_BHSD, k_KHLD, v_KHLD, text_mask_KL, doc_S, runs=None):
     """Cross-attention of a packed sequence: each run of a sample's tokens attends to that
     sample's caption only (k/v hold one caption per sample). Padding tokens (id < 0) get 0.
@@ -199,10 +229,9 @@ class DiTBlock(nn.Module):
         )
         rows = cond.rows_S
         h = modulate(self.norm1(x_BSD), shift_msa, scale_msa, rows)
-        a = self.attn(h, cond.rope_SP2, cond.token_mask_BS, cond.doc_S, cond.cp_doc_runs)
+        a = self_attention(self.attn, h, cond)
         x_BSD = gated_add(x_BSD, a, gate_msa, rows)
-        x_BSD = x_BSD + self.cross_attn(self.norm_cross(x_BSD), cond.text_BLD, cond.text_mask_BL,
-                                        cond.doc_S, cond.doc_runs)
+        x_BSD = x_BSD + cross_attention(self.cross_attn, self.norm_cross(x_BSD), cond)
         h = modulate(self.norm2(x_BSD), shift_mlp, scale_mlp, rows)
         return gated_add(x_BSD, self.mlp(h), gate_mlp, rows)
 

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 from sora_dist.config.model import DiTArgs
 from sora_dist.models.attention import CoreAttention
-from sora_dist.models.dit import (MLP, Conditioning, DiTSeams, RMSNorm, cross_attention_per_sample,
-                                  packed_conditioning)
+from sora_dist.models.dit import (MLP, Conditioning, DiTSeams, RMSNorm, cross_attention, cross_attention_per_sample,
+                                  packed_conditioning, self_attention)
 from sora_dist.models.embeddings import PatchEmbed3D, TimestepEmbedder, apply_rope, build_rope_3d
 from sora_dist.models.modulation import gated_add, modulate
 
@@ -124,10 +124,10 @@ class WanBlock(nn.Module):
             self.modulation(cond.c_BD[..., :6, :]).unbind(-2))
         rows = cond.rows_S
         h = modulate(self.norm1(x_BSD.float()), shift_msa, scale_msa, rows).type_as(x_BSD)
-        a = self.attn(h, cond.rope_SP2, cond.token_mask_BS, cond.doc_S, cond.cp_doc_runs)
+        a = self_attention(self.attn, h, cond)
         x_BSD = gated_add(x_BSD.float(), a.float(), gate_msa, rows).type_as(x_BSD)
         h = self.norm_cross(x_BSD)
-        x_BSD = x_BSD + self.cross_attn(h, cond.text_BLD, cond.text_mask_BL, cond.doc_S, cond.doc_runs)
+        x_BSD = x_BSD + cross_attention(self.cross_attn, h, cond)
         h = modulate(self.norm2(x_BSD.float()), shift_mlp, scale_mlp, rows).type_as(x_BSD)
         return gated_add(x_BSD.float(), self.mlp(h).float(), gate_mlp, rows).type_as(x_BSD)
 
