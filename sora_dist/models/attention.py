@@ -32,8 +32,8 @@ def sdpa_attention(
 # A packed sequence's layout: (start, end, sample id) of each run of one sample's tokens, in
 # order; id -1 is padding (no sample). The Conditioning carries it (models/dit.py), so attention
 # groups a pack's samples without reading the ids back from the device (a host sync per call on
-# GPU, and a graph break under torch.compile). A tuple of ints: a constant to torch.compile (a
-# compiled block specialises on it, one graph per pack layout) and to activation checkpointing.
+# GPU). A tuple of ints: a constant to activation checkpointing's replay; packed attention runs
+# outside torch.compile's graphs (packed_eager), so compiled blocks never specialise on it.
 Runs = tuple[tuple[int, int, int], ...]
 
 
