@@ -42,8 +42,12 @@ class DataConfig:
     # one pack of mixed-size samples (images and clips of any length/aspect) whose tokens
     # (prod of ceil(T/pt), ceil(H/ph), ceil(W/pw) under model.patch_size) fill tokens_per_rank.
     # Every rank fills its own pack to ~the same budget, so ranks stay balanced without talking.
-    packing: bool = False
-    # Token budget of one pack = one DP rank's micro-batch (required > 0 with packing); a
+    # null (the default): pack when the data holds more than one latent size (the shards'
+    # manifest buckets, or data.synthetic_buckets) and every size divides by model.patch_size;
+    # else bucket batches (which pad odd sizes to the patch); true / false force it.
+    packing: Optional[bool] = None
+    # Token budget of one pack = one DP rank's micro-batch; 0 (the default): data.batch_size x
+    # the longest sample's tokens (the memory of a bucket batch of the longest samples). A
     # sample longer than it is an error (raise it, or shard the sequence with parallel.cp).
     # With parallel.pp > 1 the pack's whole samples are dealt to the parallel.pp_microbatches
     # pipeline microbatches, all padded to the largest (+ < 1/8): the padding stays small while

@@ -150,12 +150,13 @@ def validate(cfg, world_size: Optional[int] = None) -> None:
         _check(len(lg.sample_prompts) > 0, "logging.sample_prompts is empty")
     _check(d.source in DATA_SOURCES, f"data.source={d.source!r}: use {either(DATA_SOURCES, quote=True)}")
     _check(d.batch_size >= 1, f"data.batch_size={d.batch_size} must be >= 1")
-    if getattr(d, "packing", False):
-        # T/H/W divisibility and per-sample length are checked where the samples are known:
-        # by the loaders at load time (each error names the sample).
-        _check(d.tokens_per_rank > 0, f"data.tokens_per_rank={d.tokens_per_rank}: data.packing=true needs "
-                                      "a token budget per DP rank; set data.tokens_per_rank>0 (at least "
-                                      "the longest sample's tokens), or data.packing=false")
+    # Whether to pack (data.packing=null: by the data's sizes) and the budget (0: from the longest
+    # sample), T/H/W divisibility and per-sample length are settled where the samples are known:
+    # by the loaders at load time (data/packing.py resolve_packing; each error names the sample).
+    _check(d.packing in (None, True, False), f"data.packing={d.packing!r}: use true, false or null (auto)")
+    _check(d.tokens_per_rank >= 0, f"data.tokens_per_rank={d.tokens_per_rank} must be >= 0 (0: data.batch_size "
+                                   "x the longest sample's tokens)")
+    if d.packing is not False:
         _check(d.pack_window >= 1, f"data.pack_window={d.pack_window} must be >= 1 (e.g. 64)")
     if d.source == "shards":
         _check(bool(d.shards), "data.source=shards needs data.shards=<folder written by sora-encode>")

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from sora_dist.data.packing import Packer, check_sample, collate_pack
+from sora_dist.data.packing import Packer, check_sample, collate_pack, resolve_packing
 from sora_dist.data.shards import decode_arrays, describe_text_encoder, describe_vae, load_manifest
 
 
@@ -110,8 +110,9 @@ class ShardLoader:
         # Patch n' Pack: the token count of a sample needs the model's patch (VideoDiT's default
         # when no model config is given, as in loader-only tools).
         self.patch = tuple(int(p) for p in (getattr(model_cfg, "patch_size", None) or (1, 2, 2)))
-        self.packer = (Packer(int(data_cfg.tokens_per_rank), int(data_cfg.pack_window))
-                       if getattr(data_cfg, "packing", False) else None)
+        budget, self.layout_note = resolve_packing(
+            data_cfg, [b.split("x") for b in self.buckets], self.patch, f"the manifest of {self.folder}")
+        self.packer = Packer(budget, int(data_cfg.pack_window)) if budget else None
         self.dp_rank, self.dp_size = dp_rank, dp_size
         # position of the next unseen sample, and accumulators of read-but-unbatched samples
         self.epoch, self.block, self.offset = 0, 0, 0

@@ -52,6 +52,39 @@ def check_sample(shape_THW: Sequence[int], patch: Sequence[int], budget: int, na
     return n
 
 
+def resolve_packing(data_cfg, shapes: Sequence[Sequence[int]], patch: Sequence[int], what: str) -> tuple[int, str]:
+    """(token budget, or 0 for bucket batches; a line for the log) of a loader whose samples
+    come in `shapes` (latent T, H, W; `what` names where they come from). data.packing null
+    packs when there is more than one shape and every one divides by the patch (bucket
+    batches pad the others); data.tokens_per_rank 0 is data.batch_size x the longest sample's
+    tokens (what a bucket batch of the longest samples holds)."""
+    shapes = sorted({tuple(int(v) for v in s) for s in shapes})
+    packing = getattr(data_cfg, "packing", None)
+    auto = packing is None
+    odd = [s for s in shapes if any(d % p for d, p in zip(s, patch))]
+    if auto:  # packs hold no padding inside a sample: sizes off the patch grid go in batches
+        packing = len(shapes) > 1 and not odd
+    if not packing:
+        why = ("data.packing=false" if not auto else f"{what} holds one latent size" if len(shapes) <= 1 else
+               f"{what} has sizes that do not divide by the patch {list(patch)}, e.g. {'x'.join(map(str, odd[0]))}; "
+               "bucket batches pad them")
+        return 0, f"data: bucket batches of data.batch_size={data_cfg.batch_size} ({why})"
+    budget = int(getattr(data_cfg, "tokens_per_rank", 0) or 0)
+    if budget <= 0:
+        if not shapes:
+            raise ValueError(f"data.packing=true with data.tokens_per_rank=0 needs the sample sizes to size the "
+                             f"budget, and {what} lists none; set data.tokens_per_rank (at least the longest "
+                             "sample's tokens)")
+        longest = max(shapes, key=lambda s: sample_tokens(s, patch))
+        budget = int(data_cfg.batch_size) * sample_tokens(longest, patch)
+        size = (f"data.tokens_per_rank={budget} (data.batch_size={data_cfg.batch_size} x {sample_tokens(longest, patch)} "
+                f"tokens of the longest, {'x'.join(map(str, longest))})")
+    else:
+        size = f"data.tokens_per_rank={budget}"
+    why = f"{what} mixes {len(shapes)} latent sizes" if auto else "data.packing=true"
+    return budget, f"data: packs of {size} ({why})"
+
+
 class Packer:
     """Deterministic best-fill packer over a look-ahead window.
 

@@ -18,7 +18,7 @@ import math
 import numpy as np
 import torch
 
-from sora_dist.data.packing import Packer, check_sample, collate_pack
+from sora_dist.data.packing import Packer, check_sample, collate_pack, resolve_packing
 
 
 class SyntheticLatents:
@@ -39,9 +39,10 @@ class SyntheticLatents:
         # global sample ids and the bucket cycle continue across the change.
         self.base_samples, self.base_batches = 0, 0
         self.packer = None
-        if getattr(cfg, "packing", False):
-            self.packer = Packer(int(cfg.tokens_per_rank), int(cfg.pack_window))
-            patch = tuple(int(p) for p in (patch_size or (1, 2, 2)))
+        patch = tuple(int(p) for p in (patch_size or (1, 2, 2)))
+        budget, self.layout_note = resolve_packing(cfg, self.buckets, patch, "data.synthetic_buckets")
+        if budget:
+            self.packer = Packer(budget, int(cfg.pack_window))
             # Every shape is known up front: fail at construction, naming the bucket.
             self.bucket_tokens = [check_sample(b, patch, self.packer.budget, f"data.synthetic_buckets entry {list(b)}")
                                   for b in self.buckets]

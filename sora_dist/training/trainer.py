@@ -219,6 +219,8 @@ class Trainer:
             log.info("model %s: %.2fM params | world %d = dp %d x cp %d x pp %d x tp %d | device %s",
                      self.cfg.model.flavor, self.n_params / 1e6, self.world, self.pdims.dp,
                      self.pdims.cp, self.pdims.pp, self.pdims.tp, self.device)
+            if getattr(self.loader, "layout_note", None):
+                log.info("%s", self.loader.layout_note)
         t0 = time.perf_counter()
         while self.state.step < end:
             m = self.train_step(next(self.loader))

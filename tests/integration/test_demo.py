@@ -24,7 +24,7 @@ def test_demo_two_ranks(tmp_path, monkeypatch):
     sources = [m["source"] for p in list_shards(out) for m in read_shard_meta(p)]
     assert len(sources) == len(set(sources)) == 6
     assert any(b.startswith("1x") for b in manifest["buckets"])  # the still became a 1-frame sample
-    b = next(ShardLoader(DataConfig(source="shards", shards=out, batch_size=1), 0, 1))
+    b = next(ShardLoader(DataConfig(source="shards", packing=False, shards=out, batch_size=1), 0, 1))
     assert b["latent"].shape[1] == 16 and b["text"].shape[2] == 32  # the demo VAE's channels, tiny T5
 
 

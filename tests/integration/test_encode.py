@@ -223,7 +223,7 @@ def test_umt5_folder_encodes_and_shards_record_it(tmp_path, models, umt5):
     assert (m["vae"]["class"], m["vae"]["latent_channels"], m["vae"]["name"]) == ("AutoencoderKLWan", 4, "vae")
     assert json.load(open(out / "made_by.json")) == {"text_encoder": te, "vae": m["vae"]}
     direct = TextEncoder.load(umt5)
-    ld = ShardLoader(DataConfig(source="shards", shards=str(out), batch_size=1, shuffle_buffer=0), 0, 1)
+    ld = ShardLoader(DataConfig(source="shards", packing=False, shards=str(out), batch_size=1, shuffle_buffer=0), 0, 1)
     for _ in range(2):
         b = next(ld)
         emb, mask = direct.encode(b["captions"])
@@ -280,7 +280,7 @@ def test_storage_dtype_round_trips_through_sora_encode(tmp_path, models, storage
     vae, te = VideoVAE.load(models[0]), TextEncoder.load(models[1], cfg.text_max_length)
     buckets = parse_buckets(cfg.resolutions, cfg.frames)
     rnd = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[storage_dtype]
-    ld = ShardLoader(DataConfig(source="shards", shards=str(tmp_path / "out"), batch_size=1, shuffle_buffer=0), 0, 1)
+    ld = ShardLoader(DataConfig(source="shards", packing=False, shards=str(tmp_path / "out"), batch_size=1, shuffle_buffer=0), 0, 1)
     seen = set()
     for _ in rows:
         b = next(ld)

@@ -41,7 +41,7 @@ def test_roundtrip_matches_direct_encode(tmp_path, tile):
         emb, mask = te.encode([r["caption"]])
         direct[r["caption"]] = (vae.encode(frames)[0], emb[0, : int(mask.sum())])
 
-    ld = ShardLoader(DataConfig(source="shards", shards=str(tmp_path / "out"), batch_size=1), 0, 1)
+    ld = ShardLoader(DataConfig(source="shards", packing=False, shards=str(tmp_path / "out"), batch_size=1), 0, 1)
     assert (ld.latent_channels, ld.text_dim) == (4, 32)
     seen = set()
     for _ in range(len(rows)):

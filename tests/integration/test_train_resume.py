@@ -170,6 +170,9 @@ def test_compiled_blocks_with_checkpointing_train_like_eager(tmp_path):
         c = make_cfg(tmp_path / name, steps=4, activation_checkpointing=ac, compile=comp)
         c.model.dropout = 0.0
         c.model.zero_init = False
+        # Bucket batches: in 4 steps of the default packs no caption happens to be dropped, so
+        # null_text would not train (compiled packs: tests/unit/test_packing_model.py).
+        c.data.packing = False
         return c
 
     tr = Trainer(cfg("init"))  # same seed: the weights before any step
@@ -181,7 +184,7 @@ def test_compiled_blocks_with_checkpointing_train_like_eager(tmp_path):
         params[name] = _params(tr)
     eager = params["eager"]
     moved = {n: (eager[n] - init[n]).norm().item() for n in eager}
-    assert all(m > 0 for m in moved.values()), "a weight never trained: the comparison is vacuous"
+    assert all(m > 0 for m in moved.values()), ("a weight never trained: the comparison is vacuous", [n for n, m in moved.items() if m == 0])
     for name in ("full", "op"):
         assert len(losses[name]) == 4
         assert losses[name] == pytest.approx(losses["eager"], rel=1e-5), (name, losses)

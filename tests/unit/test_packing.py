@@ -188,13 +188,41 @@ def test_validate_names_the_token_budget():
     from sora_dist.config import ConfigError, JobConfig, validate
     cfg = JobConfig()
     cfg.data.packing = True
-    with pytest.raises(ConfigError, match=r"data.tokens_per_rank=0: data.packing=true needs .* set data.tokens_per_rank>0"):
+    validate(cfg)  # tokens_per_rank 0: sized by the loader from the longest sample
+    cfg.data.tokens_per_rank = -1
+    with pytest.raises(ConfigError, match=r"data.tokens_per_rank=-1 must be >= 0 \(0: data.batch_size x"):
         validate(cfg)
     cfg.data.tokens_per_rank = 4096
     validate(cfg)
     cfg.data.pack_window = 0
     with pytest.raises(ConfigError, match="data.pack_window=0"):
         validate(cfg)
+
+
+def test_packing_by_default_on_mixed_sizes_with_a_budget_from_the_longest_sample():
+    """data.packing null: packs when the samples come in more than one latent size, bucket
+    batches when in one; data.tokens_per_rank 0: data.batch_size x the longest sample's tokens.
+    The loaders' log line says which and why; explicit settings win."""
+    from sora_dist.data.packing import resolve_packing
+
+    mixed, one = [[1, 8, 8], [5, 8, 8], [3, 6, 10]], [[5, 8, 8]] * 3
+    assert resolve_packing(DataConfig(batch_size=3), mixed, (1, 2, 2), "x") == (
+        3 * 80, "data: packs of data.tokens_per_rank=240 (data.batch_size=3 x 80 tokens of the longest, 5x8x8) "
+                "(x mixes 3 latent sizes)")
+    assert resolve_packing(DataConfig(), one, (1, 2, 2), "x") == (
+        0, "data: bucket batches of data.batch_size=2 (x holds one latent size)")
+    assert resolve_packing(DataConfig(packing=False), mixed, (1, 2, 2), "x")[0] == 0
+    assert resolve_packing(DataConfig(), mixed + [[3, 7, 9]], (1, 2, 2), "x") == (
+        0, "data: bucket batches of data.batch_size=2 (x has sizes that do not divide by the patch [1, 2, 2], "
+           "e.g. 3x7x9; bucket batches pad them)")
+    assert resolve_packing(DataConfig(packing=True), one, (1, 2, 2), "x")[0] == 2 * 80
+    assert resolve_packing(DataConfig(tokens_per_rank=500), mixed, (1, 2, 2), "x")[0] == 500
+    with pytest.raises(ValueError, match="lists none; set data.tokens_per_rank"):
+        resolve_packing(DataConfig(packing=True), [], (1, 2, 2), "the manifest of /d")
+    # the sources: the default synthetic config mixes two sizes, so it packs
+    ld = SyntheticLatents(DataConfig(), 4, 8, 0, 1)
+    assert ld.packer is not None and ld.packer.budget == 2 * 48 and next(ld)["packed"]
+    assert SyntheticLatents(DataConfig(synthetic_buckets=[[3, 8, 8]]), 4, 8, 0, 1).packer is None
 
 
 def test_ring_block_visibility_from_runs_equals_the_ids():
