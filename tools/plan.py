@@ -202,7 +202,7 @@ def main(argv=None) -> int:
         print(f"packing: data.tokens_per_rank={a.tokens_per_rank:,} per DP rank = one pack per step, longest "
               f"sample {longest:,} tokens; planned at its worst case, samples as long as the longest "
               "(attention is quadratic per sample): "
-              + "; ".join(f"{'pp > 1, ' + str(mb) + ' microbatches of' if pipe else 'pp=1, one microbatch of'} "
+              + "; ".join(f"{'pp > 1, ' + str(mb) + ' microbatches of' if pipe else 'pp=1, each microbatch one pack of'} "
                           f"{k} x {n:,} tokens" for (pipe, mb), (k, n) in shapes)
               + " (pp > 1: split_pack's padded microbatch length, models/packing.py microbatch_tokens_bound); "
               "tokens/s counts the pack's tokens (mixed sets fill ~99%: tests/unit/test_packing.py)")
@@ -288,13 +288,16 @@ def pack_shape(a, longest: int, lay) -> tuple[int, int]:
 
 
 def plan_packing(p: P.Plan, m, hw, a, longest: int) -> P.Plan:
-    """A layout re-planned for packs (pack_shape); tokens/s counts the N tokens each DP rank's
-    pack holds per step, not the padding of pipeline microbatches."""
+    """A layout re-planned for packs (pack_shape); tokens/s counts the N tokens of each pack a
+    DP rank trains per step, not the padding of pipeline microbatches."""
     if not p.mem:  # rejected before any estimate (layout rules)
         return p
     k, n = pack_shape(a, longest, p.layout)
     q = P.estimate(m, p.layout, hw, n, k, a.attn_dtype, not a.no_ema, a.text_len)
-    q.tokens_per_s = p.layout.dp * a.tokens_per_rank / q.step_s
+    # pp=1: each of the layout's microbatches (gradient accumulation) is a pack of its own;
+    # pp > 1: the microbatches are one pack dealt out
+    packs = p.layout.microbatches if p.layout.pp == 1 else 1
+    q.tokens_per_s = p.layout.dp * packs * a.tokens_per_rank / q.step_s
     return q
 
 

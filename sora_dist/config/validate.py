@@ -181,11 +181,14 @@ def validate(cfg, world_size: Optional[int] = None) -> None:
         heads=heads, mlp_width=args.mlp_width, depth=depth, tp=p.tp, cp=p.cp, cp_mode=p.cp_mode,
         hybrid_degree=p.ulysses_degree, pp=p.pp, pp_schedule=p.pp_schedule,
         virtual=p.pp_virtual_stages, microbatches=p.pp_microbatches))
-    if p.pp > 1 and not getattr(d, "packing", False):  # (a pack's samples are dealt to the microbatches)
+    # Bucket batches split into the microbatches; a pack's samples are dealt to them. With
+    # data.packing=null the data decides at load time, so batches must be able to split.
+    if p.pp > 1 and d.packing is not True:
         for key, bs in [("", d.batch_size)] + sorted(getattr(d, "bucket_batch_size", {}).items()):
             _check(bs % p.pp_microbatches == 0,
                    f"data.{'bucket_batch_size[' + key + ']' if key else 'batch_size'}={bs} must divide "
-                   f"into parallel.pp_microbatches={p.pp_microbatches}")
+                   f"into parallel.pp_microbatches={p.pp_microbatches} for bucket batches (or set "
+                   "data.packing=true: a pack's samples are dealt to the microbatches)")
     if world_size is not None:
         check_world(p, world_size)
 

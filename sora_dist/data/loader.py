@@ -249,6 +249,7 @@ class ShardLoader:
                 "batches_done": self.batches_done, "dp_rank": self.dp_rank, "dp_size": self.dp_size,
                 "seed": self.seed, "shuffle_buffer": self.shuffle_buffer, "batch_size": self.batch_size,
                 "shards_digest": self._shards_digest(),
+                "head_waits": self.packer.head_waits if self.packer is not None else 0,
                 # only while it still matters (the epoch in progress is the overridden one)
                 "epoch_override": (list(self.epoch_override) if self.epoch_override is not None
                                    and self.epoch_override[0] >= self.epoch else None)}
@@ -283,6 +284,7 @@ class ShardLoader:
         self.pending = {}
         if self.packer is not None:  # a packed run's window, or (packing turned on) the accumulators
             self.packer.window = [self._packable(s) for s in waiting]
+            self.packer.head_waits = int(sd.get("head_waits", 0))
         elif "window" in sd["pending"]:  # packing turned off: the window's samples go to their buckets
             for s in waiting:
                 self.pending.setdefault(s["bucket"], []).append(s)
@@ -337,7 +339,7 @@ class ShardLoader:
         self.epoch, self.block, self.offset = epoch, 0, 0
         self.pending, self._block_key, self._prefetch = {}, None, None
         if self.packer is not None:  # the old windows' samples come back with their shards
-            self.packer.window = []
+            self.packer.window, self.packer.head_waits = [], 0
         self.batches_done = max(int(sd["batches_done"]) for sd in states)
         return (f"data stream carried over from dp_size={old} to {self.dp_size} at shard granularity: "
                 f"epoch {epoch} continues with {len(remaining)} of its {len(everything)} shards")

@@ -16,8 +16,8 @@ fits) stops at a gap smaller than every waiting sample; the best subset fills it
 0.80% (FFD) -> 0.30% at Wan-480p sizes (budget 36288 tokens); 3.61% -> 1.46% on the bench_pack
 set (budget 576; worst-step imbalance 1.053 -> 1.049); 1.48% -> 0.00% at budget 1152. Among
 equally full subsets the packer prefers one with the window's oldest sample, then larger
-samples (FFD's order). No wait is bounded in theory; the longest wait stayed at or below FFD's
-in 2 of those 3 sets.
+samples (FFD's order); a sample no full pack takes is forced in after `window` packs at the
+head of the window (FFD, largest first, would starve small samples instead).
 
 Determinism. The packer is a pure function of its input stream and of the window it starts
 with; its whole state is that window, in stream order. The loaders save the window's sample
@@ -56,8 +56,9 @@ def resolve_packing(data_cfg, shapes: Sequence[Sequence[int]], patch: Sequence[i
     """(token budget, or 0 for bucket batches; a line for the log) of a loader whose samples
     come in `shapes` (latent T, H, W; `what` names where they come from). data.packing null
     packs when there is more than one shape and every one divides by the patch (bucket
-    batches pad the others); data.tokens_per_rank 0 is data.batch_size x the longest sample's
-    tokens (what a bucket batch of the longest samples holds)."""
+    batches pad the others); data.tokens_per_rank 0 is the most tokens one bucket batch holds
+    (data.bucket_batch_size, else data.batch_size, x the bucket's tokens): memory the bucket
+    batches already needed."""
     shapes = sorted({tuple(int(v) for v in s) for s in shapes})
     packing = getattr(data_cfg, "packing", None)
     auto = packing is None
@@ -75,10 +76,13 @@ def resolve_packing(data_cfg, shapes: Sequence[Sequence[int]], patch: Sequence[i
             raise ValueError(f"data.packing=true with data.tokens_per_rank=0 needs the sample sizes to size the "
                              f"budget, and {what} lists none; set data.tokens_per_rank (at least the longest "
                              "sample's tokens)")
-        longest = max(shapes, key=lambda s: sample_tokens(s, patch))
-        budget = int(data_cfg.batch_size) * sample_tokens(longest, patch)
-        size = (f"data.tokens_per_rank={budget} (data.batch_size={data_cfg.batch_size} x {sample_tokens(longest, patch)} "
-                f"tokens of the longest, {'x'.join(map(str, longest))})")
+        table = {str(k): int(v) for k, v in (getattr(data_cfg, "bucket_batch_size", None) or {}).items()}
+        bs = lambda s: table.get("x".join(map(str, s)), int(data_cfg.batch_size))  # noqa: E731
+        big = max(shapes, key=lambda s: (bs(s) * sample_tokens(s, patch), sample_tokens(s, patch)))
+        budget = bs(big) * sample_tokens(big, patch)
+        src = "data.bucket_batch_size" if "x".join(map(str, big)) in table else "data.batch_size"
+        size = (f"data.tokens_per_rank={budget} (the largest bucket batch: {src}={bs(big)} x "
+                f"{sample_tokens(big, patch)} tokens of {'x'.join(map(str, big))})")
     else:
         size = f"data.tokens_per_rank={budget}"
     why = f"{what} mixes {len(shapes)} latent sizes" if auto else "data.packing=true"
@@ -92,7 +96,9 @@ class Packer:
     pack(pull) fills the window from pull() to `window` items (stream order), then takes the
     subset whose tokens come closest to the budget without passing it (exact, `best_fill`); of
     the equally full subsets, the one with the oldest item if any has it, then the one taking
-    larger items (compared largest first, stream order between equal sizes). The pack lists its
+    larger items (compared largest first, stream order between equal sizes). An oldest item
+    that no full pack takes (say a 7 among 6s under a budget of 12) goes in by force once it has
+    waited `window` packs at the head: every sample leaves within window x window packs. The pack lists its
     items largest first (stream order between equal sizes), so equal-size samples sit next to
     each other and attention batches them (models/attention.py same_length_groups). pull()
     returns None when a finite stream ends; the window then drains and pack() returns [] once it
@@ -103,7 +109,10 @@ class Packer:
         if budget < 1 or window < 1:
             raise ValueError(f"packing needs tokens_per_rank >= 1 and pack_window >= 1 (got {budget}, {window})")
         self.budget, self.window_size = int(budget), int(window)
-        self.window: list[dict] = []  # pending items, stream order (the packer's whole state)
+        self.window: list[dict] = []  # pending items, stream order
+        # Packs made while window[0] waited at the head; at `window` it goes in by force. With
+        # the window, the packer's whole state (the loaders save both).
+        self.head_waits = 0
 
     def _fill(self, pull: Callable[[], Optional[dict]]) -> None:
         while len(self.window) < self.window_size:
@@ -118,10 +127,15 @@ class Packer:
         if not w:
             return []
         order = [0] + sorted(range(1, len(w)), key=lambda i: (-int(w[i]["tokens"]), i))
-        take = [order[j] for j in best_fill([int(w[i]["tokens"]) for i in order], self.budget)]
+        if self.head_waits >= self.window_size:  # the oldest sample goes in, whatever the fill
+            take = [0] + [order[1 + j] for j in best_fill([int(w[i]["tokens"]) for i in order[1:]],
+                                                          self.budget - int(w[0]["tokens"]))]
+        else:
+            take = [order[j] for j in best_fill([int(w[i]["tokens"]) for i in order], self.budget)]
         out = [w[i] for i in sorted(take, key=lambda i: (-int(w[i]["tokens"]), i))]
         taken = set(take)
         self.window = [it for i, it in enumerate(w) if i not in taken]
+        self.head_waits = 0 if 0 in taken else self.head_waits + 1
         return out
 
 
@@ -135,7 +149,7 @@ def best_fill(sizes: Sequence[int], capacity: int) -> list[int]:
     factors). 64 items of odd sizes: 0.1 ms at a 36k-token budget, 2.4 ms at 460k (this CPU)."""
     if capacity <= 0 or not sizes:
         return []
-    g = math.gcd(*sizes)
+    g = math.gcd(*sizes) or 1  # all zero: gcd 0
     cap, w = capacity // g, [s // g for s in sizes]
     mask = (1 << (cap + 1)) - 1
     reach = [0] * len(w) + [1]

@@ -73,13 +73,15 @@ class SyntheticLatents:
         return collate_pack(pack)
 
     def _packed_state(self) -> dict:
-        return {"read": self.read, "carry": list(self.carry), "window": [s["key"] for s in self.packer.window]}
+        return {"read": self.read, "carry": list(self.carry), "window": [s["key"] for s in self.packer.window],
+                "head_waits": self.packer.head_waits}
 
     def _load_packed(self, sd: dict) -> None:
         # A state saved without packing read batches_done * batch_size positions, no window.
         self.read = int(sd.get("read", int(sd["batches_done"]) * int(sd.get("batch_size", self.cfg.batch_size))))
         self.carry = [int(p) for p in sd.get("carry", [])]
         self.packer.window = [self._packed_sample(int(p)) for p in sd.get("window", [])]
+        self.packer.head_waits = int(sd.get("head_waits", 0))
 
     def _load_elastic_packed(self, states: list[dict]) -> str:
         """DP resize with packing: ranks read different numbers of positions, so the stream is
@@ -105,6 +107,7 @@ class SyntheticLatents:
         self.base_samples = base + far * old
         self.base_batches = int(states[0].get("base_batches", 0)) + max(int(sd["batches_done"]) for sd in states)
         self.batches_done, self.read, self.carry, self.packer.window = 0, 0, left[self.dp_rank::self.dp_size], []
+        self.packer.head_waits = 0
         return (f"synthetic packed stream (dp_size {old} -> {self.dp_size}) continues at global sample "
                 f"{self.base_samples}, after {len(left)} samples the old ranks left unread or waiting")
 

@@ -138,7 +138,8 @@ def varlen_usable(q_BHSD: torch.Tensor, kv_mask_BS=None) -> bool:
     up to 256 (flash's head sizes)."""
     D = q_BHSD.shape[-1]
     return (q_BHSD.is_cuda and q_BHSD.dtype in (torch.float16, torch.bfloat16) and kv_mask_BS is None
-            and q_BHSD.shape[0] == 1 and D % 8 == 0 and D <= 256)
+            and q_BHSD.shape[0] == 1 and D % 8 == 0 and D <= 256
+            and torch.cuda.get_device_capability(q_BHSD.device) >= (8, 0))  # flash: Ampere and later
 
 
 def varlen_document_attention(q_BHSD, k_BHSD, v_BHSD, doc_S=None, runs=None) -> torch.Tensor:
@@ -149,20 +150,22 @@ def varlen_document_attention(q_BHSD, k_BHSD, v_BHSD, doc_S=None, runs=None) -> 
     device from the host's runs (a host-to-device copy; no device read)."""
     from torch.nn.attention.varlen import varlen_attn
 
-    bounds, longest = varlen_bounds(runs if runs is not None else doc_runs(doc_S))
+    bounds, longest = varlen_bounds(runs if runs is not None else doc_runs(doc_S), q_BHSD.shape[2])
     cu = torch.tensor(bounds, dtype=torch.int32, device=q_BHSD.device)
     q, k, v = (x[0].transpose(0, 1).contiguous() for x in (q_BHSD, k_BHSD, v_BHSD))  # (S, H, D)
     return varlen_attn(q, k, v, cu, cu, longest, longest).transpose(0, 1)[None]
 
 
-def varlen_bounds(runs: Runs) -> tuple[list[int], int]:
+def varlen_bounds(runs: Runs, length: int) -> tuple[list[int], int]:
     """varlen_attn's cumulative sequence bounds of a pack's runs ([0, end of run 1, ...]) and
-    its longest run; the runs must tile the sequence from token 0."""
+    its longest run; the runs must tile the sequence's `length` tokens from token 0."""
     bounds = [0]
     for a, b, _ in runs:
         if a != bounds[-1] or b <= a:
             raise ValueError(f"runs {runs} do not tile the sequence from 0")
         bounds.append(b)
+    if bounds[-1] != length:
+        raise ValueError(f"runs {runs} cover {bounds[-1]} tokens of a sequence of {length}")
     return bounds, max(b - a for a, b, _ in runs)
 
 

@@ -51,6 +51,17 @@ def test_packer_fills_best_prefers_the_oldest_then_larger_samples_and_refills_th
     assert [[it["key"] for it in p] for p in packs] == [[0, 1], [2, 3], [4]]
 
 
+def test_a_sample_no_full_pack_takes_leaves_within_window_packs_at_the_head():
+    # budget 12, a 7 among endless 6s: every best fill is 6+6; the 7 waits at the head for
+    # `window` packs, then goes in by force (with nothing: no 6 fits beside it)
+    it = iter([7] + [6] * 100)
+    pull = (lambda c=iter(range(10**6)): {"tokens": next(it), "key": next(c)})
+    packer = Packer(12, 4)
+    packs = [[x["tokens"] for x in packer.pack(pull)] for _ in range(6)]
+    assert packs == [[6, 6]] * 4 + [[7], [6, 6]] and packer.head_waits == 0
+    assert best_fill([0, 0], 5) == [0, 1] and best_fill([3], 0) == []  # zero sizes, zero capacity
+
+
 @pytest.mark.parametrize("seed", range(20))
 def test_best_fill_is_the_exact_subset_sum_and_lexicographically_first(seed):
     import itertools
@@ -201,14 +212,14 @@ def test_validate_names_the_token_budget():
 
 def test_packing_by_default_on_mixed_sizes_with_a_budget_from_the_longest_sample():
     """data.packing null: packs when the samples come in more than one latent size, bucket
-    batches when in one; data.tokens_per_rank 0: data.batch_size x the longest sample's tokens.
+    batches when in one; data.tokens_per_rank 0: the largest bucket batch's tokens.
     The loaders' log line says which and why; explicit settings win."""
     from sora_dist.data.packing import resolve_packing
 
     mixed, one = [[1, 8, 8], [5, 8, 8], [3, 6, 10]], [[5, 8, 8]] * 3
     assert resolve_packing(DataConfig(batch_size=3), mixed, (1, 2, 2), "x") == (
-        3 * 80, "data: packs of data.tokens_per_rank=240 (data.batch_size=3 x 80 tokens of the longest, 5x8x8) "
-                "(x mixes 3 latent sizes)")
+        3 * 80, "data: packs of data.tokens_per_rank=240 (the largest bucket batch: data.batch_size=3 x 80 tokens "
+                "of 5x8x8) (x mixes 3 latent sizes)")
     assert resolve_packing(DataConfig(), one, (1, 2, 2), "x") == (
         0, "data: bucket batches of data.batch_size=2 (x holds one latent size)")
     assert resolve_packing(DataConfig(packing=False), mixed, (1, 2, 2), "x")[0] == 0
@@ -217,6 +228,12 @@ def test_packing_by_default_on_mixed_sizes_with_a_budget_from_the_longest_sample
            "e.g. 3x7x9; bucket batches pad them)")
     assert resolve_packing(DataConfig(packing=True), one, (1, 2, 2), "x")[0] == 2 * 80
     assert resolve_packing(DataConfig(tokens_per_rank=500), mixed, (1, 2, 2), "x")[0] == 500
+    # a per-bucket batch table sets the budget: the most tokens one of its batches holds
+    table = {"5x8x8": 1, "1x8x8": 16, "3x6x10": 2}
+    assert resolve_packing(DataConfig(batch_size=8, bucket_batch_size=table), mixed, (1, 2, 2), "x") == (
+        16 * 16, "data: packs of data.tokens_per_rank=256 (the largest bucket batch: data.bucket_batch_size=16 x "
+                 "16 tokens of 1x8x8) (x mixes 3 latent sizes)")
+    assert resolve_packing(DataConfig(batch_size=8, bucket_batch_size={"5x8x8": 1}), mixed, (1, 2, 2), "x")[0] == 8 * 45
     with pytest.raises(ValueError, match="lists none; set data.tokens_per_rank"):
         resolve_packing(DataConfig(packing=True), [], (1, 2, 2), "the manifest of /d")
     # the sources: the default synthetic config mixes two sizes, so it packs

@@ -300,9 +300,11 @@ def test_packed_attention_reads_no_sample_ids_back(arch, mode, monkeypatch):
 def test_varlen_bounds_tile_the_runs():
     from sora_dist.models.attention import pack_runs, varlen_bounds
 
-    assert varlen_bounds(pack_runs([5, 3, 0, 4], 14)) == ([0, 5, 8, 12, 14], 5)  # last run: padding
+    assert varlen_bounds(pack_runs([5, 3, 0, 4], 14), 14) == ([0, 5, 8, 12, 14], 5)  # last run: padding
     with pytest.raises(ValueError, match="do not tile"):
-        varlen_bounds(((0, 4, 0), (5, 8, 1)))
+        varlen_bounds(((0, 4, 0), (5, 8, 1)), 8)
+    with pytest.raises(ValueError, match="cover 12 tokens of a sequence of 14"):
+        varlen_bounds(pack_runs([5, 3, 0, 4], 12), 14)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="varlen_attn (flash) runs on CUDA only")

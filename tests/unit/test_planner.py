@@ -453,7 +453,7 @@ def test_plan_tokens_per_rank_plans_a_pack_as_its_worst_case_sample(capsys):
     base = ["--flavor", "7B", "--gpus", "64", "--mem-gib", "80"]
     assert cli.main(base + ["--tokens-per-rank", "460000", "--all"]) == 0
     out = capsys.readouterr().out
-    assert "packing: data.tokens_per_rank=460,000 per DP rank" in out and "pp=1, one microbatch of 1 x 460,000" in out
+    assert "packing: data.tokens_per_rank=460,000 per DP rank" in out and "pp=1, each microbatch one pack of 1 x 460,000" in out
     assert "pp > 1, 4 microbatches of 1 x 491,520 tokens" in out
     rows = [ln.split() for ln in out.splitlines() if ln.strip().endswith("fits")]
     # columns: tp cp mode pp dp rc mb | ... step_s tok/s status: tokens/s = dp x N / step
@@ -483,10 +483,16 @@ def test_plan_tokens_per_rank_plans_a_pack_as_its_worst_case_sample(capsys):
     assert cli.main(base + ["--tokens-per-rank", "460000", "--frames", "81", "--height", "480",
                             "--width", "832"]) == 0
     out = capsys.readouterr().out
-    assert "longest sample 32,760 tokens" in out and "pp=1, one microbatch of 14 x 32,858 tokens" in out
+    assert "longest sample 32,760 tokens" in out and "pp=1, each microbatch one pack of 14 x 32,858 tokens" in out
     rec2 = [ln for ln in out.splitlines() if ln.startswith("recommended:")][0]
     tps = lambda ln: float(ln.split(" tokens/s")[0].rsplit(" ", 1)[1].replace(",", ""))  # noqa: E731
     assert tps(rec2) > 1.5 * tps(rec)
+    # pp=1 with gradient accumulation (--microbatches 4): four packs per step, 4x the tokens of a step
+    assert cli.main(["--flavor", "7B", "--gpus", "8", "--mem-gib", "80", "--tokens-per-rank", "65536", "--tokens",
+                     "16384", "--microbatches", "4", "--all"]) == 0
+    rows = [ln.split() for ln in capsys.readouterr().out.splitlines() if ln.strip().endswith("fits")]
+    pp1 = [r for r in rows if r[3] == "1"]
+    assert pp1 and all(float(r[-2]) == pytest.approx(int(r[4]) * 4 * 65536 / float(r[-3]), rel=2e-3) for r in pp1)
     # The budget must hold the longest sample; a pack is the micro-batch.
     assert cli.main(base + ["--tokens", "500000", "--tokens-per-rank", "460000"]) == 2
     assert "raise it to >= 500,000" in capsys.readouterr().err
