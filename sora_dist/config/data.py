@@ -46,8 +46,8 @@ class DataConfig:
     # manifest buckets, or data.synthetic_buckets) and every size divides by model.patch_size;
     # else bucket batches (which pad odd sizes to the patch); true / false force it.
     packing: Optional[bool] = None
-    # Token budget of one pack = one DP rank's micro-batch; 0 (the default): data.batch_size x
-    # the longest sample's tokens (the memory of a bucket batch of the longest samples). A
+    # Token budget of one pack = one DP rank's micro-batch; 0 (the default): the most tokens one
+    # bucket batch would hold (bucket_batch_size, else batch_size, x the bucket's tokens). A
     # sample longer than it is an error (raise it, or shard the sequence with parallel.cp).
     # With parallel.pp > 1 the pack's whole samples are dealt to the parallel.pp_microbatches
     # pipeline microbatches, all padded to the largest (+ < 1/8): the padding stays small while
