@@ -32,8 +32,9 @@ def sdpa_attention(
 # A packed sequence's layout: (start, end, sample id) of each run of one sample's tokens, in
 # order; id -1 is padding (no sample). The Conditioning carries it (models/dit.py), so attention
 # groups a pack's samples without reading the ids back from the device (a host sync per call on
-# GPU). A tuple of ints: a constant to activation checkpointing's replay; packed attention runs
-# outside torch.compile's graphs (packed_eager), so compiled blocks never specialise on it.
+# GPU). A tuple of ints: a constant to activation checkpointing's replay; a pack's attention
+# runs outside torch.compile's graphs (models/dit.py self_attention), so compiled blocks never
+# specialise on it.
 Runs = tuple[tuple[int, int, int], ...]
 
 
@@ -107,18 +108,6 @@ def _from_batch(o_CHnD: torch.Tensor) -> torch.Tensor:
     return o_CHnD.transpose(0, 1).flatten(1, 2)[None]
 
 
-# Packed attention runs outside torch.compile's graphs (a graph break around it). Its kernel
-# calls follow the pack's layout (the Runs, Python ints), so a compiled block specialised on
-# each new layout: 27-30 s of compile per pack on this CPU (bench_pack's model), and after
-# dynamo's recompile limit (8) the block fell back to eager for good. Outside the graph the
-# layout is no guard; the compiled parts around it (projections, norms, modulation, MLP)
-# settle on dynamic sequence lengths after a few packs (then no recompile:
-# tests/unit/test_packing_model.py). Every packed-attention entry point wears it: this
-# module's (CoreAttention), cross-attention's (models/dit.py) and context parallelism's.
-packed_eager = torch.compiler.disable
-
-
-@packed_eager
 def document_attention(attn, q_BHSD, k_BHSD, v_BHSD, doc_S, kv_mask_BS=None, runs=None) -> torch.Tensor:
     """Self-attention of a packed sequence (B = 1): each sample's tokens attend only within the
     sample (a block-diagonal mask), one `attn` call per group of equal-size neighbouring samples
@@ -269,14 +258,10 @@ class CoreAttention(nn.Module):
         pack; elsewhere (CPU, fp32, cuDNN/efficient/math, TE, a key mask): one SDPA / TE call
         per group of equal-size neighbouring samples (document_attention)."""
         if doc_S is not None or runs is not None:
-            return self._packed(q_BHSD, k_BHSD, v_BHSD, kv_mask_BS, doc_S, runs)
+            if self.backend == "sdpa" and self.sdpa_kernel in ("auto", "flash") and varlen_usable(q_BHSD, kv_mask_BS):
+                return varlen_document_attention(q_BHSD, k_BHSD, v_BHSD, doc_S, runs)
+            return document_attention(self._dense, q_BHSD, k_BHSD, v_BHSD, doc_S, kv_mask_BS, runs)
         return self._dense(q_BHSD, k_BHSD, v_BHSD, kv_mask_BS)
-
-    @packed_eager
-    def _packed(self, q_BHSD, k_BHSD, v_BHSD, kv_mask_BS, doc_S, runs):
-        if self.backend == "sdpa" and self.sdpa_kernel in ("auto", "flash") and varlen_usable(q_BHSD, kv_mask_BS):
-            return varlen_document_attention(q_BHSD, k_BHSD, v_BHSD, doc_S, runs)
-        return document_attention(self._dense, q_BHSD, k_BHSD, v_BHSD, doc_S, kv_mask_BS, runs)
 
     def _dense(self, q_BHSD, k_BHSD, v_BHSD, kv_mask_BS=None):
         if self.backend == "sdpa":

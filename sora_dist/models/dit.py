@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sora_dist.config.model import DiTArgs
-from sora_dist.models.attention import CoreAttention, Runs, packed_eager
+from sora_dist.models.attention import CoreAttention, Runs
 from sora_dist.models.embeddings import (
     PatchEmbed3D, TimestepEmbedder, apply_rope, build_rope_3d, unpatchify,
 )
@@ -101,22 +101,23 @@ def cross_attention(attn: nn.Module, x_BSD: torch.Tensor, cond: "Conditioning") 
     return _packed_cross_attention(attn, x_BSD, cond)
 
 
-# A pack's attention sub-modules run outside torch.compile's graphs, handed the Conditioning
-# whole: the traced block never reads the pack's layout (its Runs), so dynamo installs no guard
-# on it. Passing the runs themselves across the graph break guarded their length (one compile
-# per sample count); inside the compiled block they were constants (one compile per layout,
-# models/attention.py packed_eager). The projections around the attention kernel run eager too.
-@packed_eager
+# A pack's attention sub-modules (projections, the kernel calls, CP's communication inside
+# them) run outside torch.compile's graphs, handed the Conditioning whole. The kernel calls
+# follow the pack's layout (its Runs, Python ints): traced inside a compiled block they were
+# constants, one ~30 s compile per new layout on this CPU and eager for good after dynamo's
+# recompile limit (8); passed across a graph break, their length was guarded (one compile per
+# sample count). Read only out here, they are no guard: the compiled rest of the block settles on
+# dynamic sizes after at most 3 compiles (tests/unit/test_packing_model.py).
+@torch.compiler.disable
 def _packed_self_attention(attn, x_BSD, cond):
     return attn(x_BSD, cond.rope_SP2, cond.token_mask_BS, cond.doc_S, cond.cp_doc_runs)
 
 
-@packed_eager
+@torch.compiler.disable
 def _packed_cross_attention(attn, x_BSD, cond):
     return attn(x_BSD, cond.text_BLD, cond.text_mask_BL, cond.doc_S, cond.doc_runs)
 
 
-@packed_eager
 def cross_attention_per_sample(attn, q_BHSD, k_KHLD, v_KHLD, text_mask_KL, doc_S, runs=None):
     """Cross-attention of a packed sequence: each run of a sample's tokens attends to that
     sample's caption only (k/v hold one caption per sample). Padding tokens (id < 0) get 0.

@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from sora_dist.config.parallel import CP_MODES, RING_KERNELS
-from sora_dist.models.attention import CoreAttention, packed_eager
+from sora_dist.models.attention import CoreAttention
 from sora_dist.parallel.context_parallel.comm import gather_along
 from sora_dist.parallel.context_parallel.ring import DEFAULT_MAX_SCORE_ELEMS, ring_attention
 from sora_dist.parallel.context_parallel.ulysses import heads_to_seq, seq_to_heads
@@ -120,7 +120,6 @@ class ContextParallelAttention(nn.Module):
         return heads_to_seq(o, ug) if ug is not None else o
 
 
-    @packed_eager
     def _forward_packed(self, q_BHSD, k_BHSD, v_BHSD, kv_mask_BS, doc_S, runs=None):
         ug, rg = self.ulysses_group, self.ring_group
         if ug is not None and q_BHSD.shape[1] % dist.get_world_size(ug):
