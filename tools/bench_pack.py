@@ -70,7 +70,7 @@ import torch
 from sora_dist.config.diffusion import DiffusionConfig
 from sora_dist.config.model import DiTArgs
 from sora_dist.config.optim import OptimConfig
-from sora_dist.data.packing import Packer, dp_imbalance, sample_tokens
+from sora_dist.data.packing import Packer, dp_imbalance, pack_ranks, sample_flops, sample_tokens
 from sora_dist.diffusion import build_diffusion
 from sora_dist.models import model_class
 from sora_dist.models.packing import pack_latents, pack_targets, packed_loss
@@ -78,6 +78,7 @@ from sora_dist.training.optim import build_optimizer
 
 PATCH = (1, 2, 2)
 TARGETS = {"speedup": 1.3, "padding": 0.02, "imbalance": 1.05}
+MODES = ("bucket", "pack/tok", "packing")
 
 
 def parse_args(argv=None):
@@ -97,6 +98,9 @@ def parse_args(argv=None):
     ap.add_argument("--window", type=int, default=64, help="data.pack_window")
     ap.add_argument("--dp", default="1,2,4", help="DP sizes to model")
     ap.add_argument("--steps", type=int, default=48, help="DP steps per mode and DP size")
+    ap.add_argument("--settle", type=int, default=300,
+                    help="DP steps drawn (not timed) before the measured ones, so that the packers' "
+                         "windows hold their steady mix (a cold window starts with the cheap samples)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per distinct shape (median)")
     ap.add_argument("--seed", type=int, default=0)
@@ -125,9 +129,9 @@ def rank_positions(rank: int, dp: int):
         pos += dp
 
 
-def bucket_batches(shape_of, rank: int, dp: int, table: dict, steps: int) -> tuple[list, int]:
-    """A rank's first `steps` batches [("batch", shape, B)] under the ShardLoader's accumulator
-    rule, and the stream length that covers every position it read."""
+def bucket_batches(shape_of, rank: int, dp: int, table: dict, steps: int, settle: int = 0) -> tuple[list, int]:
+    """A rank's batches [("batch", shape, B)] `settle` to `settle + steps` under the ShardLoader's
+    accumulator rule, and the stream length that covers every position it read."""
     acc, out, read = collections.Counter(), [], 0
     for pos in rank_positions(rank, dp):
         s = shape_of(pos)
@@ -136,24 +140,31 @@ def bucket_batches(shape_of, rank: int, dp: int, table: dict, steps: int) -> tup
         if acc[s] >= table[s]:
             out.append(("batch", s, table[s]))
             acc[s] = 0
-            if len(out) == steps:
-                return out, rank + (read - 1) * dp + 1
+            if len(out) == settle + steps:
+                return out[settle:], rank + (read - 1) * dp + 1
 
 
-def packs(shape_of, rank: int, dp: int, budget: int, window: int, steps: int) -> tuple[list, int]:
-    """A rank's first `steps` packs [("pack", shapes in pack order)] from the loaders' packer, and
-    the stream length that covers every position it read (its window included)."""
-    it = rank_positions(rank, dp)
-    read = [0]
+def packs(shape_of, dp: int, budget: int, window: int, steps: int, cost, settle: int = 0) -> tuple[list, int]:
+    """Every rank's packs [("pack", shapes in pack order)] `settle` to `settle + steps` from the loaders'
+    packers (cost None: data.pack_balance=tokens, each rank on its own; else =flops, the ranks'
+    agreement run in this process by data/packing.py pack_ranks), and the stream length that
+    covers every position read (the windows included)."""
+    its = [rank_positions(r, dp) for r in range(dp)]
+    read = [0] * dp
 
-    def pull():
-        read[0] += 1
-        s = shape_of(next(it))
+    def pull(r):
+        read[r] += 1
+        s = shape_of(next(its[r]))
         return {"shape": s, "tokens": sample_tokens(s, PATCH)}
 
-    packer = Packer(budget, window)
-    out = [("pack", tuple(x["shape"] for x in packer.pack(pull))) for _ in range(steps)]
-    return out, rank + (read[0] - 1) * dp + 1
+    packers = [Packer(budget, window) for _ in range(dp)]
+    pulls = [lambda r=r: pull(r) for r in range(dp)]
+    out = [[] for _ in range(dp)]
+    for step in range(settle + steps):
+        for r, p in enumerate(pack_ranks(packers, pulls, cost)):
+            if step >= settle:
+                out[r].append(("pack", tuple(x["shape"] for x in p)))
+    return out, max(r + (read[r] - 1) * dp + 1 for r in range(dp))
 
 
 def item_shapes(item) -> list:
@@ -216,10 +227,12 @@ class StepTimer:
 
 
 # ---- figures ------------------------------------------------------------------------------------
-def figures(per_rank: list[list], timer: StepTimer, budget: int) -> dict:
+def figures(per_rank: list[list], timer: StepTimer, budget: int, cost) -> dict:
     """per_rank[r][s]: rank r's s-th batch/pack. DP step time = max over ranks."""
     steps = list(zip(*per_rank))
     tok = [[item_tokens(it) for it in st] for st in steps]
+    flop = [[sum(cost(sample_tokens(x, PATCH)) for x in item_shapes(it)) for it in st] for st in steps]
+    fimb = dp_imbalance(flop)
     sec = [[timer.time(it) for it in st] for st in steps]
     total_tok = sum(map(sum, tok))
     total_s = sum(max(s) for s in sec)
@@ -230,6 +243,7 @@ def figures(per_rank: list[list], timer: StepTimer, budget: int) -> dict:
             "padding": 1 - total_tok / (budget * R * len(steps)),
             "dp_wait": 1 - sum(sum(s) / R for s in sec) / total_s,
             "imbalance_mean": imb["mean"], "imbalance_max": imb["max"],
+            "flop_imbalance_mean": fimb["mean"], "flop_imbalance_max": fimb["max"],
             # the trained mix can differ from the stream's over a short run (samples wait in
             # the window): the T=1 share of trained tokens shows by how much
             "t1_token_share": sum(sample_tokens(x, PATCH) for st in steps for it in st
@@ -264,14 +278,16 @@ def main(argv=None) -> int:
     budget = int(a.budget_mult * longest)
     table = bucket_table(all_shapes, budget)
 
+    timer = StepTimer(a)
+    cost = sample_flops(timer.args, a.text_len)  # the trainer's data.pack_balance=flops cost model
     plans, read = {}, 0
     for R in dps:
-        bk = [bucket_batches(shape_of, r, R, table, a.steps) for r in range(R)]
-        pk = [packs(shape_of, r, R, budget, a.window, a.steps) for r in range(R)]
-        plans[R] = {"bucket": [b for b, _ in bk], "packing": [p for p, _ in pk]}
-        read = max([read] + [n for _, n in bk + pk])
+        bk = [bucket_batches(shape_of, r, R, table, a.steps, a.settle) for r in range(R)]
+        pt, nt = packs(shape_of, R, budget, a.window, a.steps, None, a.settle)
+        pf, nf = packs(shape_of, R, budget, a.window, a.steps, cost, a.settle)
+        plans[R] = {"bucket": [b for b, _ in bk], "pack/tok": pt, "packing": pf}
+        read = max([read, nt, nf] + [n for _, n in bk])
 
-    timer = StepTimer(a)
     nparams = sum(p.numel() for p in timer.model.parameters())
     print(f"model: {a.arch} hidden {a.hidden} depth {a.depth} heads {a.heads}, {nparams / 1e6:.2f}M params, fp32 "
           f"CPU ({torch.get_num_threads()} threads); captions {a.text_len} x {a.text_dim}; rectified flow")
@@ -283,7 +299,10 @@ def main(argv=None) -> int:
           f"(warm-up {a.warmup}, median of {a.repeats}); DP rank r of R reads stream positions r, r+R, ... "
           "and makes its own batches/packs; a DP step lasts its slowest rank: tokens/s = sample tokens of "
           "all ranks / sum of per-step max times. padding = 1 - tokens / (N x ranks x steps); "
-          "dp wait = 1 - sum(mean rank time) / sum(max rank time); imbalance = max/mean tokens per step")
+          "dp wait = 1 - sum(mean rank time) / sum(max rank time); imbalance = max/mean tokens per step; "
+          "flop imb = worst step's max/mean modelled FLOPs (DiTArgs.flops_per_sample, the packer's cost)\n"
+          "modes: bucket (data.packing=false), pack/tok (data.pack_balance=tokens: each rank fills its "
+          "own budget), packing (data.pack_balance=flops, the default: the ranks agree on a step cost)")
     biggest = max((p for R in dps for rank in plans[R]["packing"] for p in rank), key=item_tokens)
     for _ in range(a.warmup):  # allocator, thread pool and kernels warm before anything is timed
         timer.step(biggest)
@@ -292,16 +311,18 @@ def main(argv=None) -> int:
     results = {"mix": mix, "budget": budget, "bucket_table": {"x".join(map(str, s)): b for s, b in
                                                                sorted(table.items())}, "dp": {}}
     print(f"\n{'dp':>3} {'mode':>8} {'steps':>5} {'samples':>7} {'tokens':>7} {'time s':>7} {'tok/s':>8} "
-          f"{'x bucket':>8} {'padding':>8} {'dp wait':>8} {'imb mean':>8} {'imb max':>8} {'T=1 tok':>7}")
+          f"{'x bucket':>8} {'padding':>8} {'dp wait':>8} {'imb mean':>8} {'imb max':>8} {'flop imb':>8} "
+          f"{'T=1 tok':>7}")
     for R in dps:
-        res = {m: figures(plans[R][m], timer, budget) for m in ("bucket", "packing")}
+        res = {m: figures(plans[R][m], timer, budget, cost) for m in MODES}
         res["speedup"] = res["packing"]["tokens_per_s"] / res["bucket"]["tokens_per_s"]
-        for m in ("bucket", "packing"):
+        res["speedup_tokens_balance"] = res["pack/tok"]["tokens_per_s"] / res["bucket"]["tokens_per_s"]
+        for m in MODES:
             f = res[m]
             print(f"{R:>3} {m:>8} {f['steps']:>5} {f['samples']:>7} {f['tokens']:>7} {f['seconds']:>7.2f} "
                   f"{f['tokens_per_s']:>8.0f} {f['tokens_per_s'] / res['bucket']['tokens_per_s']:>8.2f} "
                   f"{f['padding']:>8.1%} {f['dp_wait']:>8.1%} {f['imbalance_mean']:>8.3f} {f['imbalance_max']:>8.3f} "
-                  f"{f['t1_token_share']:>7.1%}")
+                  f"{f['flop_imbalance_max']:>8.3f} {f['t1_token_share']:>7.1%}")
         results["dp"][str(R)] = res
     print(f"\ndistinct shapes timed: {len(timer.cache)}")
     print("targets (issue 13), packing | bucket batching beside it:")
@@ -310,10 +331,12 @@ def main(argv=None) -> int:
         p, b = r["packing"], r["bucket"]
         ok = lambda c: "met" if c else "NOT met"  # noqa: E731
         print(f"  dp={R}: tokens/s packing/bucket {r['speedup']:.2f}x (target >= {TARGETS['speedup']}x: "
-              f"{ok(r['speedup'] >= TARGETS['speedup'])}); padding {p['padding']:.1%} | {b['padding']:.1%} "
+              f"{ok(r['speedup'] >= TARGETS['speedup'])}; pack/tok {r['speedup_tokens_balance']:.2f}x); padding {p['padding']:.1%} | {b['padding']:.1%} "
               f"(<= {TARGETS['padding']:.0%}: {ok(p['padding'] <= TARGETS['padding'])}); imbalance mean "
               f"{p['imbalance_mean']:.3f} worst {p['imbalance_max']:.3f} | {b['imbalance_mean']:.3f} worst "
-              f"{b['imbalance_max']:.3f} (<= {TARGETS['imbalance']}: {ok(p['imbalance_max'] <= TARGETS['imbalance'])})")
+              f"{b['imbalance_max']:.3f} (<= {TARGETS['imbalance']}: {ok(p['imbalance_max'] <= TARGETS['imbalance'])}); "
+              f"modelled FLOPs imbalance worst {p['flop_imbalance_max']:.3f} | pack/tok "
+              f"{r['pack/tok']['flop_imbalance_max']:.3f} | {b['flop_imbalance_max']:.3f}")
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(results, fh, indent=1)

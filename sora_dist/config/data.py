@@ -41,7 +41,8 @@ class DataConfig:
     # Patch n' Pack (data/packing.py): instead of bucket batches, each DP rank's micro-batch is
     # one pack of mixed-size samples (images and clips of any length/aspect) whose tokens
     # (prod of ceil(T/pt), ceil(H/ph), ceil(W/pw) under model.patch_size) fill tokens_per_rank.
-    # Every rank fills its own pack to ~the same budget, so ranks stay balanced without talking.
+    # Every rank fills its own pack to ~the same budget (and with pack_balance=flops the ranks
+    # agree on ~the same step cost).
     # null (the default): pack when the data holds more than one latent size (the shards'
     # manifest buckets, or data.synthetic_buckets) and every size divides by model.patch_size;
     # else bucket batches (which pad odd sizes to the patch); true / false force it.
@@ -57,3 +58,9 @@ class DataConfig:
     # Look-ahead window (samples, in stream order) the best-fill packer picks each pack from;
     # larger fills packs better and holds more decoded samples in memory.
     pack_window: int = 64
+    # How DP ranks balance their packs: "flops" (default): each step the DP ranks agree on one
+    # modelled step cost (model FLOPs, attention quadratic per sample; two tiny all-gathers) and
+    # each takes the fullest pack within tokens_per_rank at that cost, so a rank with a long clip
+    # does not keep the others waiting; "tokens": each rank fills its own pack to the token budget
+    # with no communication (equal tokens, unequal attention work).
+    pack_balance: str = "flops"

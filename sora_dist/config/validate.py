@@ -158,6 +158,8 @@ def validate(cfg, world_size: Optional[int] = None) -> None:
                                    "x the longest sample's tokens)")
     if d.packing is not False:
         _check(d.pack_window >= 1, f"data.pack_window={d.pack_window} must be >= 1 (e.g. 64)")
+        _check(d.pack_balance in ("flops", "tokens"), f"data.pack_balance={d.pack_balance!r}: use flops "
+               "(DP ranks agree on the step's modelled cost) or tokens (each rank fills its own budget)")
     if d.source == "shards":
         _check(bool(d.shards), "data.source=shards needs data.shards=<folder written by sora-encode>")
         _check_none(shards_problems(d.shards))

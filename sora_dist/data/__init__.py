@@ -27,10 +27,13 @@ from sora_dist.data.loader import ShardLoader
 from sora_dist.data.synthetic import SyntheticLatents
 
 
-def build_loader(data_cfg, model_cfg, dp_rank: int = 0, dp_size: int = 1):
+def build_loader(data_cfg, model_cfg, dp_rank: int = 0, dp_size: int = 1, exchange=None):
+    """exchange: all-gather over the DP ranks (data/packing.py PackBalance), for packs balanced
+    by modelled cost (data.pack_balance=flops); None: every rank packs on its own."""
     if data_cfg.source == "synthetic":
         return SyntheticLatents(data_cfg, model_cfg.in_channels, model_cfg.text_dim, dp_rank, dp_size,
-                                patch_size=getattr(model_cfg, "patch_size", None))
+                                patch_size=getattr(model_cfg, "patch_size", None), model_cfg=model_cfg,
+                                exchange=exchange)
     if data_cfg.source == "shards":
-        return ShardLoader(data_cfg, dp_rank=dp_rank, dp_size=dp_size, model_cfg=model_cfg)
+        return ShardLoader(data_cfg, dp_rank=dp_rank, dp_size=dp_size, model_cfg=model_cfg, exchange=exchange)
     raise ValueError(f"data.source={data_cfg.source!r}: use 'synthetic' or 'shards'")

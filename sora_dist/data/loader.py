@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from sora_dist.data.packing import Packer, check_sample, collate_pack, resolve_packing
+from sora_dist.data.packing import BALANCE_NOTE, Packer, check_sample, collate_pack, pack_balance, resolve_packing
 from sora_dist.data.shards import decode_arrays, describe_text_encoder, describe_vae, load_manifest
 
 
@@ -71,7 +71,7 @@ def collate(samples: list[dict], pad_text_to: int = 0) -> dict:
 class ShardLoader:
     """Infinite iterator of bucketed batches for one DP rank (interface: sora_dist/data/__init__.py)."""
 
-    def __init__(self, data_cfg, dp_rank: int = 0, dp_size: int = 1, model_cfg=None):
+    def __init__(self, data_cfg, dp_rank: int = 0, dp_size: int = 1, model_cfg=None, exchange=None):
         if not data_cfg.shards:
             raise ValueError("data.source=shards needs data.shards=<folder written by sora-encode>")
         self.folder, manifest = load_manifest(data_cfg.shards)
@@ -113,6 +113,9 @@ class ShardLoader:
         budget, self.layout_note = resolve_packing(
             data_cfg, [b.split("x") for b in self.buckets], self.patch, f"the manifest of {self.folder}")
         self.packer = Packer(budget, int(data_cfg.pack_window)) if budget else None
+        self.balance = pack_balance(data_cfg, model_cfg, exchange, self.pad_text_to or int(manifest.get("text_max_length") or 0)) if budget else None
+        if self.balance is not None:
+            self.layout_note += BALANCE_NOTE
         self.dp_rank, self.dp_size = dp_rank, dp_size
         # position of the next unseen sample, and accumulators of read-but-unbatched samples
         self.epoch, self.block, self.offset = 0, 0, 0
@@ -215,7 +218,7 @@ class ShardLoader:
 
     def __next__(self) -> dict:
         if self.packer is not None:
-            pack = self.packer.pack(lambda: self._packable(self._next_sample()))
+            pack = self.packer.pack(lambda: self._packable(self._next_sample()), self.balance)
             self.batches_done += 1
             out = collate_pack(pack, self.pad_text_to)
             out["keys"] = [f"{s['shard']}/{s['key']}" for s in pack]

@@ -1,14 +1,26 @@
 """Patch n' Pack: per-DP-rank token-budget packs of mixed-size samples.
 
-Why packing balances DP ranks without communication. With bucket batches, one DP rank may draw
-a batch of 21-frame clips while another draws images; every step waits for the slowest rank.
-Here every rank fills its own pack to (nearly) the same budget, data.tokens_per_rank, from its
-own stream, so per-step token counts differ only by each pack's unfilled tail. The packer keeps
-that tail small by choosing from a look-ahead window: each pack is the subset of the waiting
-samples whose tokens fill the budget best (an exact subset sum), so no rank has to know what the
-others drew. Attention cost is quadratic in a sample's length, so packs of one long clip and of
-many images still differ in attention FLOPs; tokens (linear layers, the bulk at video sizes) are
-what the budget equalises.
+Why packing balances DP ranks. With bucket batches, one DP rank may draw a batch of 21-frame
+clips while another draws images; every step waits for the slowest rank. Here every rank fills
+its own pack to (nearly) the same budget, data.tokens_per_rank, from its own stream, so per-step
+token counts differ only by each pack's unfilled tail. The packer keeps that tail small by
+choosing from a look-ahead window: each pack is the subset of the waiting samples whose tokens
+fill the budget best (an exact subset sum).
+
+Why equal tokens are not enough, and what the ranks agree on. Attention costs grow with each
+sample's length squared, so at equal tokens a pack of one long clip costs far more than a pack of
+images: at Wan2.1-1.3B sizes a 21x30x52-token clip's step costs 3.4x its tokens' linear FLOPs,
+a 480p image's 1.1x (DiTArgs.flops_per_sample). Packs filled to equal tokens rank by rank leave
+the DP ranks waiting for the one that drew the long clip. With data.pack_balance=flops (the
+default) the DP ranks agree on one step cost each step (`PackBalance`: two all-gathers of a few
+numbers): each rank offers the modelled cost of its own token best fill; for every offered cost T
+each rank packs the costliest subset of its window within T and the token budget (`fill_cost`);
+the T that keeps the ranks busiest wins (`choose_cost`), and each rank takes its pack for it. Every
+sample is trained once in the end, so the total work is fixed and idle time is all there is to
+win. Modelled over the Wan-480p mixed set of tests/unit/test_packing.py with Wan2.1-1.3B's FLOPs
+(window 64, 200 steps after 200 to settle), DP wait of equal-token packs -> balanced packs: 8.5% ->
+0.7% at dp2, 21.5% -> 0.7% at dp8 (tokens per modelled second x1.07, x1.25), the same mix
+trained. Measured on a real model by tools/bench_pack.py (its docstring).
 
 Why an exact fill and not first-fit-decreasing. FFD (largest fitting sample first, until none
 fits) stops at a gap smaller than every waiting sample; the best subset fills it. Simulated over
@@ -26,8 +38,10 @@ identities and re-create it on resume, so a resumed run draws exactly the same p
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
+import numpy as np
 import torch
 
 
@@ -89,6 +103,37 @@ def resolve_packing(data_cfg, shapes: Sequence[Sequence[int]], patch: Sequence[i
     return budget, f"data: packs of {size} ({why})"
 
 
+@dataclass
+class PackBalance:
+    """How the DP ranks agree on their packs (data.pack_balance=flops, more than one DP rank).
+
+    exchange: all-gather over the DP ranks, rank order: a float64 vector of n values (the same n
+      on every rank) -> an (R, n) array; the trainer's is two tiny collectives on the DP group.
+    cost: the modelled step cost (FLOPs) of one sample of n tokens; a pack costs the sum."""
+    exchange: Callable[[np.ndarray], np.ndarray]
+    cost: Callable[[int], float]
+
+
+def sample_flops(model_args, text_len: int) -> Callable[[int], float]:
+    """cost(n) of PackBalance: forward + backward FLOPs of one sample of n video tokens and
+    text_len caption tokens (DiTArgs.flops_per_sample: linear layers ~n, attention ~n^2)."""
+    def cost(n: int) -> float:
+        return float(model_args.flops_per_sample(int(n), int(text_len)))
+    return cost
+
+
+BALANCE_NOTE = "; the DP ranks agree each step on one modelled step cost (data.pack_balance=flops)"
+
+
+def pack_balance(data_cfg, model_cfg, exchange, text_len: int) -> Optional[PackBalance]:
+    """The loaders' PackBalance: data.pack_balance=flops with an exchange (more than one DP rank)
+    and the model's dimensions to cost samples by; None: each rank packs on its own."""
+    if exchange is None or model_cfg is None or getattr(data_cfg, "pack_balance", "flops") != "flops":
+        return None
+    from sora_dist.config.model import DiTArgs  # torch-free; the loaders' model_cfg is a ModelConfig
+    return PackBalance(exchange, sample_flops(DiTArgs.from_config(model_cfg), text_len))
+
+
 class Packer:
     """Deterministic best-fill packer over a look-ahead window.
 
@@ -103,6 +148,11 @@ class Packer:
     each other and attention batches them (models/attention.py same_length_groups). pull()
     returns None when a finite stream ends; the window then drains and pack() returns [] once it
     is empty.
+
+    pack(pull, balance) agrees with the other DP ranks on the step's cost first (module
+    docstring; `PackBalance`): the same window and head rule, then the costliest pack within the
+    agreed cost and the token budget. Its three phases (begin, offer, finish) are public so that
+    one process can run every rank's packer with the same arithmetic (`pack_ranks`).
     """
 
     def __init__(self, budget: int, window: int):
@@ -113,6 +163,7 @@ class Packer:
         # Packs made while window[0] waited at the head; at `window` it goes in by force. With
         # the window, the packer's whole state (the loaders save both).
         self.head_waits = 0
+        self._costs = self._picks = self._own = None  # between begin() and finish() of a balanced pack
 
     def _fill(self, pull: Callable[[], Optional[dict]]) -> None:
         while len(self.window) < self.window_size:
@@ -121,22 +172,138 @@ class Packer:
                 return
             self.window.append(item)
 
-    def pack(self, pull: Callable[[], Optional[dict]]) -> list[dict]:
-        self._fill(pull)
+    @property
+    def forced(self) -> bool:
+        """The oldest sample goes in this pack, whatever the fill."""
+        return bool(self.window) and self.head_waits >= self.window_size
+
+    def _best_fill_take(self) -> list[int]:
+        """Window indices of the token best fill (the unbalanced pack)."""
         w = self.window
-        if not w:
-            return []
         order = [0] + sorted(range(1, len(w)), key=lambda i: (-int(w[i]["tokens"]), i))
-        if self.head_waits >= self.window_size:  # the oldest sample goes in, whatever the fill
-            take = [0] + [order[1 + j] for j in best_fill([int(w[i]["tokens"]) for i in order[1:]],
+        if self.forced:
+            return [0] + [order[1 + j] for j in best_fill([int(w[i]["tokens"]) for i in order[1:]],
                                                           self.budget - int(w[0]["tokens"]))]
-        else:
-            take = [order[j] for j in best_fill([int(w[i]["tokens"]) for i in order], self.budget)]
+        return [order[j] for j in best_fill([int(w[i]["tokens"]) for i in order], self.budget)]
+
+    def _take(self, take: Sequence[int]) -> list[dict]:
+        w = self.window
         out = [w[i] for i in sorted(take, key=lambda i: (-int(w[i]["tokens"]), i))]
         taken = set(take)
         self.window = [it for i, it in enumerate(w) if i not in taken]
         self.head_waits = 0 if 0 in taken else self.head_waits + 1
         return out
+
+    def pack(self, pull: Callable[[], Optional[dict]], balance: Optional[PackBalance] = None) -> list[dict]:
+        if balance is not None:
+            return self.finish(balance.exchange(self.offer(balance.exchange(self.begin(pull, balance.cost)))))
+        self._fill(pull)
+        return self._take(self._best_fill_take()) if self.window else []
+
+    # ---- balanced packs: begin -> all-gather -> offer -> all-gather -> finish ------------------
+    def begin(self, pull: Callable[[], Optional[dict]], cost: Callable[[int], float]) -> np.ndarray:
+        """Fill the window; returns [modelled cost of this rank's token best fill] (0: empty)."""
+        self._fill(pull)
+        self._costs = [float(cost(int(it["tokens"]))) for it in self.window]
+        self._own = self._best_fill_take() if self.window else []
+        return np.array([math.fsum(self._costs[i] for i in self._own)])
+
+    def offer(self, own_costs: np.ndarray) -> np.ndarray:
+        """Every rank's begin() (R, 1) -> the candidate step costs T (`candidate_costs`); returns
+        the cost of this rank's pack at each T (`fill_cost`), -1 where it has none: the forced
+        oldest sample alone costs more than T, or no waiting sample fits in T."""
+        self._cands = candidate_costs(own_costs)
+        tokens = [int(it["tokens"]) for it in self.window]
+        own = (math.fsum(self._costs[i] for i in self._own), self._own)
+        # fill_cost rounds costs up, so it can miss a pack costing exactly T, such as the token
+        # best fill that offered T: that one competes too
+        self._picks = [max(fill_cost(tokens, self._costs, self.budget, T, self.forced),
+                           own if own[0] <= T * (1 + 1e-9) else (0.0, []), key=lambda p: p[0])
+                       for T in self._cands]
+        return np.array([c if take or not self.window else -1.0 for c, take in self._picks], dtype=np.float64)
+
+    def finish(self, offers: np.ndarray) -> list[dict]:
+        """Every rank's offer() (R, K) -> this rank's pack at the chosen T (`choose_cost`)."""
+        k = choose_cost(offers)
+        picks, self._picks, self._costs, self._own = self._picks, None, None, None
+        if k is None:  # every window is empty
+            return []
+        return self._take(picks[k][1]) if self.window else []
+
+
+def fill_cost(tokens: Sequence[int], costs: Sequence[float], budget: int, T: float, forced: bool,
+              levels: int = 1024) -> tuple[float, list[int]]:
+    """(cost, window indices) of the costliest subset costing <= T with at most `budget` tokens
+    (the forced item 0 always in; (0, []) when even it costs more than T). Most work within the
+    step's time: a rank fills the time the slowest rank sets, and the costly samples go while they
+    are free to. Exact over costs rounded up to T / levels (so the pack never passes T); of the
+    subsets at one rounded cost, the fewest tokens (larger samples), earlier items on ties.
+    O(len(tokens) x levels) array operations."""
+    base = [0] if forced else []
+    if base and costs[0] > T * (1 + 1e-9):
+        return 0.0, []
+    unit = T / levels if T > 0 else 1.0
+    rest = [i for i in range(len(tokens)) if i not in base]
+    top = levels - (math.ceil(costs[0] / unit - 1e-9) if base else 0)
+    room = budget - sum(tokens[i] for i in base)
+    q = [max(1, math.ceil(costs[i] / unit - 1e-9)) for i in rest]
+    big = np.iinfo(np.int64).max // 2
+    fewest = np.full(levels + 1, big, dtype=np.int64)  # fewest tokens at each rounded cost
+    fewest[0] = 0
+    took = np.zeros((len(rest), levels + 1), dtype=bool)
+    for j, i in enumerate(rest):
+        w = q[j]
+        if w > top or tokens[i] > room:
+            continue
+        cand = fewest[:levels + 1 - w] + tokens[i]  # from the previous row: 0/1, each item once
+        better = cand < fewest[w:]
+        took[j, w:] = better
+        fewest[w:] = np.where(better, cand, fewest[w:])
+    level = int(np.nonzero(fewest[:max(top, 0) + 1] <= room)[0][-1])
+    take = list(base)
+    for j in range(len(rest) - 1, -1, -1):
+        if level and took[j, level]:
+            take.append(rest[j])
+            level -= q[j]
+    return math.fsum(costs[i] for i in take), take
+
+
+def candidate_costs(own_costs: np.ndarray, most: int = 16) -> list[float]:
+    """The step costs the ranks choose between: the ranks' own token best-fill costs (each a full
+    pack for someone), distinct, positive, ascending; at most `most` of them (evenly spaced in
+    rank of cost, the largest always kept: every rank can meet it)."""
+    c = sorted({float(v) for v in np.asarray(own_costs).reshape(-1) if v > 0})
+    if len(c) > most:
+        c = [c[round(i * (len(c) - 1) / (most - 1))] for i in range(most)]
+    return c
+
+
+def choose_cost(offers: np.ndarray, tie: float = 1e-3) -> Optional[int]:
+    """Index of the candidate step cost that keeps the DP ranks busiest: the largest utilisation
+    sum(cost) / (R x max(cost)) among those every rank can meet (no -1); of those within `tie` of
+    the best, the largest T (more work per step, fewer steps). None when no rank has work.
+    Idle time is what balancing can win: every sample is trained once in the end, so the total
+    work is fixed and the total time is the work plus the ranks' waits."""
+    offers = np.asarray(offers, dtype=np.float64)
+    util = []
+    for k in range(offers.shape[1]):
+        c = offers[:, k]
+        util.append(-1.0 if (c < 0).any() or c.max() <= 0 else float(c.sum() / (len(c) * c.max())))
+    if not util or max(util) < 0:
+        return None
+    best = max(util)
+    return max(k for k, u in enumerate(util) if u >= best - tie)
+
+
+def pack_ranks(packers: Sequence[Packer], pulls: Sequence[Callable[[], Optional[dict]]],
+               cost: Optional[Callable[[int], float]]) -> list[list[dict]]:
+    """One step of every DP rank's packer in one process (benchmarks, tests): balanced as the
+    ranks' PackBalance would (the all-gathers are stacks), or each on its own (cost None)."""
+    if cost is None:
+        return [p.pack(pull) for p, pull in zip(packers, pulls)]
+    own = np.stack([p.begin(pull, cost) for p, pull in zip(packers, pulls)])
+    offers = np.stack([p.offer(own) for p in packers])
+    return [p.finish(offers) for p in packers]
 
 
 def best_fill(sizes: Sequence[int], capacity: int) -> list[int]:

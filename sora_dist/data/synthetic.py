@@ -18,7 +18,7 @@ import math
 import numpy as np
 import torch
 
-from sora_dist.data.packing import Packer, check_sample, collate_pack, resolve_packing
+from sora_dist.data.packing import BALANCE_NOTE, Packer, check_sample, collate_pack, pack_balance, resolve_packing
 
 
 class SyntheticLatents:
@@ -29,7 +29,7 @@ class SyntheticLatents:
     """
 
     def __init__(self, cfg, in_channels: int, text_dim: int, dp_rank: int = 0, dp_size: int = 1,
-                 patch_size=(1, 2, 2)):
+                 patch_size=(1, 2, 2), model_cfg=None, exchange=None):
         self.cfg = cfg
         self.C, self.text_dim = in_channels, text_dim
         self.dp_rank, self.dp_size = dp_rank, dp_size
@@ -46,6 +46,9 @@ class SyntheticLatents:
             # Every shape is known up front: fail at construction, naming the bucket.
             self.bucket_tokens = [check_sample(b, patch, self.packer.budget, f"data.synthetic_buckets entry {list(b)}")
                                   for b in self.buckets]
+            self.balance = pack_balance(cfg, model_cfg, exchange, cfg.text_len)
+            if self.balance is not None:
+                self.layout_note += BALANCE_NOTE
             self.read = 0                 # positions of this rank's stream read so far
             self.carry: list[int] = []    # positions read first (left over by a DP resize)
 
@@ -68,7 +71,7 @@ class SyntheticLatents:
         return self._packed_sample(self._position(self.read - 1))
 
     def _next_pack(self) -> dict:
-        pack = self.packer.pack(self._pull)
+        pack = self.packer.pack(self._pull, self.balance)
         self.batches_done += 1
         return collate_pack(pack)
 

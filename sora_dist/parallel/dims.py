@@ -8,8 +8,11 @@ handed sub-meshes of this mesh (picotron-style: the grid is written down once, h
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
+import numpy as np
+import torch
+import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 from sora_dist.config.parallel import ulysses_degree
@@ -106,3 +109,17 @@ class Meshes:
             raise RuntimeError(f"mesh dim {name!r} asked for in a one-process run (no process group); "
                                "a parallel step of degree 1 should not need it")
         return self._flat[name] if name in self._flat else self.world[name]
+
+
+def row_exchange(mesh, device: torch.device) -> Callable[[np.ndarray], np.ndarray]:
+    """All-gather of a short float64 vector over a 1-D mesh's ranks, in rank order: (n,) -> (R, n)
+    (the same n on every rank). The packer's balance exchange (data/packing.py PackBalance) on the
+    DP mesh; on the backend's device (NCCL: the rank's GPU), a few numbers per call."""
+    group, R = mesh.get_group(), mesh.size()
+
+    def exchange(row: np.ndarray) -> np.ndarray:
+        t = torch.as_tensor(np.ascontiguousarray(row, dtype=np.float64).reshape(-1)).to(device)
+        out = torch.empty(R * t.numel(), dtype=torch.float64, device=device)
+        dist.all_gather_into_tensor(out, t, group=group)
+        return out.view(R, -1).cpu().numpy()
+    return exchange

@@ -26,7 +26,7 @@ from sora_dist.models.dit import count_params
 from sora_dist.models.fp8 import apply_fp8
 from sora_dist.models.wan_weights import load_diffusers_weights
 from sora_dist.parallel.device import init_distributed, memory_stats, peak_tflops
-from sora_dist.parallel.dims import ParallelDims
+from sora_dist.parallel.dims import ParallelDims, row_exchange
 from sora_dist.parallel.parallelize import parallelize
 from sora_dist.parallel.rng import seed_step
 from sora_dist.training.checkpoint import CheckpointManager, TrainState, latest
@@ -99,7 +99,9 @@ class Trainer:
                      got["tensors"], got["bytes_read"] / 2**20, got["bytes_total"] / 2**20)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.ema = EMA(self.model, t.ema_decay) if t.ema_decay > 0 else None
-        self.loader = build_loader(cfg.data, cfg.model, self.dp_rank, self.dp_size)
+        # Packs balanced by modelled cost agree over the DP ranks (data.pack_balance=flops).
+        exchange = row_exchange(self.pdims.meshes["dp"], self.device) if self.dp_size > 1 else None
+        self.loader = build_loader(cfg.data, cfg.model, self.dp_rank, self.dp_size, exchange)
         self.state = TrainState()
         self.checkpoint = CheckpointManager(ckpt_dir, self.model,
                                             self.optimizer, self.ema, self.loader, self.state,

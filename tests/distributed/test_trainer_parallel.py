@@ -429,6 +429,28 @@ def test_trainer_packing_layout_matches_single_process(tmp_path, world, parallel
     params_close(got_params, ref_params, init)
 
 
+def _pack_balance_worker(rank, world, run_dir, stop_at, steps):
+    cfg = pack_cfg(run_dir, dp=2)
+    cfg.train.steps, cfg.train.ckpt_every, cfg.data.tokens_per_rank = steps, 3, 120
+    tr = Trainer(cfg)
+    try:
+        assert tr.loader.balance is not None and "pack_balance=flops" in tr.loader.layout_note
+        return tr.train(stop_at=stop_at), tr.loader.state_dict()["window"]
+    finally:
+        tr.close()
+
+
+def test_trainer_dp2_flops_balanced_packs_resume_exactly(tmp_path):
+    """DP2 with data.pack_balance=flops (the default): the ranks agree on each step's cost through
+    the gloo all-gather; a run stopped at step 3 and resumed continues the same loss sequence
+    and ends with the same packer windows as the uninterrupted run."""
+    ref = run_distributed(_pack_balance_worker, 2, str(tmp_path / "ref"), None, 6, all_ranks=True)
+    first = run_distributed(_pack_balance_worker, 2, str(tmp_path / "run"), 3, 6, all_ranks=True)
+    second = run_distributed(_pack_balance_worker, 2, str(tmp_path / "run"), None, 6, all_ranks=True)
+    assert len(ref[0][0]) == 6 and first[0][0] + second[0][0] == ref[0][0]  # bit for bit
+    assert [w for _, w in second] == [w for _, w in ref]
+
+
 def test_trainer_packing_dp2_to_one_process_carries_the_stream_over(tmp_path):
     """DP2 with packing (each rank fills its own budget) saves at step 2; one process resumes it
     (the carry-over rule itself, nothing lost or repeated, is tests/unit/test_packing.py's)."""

@@ -22,11 +22,12 @@ def test_bench_pack_prints_every_figure_and_packing_pads_and_imbalances_less(tmp
     assert "mix: the stream's first" in out and "token share" in out and "bucket bs" in out
     assert "budget N = 1 x longest sample (18 tokens)" in out
     assert "floor(N / bucket tokens)" in out and "median of 1" in out
-    header = "dp mode steps samples tokens time s tok/s x bucket padding dp wait imb mean imb max T=1 tok"
+    header = "dp mode steps samples tokens time s tok/s x bucket padding dp wait imb mean imb max flop imb T=1 tok"
     assert header in " ".join(out.split())
+    modes = ("bucket", "pack/tok", "packing")
     rows = {(r[0], r[1]): r for r in (ln.split() for ln in out.splitlines())
-            if len(r) == 13 and r[0].isdigit() and r[1] in ("bucket", "packing")}
-    assert set(rows) == {(d, m) for d in ("2", "4") for m in ("bucket", "packing")}
+            if len(r) == 14 and r[0].isdigit() and r[1] in modes}
+    assert set(rows) == {(d, m) for d in ("2", "4") for m in modes}
     for d in ("2", "4"):
         assert re.search(rf"dp={d}: tokens/s packing/bucket [\d.]+x .*padding [\d.]+% \| [\d.]+% .*imbalance mean "
                          r"[\d.]+ worst [\d.]+ \| [\d.]+ worst [\d.]+", out)
@@ -36,13 +37,18 @@ def test_bench_pack_prints_every_figure_and_packing_pads_and_imbalances_less(tmp
               if len(r) == 8 and r[0].isdigit()]
     assert len(shares) == len(fig["mix"]) and abs(sum(shares) - 100) < 0.5
     for d in ("2", "4"):
-        b, p = fig["dp"][d]["bucket"], fig["dp"][d]["packing"]
-        for f in (b, p):
+        b, t, p = (fig["dp"][d][m] for m in modes)
+        for f in (b, t, p):
             assert f["tokens_per_s"] > 0 and f["steps"] == 8 and f["ranks"] == int(d)
             assert 0 <= f["padding"] < 1 and 0 <= f["dp_wait"] < 1 and f["imbalance_max"] >= f["imbalance_mean"] >= 1
-        assert p["padding"] <= b["padding"]
-        assert p["imbalance_mean"] <= b["imbalance_mean"] and p["imbalance_max"] <= b["imbalance_max"]
+            assert f["flop_imbalance_max"] >= f["flop_imbalance_mean"] >= 1
+        # token packs fill the budget and balance tokens better than bucket batches; the balanced
+        # packs balance the modelled step cost better than both (layout properties, not timings)
+        assert t["padding"] <= b["padding"]
+        assert t["imbalance_mean"] <= b["imbalance_mean"] and t["imbalance_max"] <= b["imbalance_max"]
+        assert p["flop_imbalance_mean"] <= t["flop_imbalance_mean"] and p["flop_imbalance_mean"] < b["flop_imbalance_mean"]
         assert fig["dp"][d]["speedup"] == p["tokens_per_s"] / b["tokens_per_s"]
         # the printed row is the JSON's figure
         assert rows[(d, "packing")][8] == f"{p['padding']:.1%}"
         assert rows[(d, "bucket")][11] == f"{b['imbalance_max']:.3f}"
+        assert rows[(d, "pack/tok")][12] == f"{t['flop_imbalance_max']:.3f}"

@@ -1,12 +1,17 @@
 """Patch n' Pack: the best-fill packer, its fill/balance figures, and the packing sources."""
+import itertools
 import json
 import random
+import threading
 
+import numpy as np
 import pytest
 import torch
 
 from sora_dist.config.data import DataConfig
-from sora_dist.data.packing import Packer, best_fill, check_sample, dp_imbalance, fill_stats, sample_tokens
+from sora_dist.config.model import DiTArgs
+from sora_dist.data.packing import (Packer, best_fill, check_sample, dp_imbalance, fill_cost,
+                                    fill_stats, pack_ranks, sample_flops, sample_tokens)
 from sora_dist.data.synthetic import SyntheticLatents
 
 
@@ -64,7 +69,6 @@ def test_a_sample_no_full_pack_takes_leaves_within_window_packs_at_the_head():
 
 @pytest.mark.parametrize("seed", range(20))
 def test_best_fill_is_the_exact_subset_sum_and_lexicographically_first(seed):
-    import itertools
     rng = random.Random(seed)
     sizes = [rng.choice([3, 6, 9, 12, 21, 30]) * rng.choice([1, 1, 2]) for _ in range(rng.randint(1, 10))]
     cap = rng.randint(1, 120)
@@ -122,6 +126,158 @@ def test_fill_and_dp_balance_on_a_mixed_set(dp):
     # The bounds discriminate: without look-ahead (window 1: stream-order greedy) they fail.
     fill1, imb1 = _simulate(dp, window=1)
     assert fill1["mean_padding"] > 0.02 and imb1["max"] > 1.05
+
+
+# ---- packs balanced by modelled cost over DP ranks (data.pack_balance=flops) ----------------------
+@pytest.mark.parametrize("seed", range(20))
+def test_fill_cost_is_the_costliest_subset_within_the_cost_and_the_budget(seed):
+    # integer costs and levels = T: the rounding is exact, so brute force is the reference
+    rng = random.Random(seed)
+    tokens = [rng.choice([2, 4, 6, 10, 14]) for _ in range(rng.randint(1, 9))]
+    costs = [float(t + t * t // rng.choice([4, 16])) for t in tokens]
+    budget, forced = rng.randint(max(tokens), 40), rng.random() < 0.3
+    subsets = [c for k in range(len(tokens) + 1) for c in itertools.combinations(range(len(tokens)), k)
+               if sum(tokens[i] for i in c) <= budget and (0 in c or not forced)]
+    for T in sorted({int(sum(costs[i] for i in c)) for c in subsets if c})[::2] + [int(min(costs)) - 1]:
+        if T < 1:
+            continue
+        cost, take = fill_cost(tokens, costs, budget, float(T), forced, levels=T)
+        fit = [c for c in subsets if sum(costs[i] for i in c) <= T]
+        if forced and costs[0] > T:
+            assert (cost, take) == (0.0, [])
+            continue
+        best = max(sum(costs[i] for i in c) for c in fit)
+        fewest = min(sum(tokens[i] for i in c) for c in fit if sum(costs[i] for i in c) == best)
+        assert cost == best == sum(costs[i] for i in take) and len(set(take)) == len(take)
+        assert sum(tokens[i] for i in take) == fewest <= budget and (0 in take or not forced)
+    # with the default levels the rounding only ever gives up cost, never passes T
+    cost, take = fill_cost(tokens, costs, budget, 0.7 * sum(costs), False)
+    assert cost <= 0.7 * sum(costs) and sum(tokens[i] for i in take) <= budget
+
+
+WAN13 = DiTArgs.from_flavor("wan2.1-1.3b")
+
+
+def _balanced_run(dp, cost, settle=200, steps=200, window=64):
+    """DP steps of the Wan-480p mixed set, measured after `settle` steps (the windows' mix settles:
+    balanced packs take cheap samples first until the costly ones must go): tokens per modelled
+    second, DP wait and unfilled token budget of the modelled step, the T=1 share of the tokens."""
+    streams = [_mixed_stream(1000 + r) for r in range(dp)]
+    packers = [Packer(BUDGET, window) for _ in range(dp)]
+    pulls = [lambda s=s: next(s) for s in streams]
+    flops = sample_flops(WAN13, 512)
+    tok = slow = mean = t1 = 0.0
+    keys = []
+    for step in range(settle + steps):
+        packs = pack_ranks(packers, pulls, cost)
+        assert all(0 < sum(it["tokens"] for it in p) <= BUDGET for p in packs)
+        keys += [(r, it["key"]) for r, p in enumerate(packs) for it in p]
+        if step >= settle:
+            c = [sum(flops(it["tokens"]) for it in p) for p in packs]
+            tok, slow, mean = tok + sum(it["tokens"] for p in packs for it in p), slow + max(c), mean + sum(c) / dp
+            t1 += sum(it["tokens"] for p in packs for it in p if it["tokens"] <= 52 * 30)
+    assert len(keys) == len(set(keys))
+    return tok / slow, 1 - mean / slow, 1 - tok / (BUDGET * dp * steps), t1 / tok
+
+
+@pytest.mark.parametrize("dp", [2, 8])
+def test_flops_balanced_packs_cut_the_dp_wait_of_token_packs_at_wan_sizes(dp):
+    """Token-equal packs at Wan2.1-1.3B sizes leave DP ranks waiting for the one with the long clip
+    (attention ~ n^2); the balanced packs (every rank's arithmetic in one process, as the
+    all-gathers give it) keep every rank busy within the same token budget, and train the same mix."""
+    rate_t, wait_t, pad_t, t1_t = _balanced_run(dp, None)
+    rate_f, wait_f, pad_f, t1_f = _balanced_run(dp, sample_flops(WAN13, 512))
+    print(f"dp={dp}: DP wait tokens {wait_t:.1%} flops {wait_f:.1%}; unfilled budget {pad_t:.1%} / {pad_f:.1%}; "
+          f"one-frame token share {t1_t:.1%} / {t1_f:.1%}; tokens per modelled second x{rate_f / rate_t:.3f}")
+    assert wait_t > 0.08 and wait_f < 0.03 and rate_f > (1.05 if dp == 2 else 1.2) * rate_t
+    assert abs(t1_f - t1_t) < 0.02
+
+
+def test_balanced_packs_emit_every_sample_once_and_drain_finite_streams():
+    rng = random.Random(3)
+    R, streams = 3, []
+    for r in range(R):
+        streams.append([{"tokens": rng.choice([1, 3, 8, 20, 64, 100]), "key": (r, i)} for i in range(200)])
+    packers = [Packer(100, 16) for _ in range(R)]
+    pulls = [(lambda it=iter(s): next(it, None)) for s in streams]
+    cost = lambda n: n + n * n / 30  # noqa: E731
+    out = [[] for _ in range(R)]
+    for _ in range(1000):
+        packs = pack_ranks(packers, pulls, cost)
+        if not any(packs):
+            break
+        for r, p in enumerate(packs):
+            assert sum(it["tokens"] for it in p) <= 100
+            out[r] += [it["key"] for it in p]
+    for r in range(R):  # each rank emits exactly its own samples, all of them
+        assert sorted(out[r]) == [(r, i) for i in range(200)]
+
+
+class _ThreadExchange:
+    """The all-gather of R ranks run as threads of one process (the trainer's is a collective)."""
+
+    def __init__(self, R):
+        self.rows, self.barrier = [None] * R, threading.Barrier(R)
+
+    def rank(self, r):
+        def exchange(row):
+            self.rows[r] = np.asarray(row, dtype=np.float64)
+            self.barrier.wait()
+            out = np.stack(self.rows)
+            self.barrier.wait()
+            return out
+        return exchange
+
+
+def _threaded(fns):
+    out, errs = [None] * len(fns), []
+
+    def run(i):
+        try:
+            out[i] = fns[i]()
+        except Exception as e:  # pragma: no cover - shown by the assert below
+            errs.append(e)
+    ts = [threading.Thread(target=run, args=(i,)) for i in range(len(fns))]
+    [t.start() for t in ts]
+    [t.join(60) for t in ts]
+    assert not errs, errs
+    return out
+
+
+def test_synthetic_balanced_packs_resume_exactly_and_match_the_in_process_arithmetic():
+    """Two DP ranks' SyntheticLatents with data.pack_balance=flops exchanging through a real
+    all-gather (threads): the packs equal pack_ranks' on the same windows, and a resume from
+    saved states continues them exactly."""
+    from sora_dist.config.model import ModelConfig
+    mcfg = ModelConfig(in_channels=4, text_dim=8)
+    cfg = _syn_cfg(tokens_per_rank=120, pack_window=8)
+
+    def loaders(ex):
+        return [SyntheticLatents(cfg, 4, 8, r, 2, model_cfg=mcfg, exchange=ex.rank(r)) for r in range(2)]
+
+    def steps(lds, n):
+        return _threaded([lambda ld=ld: [next(ld)["keys"] for _ in range(n)] for ld in lds])
+
+    lds = loaders(_ThreadExchange(2))
+    assert "data.pack_balance=flops" in lds[0].layout_note
+    full = steps(lds, 12)
+    # the same packs from the packers alone, in one process
+    solo = [SyntheticLatents(cfg, 4, 8, r, 2) for r in range(2)]
+    cost = lds[0].balance.cost
+    keys = [[[it["key"] for it in p] for p in pack_ranks([ld.packer for ld in solo], [ld._pull for ld in solo], cost)]
+            for _ in range(12)]
+    assert [[k[r] for k in keys] for r in range(2)] == full
+    assert keys != [[[it["key"] for it in p] for p in pack_ranks([ld.packer for ld in s2], [ld._pull for ld in s2], None)]
+                    for s2 in [[SyntheticLatents(cfg, 4, 8, r, 2) for r in range(2)]] for _ in range(12)]
+    # stop at 5, resume from the saved states
+    lds = loaders(_ThreadExchange(2))
+    first = steps(lds, 5)
+    states = [json.loads(json.dumps(ld.state_dict())) for ld in lds]
+    lds = loaders(_ThreadExchange(2))
+    for ld, sd in zip(lds, states):
+        ld.load_state_dict(sd)
+    second = steps(lds, 7)
+    assert [a + b for a, b in zip(first, second)] == full
 
 
 # ---- synthetic source ---------------------------------------------------------------------------
