@@ -80,3 +80,47 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args, attempts: in
                     raise RuntimeError(f"distributed run: rank {rank} finished without saving a result")
                 results.append(torch.load(path, weights_only=True))
             return results if all_ranks else results[0]
+
+
+class ThreadAllGather:
+    """An all-gather among R threads of one process, for code that takes an exchange callable
+    (data/packing.py PackBalance): rank(r) returns rank r's exchange, (n,) -> (R, n). The jobs'
+    exchange is a collective (parallel/dims.py row_exchange); this one lets a test drive several
+    DP ranks' loaders, each in its own thread, without processes."""
+
+    def __init__(self, world_size: int):
+        import threading
+        self.rows: list = [None] * world_size
+        self.barrier = threading.Barrier(world_size, timeout=60)
+
+    def rank(self, r: int) -> Callable:
+        import numpy as np
+
+        def exchange(row):
+            self.rows[r] = np.asarray(row, dtype=np.float64)
+            self.barrier.wait()
+            out = np.stack(self.rows)
+            self.barrier.wait()  # nobody overwrites a row before every rank has read them all
+            return out
+        return exchange
+
+
+def run_threads(fns: list[Callable[[], Any]]) -> list:
+    """Call each fn in its own thread; their results in order (the first error re-raised)."""
+    import threading
+    out: list = [None] * len(fns)
+    errs: list = []
+
+    def run(i):
+        try:
+            out[i] = fns[i]()
+        except BaseException as e:
+            errs.append(e)
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(fns))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errs:
+        raise errs[0]
+    return out

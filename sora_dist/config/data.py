@@ -60,7 +60,8 @@ class DataConfig:
     pack_window: int = 64
     # How DP ranks balance their packs: "flops" (default): each step the DP ranks agree on one
     # modelled step cost (model FLOPs, attention quadratic per sample; two tiny all-gathers) and
-    # each takes the fullest pack within tokens_per_rank at that cost, so a rank with a long clip
-    # does not keep the others waiting; "tokens": each rank fills its own pack to the token budget
-    # with no communication (equal tokens, unequal attention work).
+    # each takes the costliest pack within that cost and tokens_per_rank, so a rank with a long
+    # clip does not keep the others waiting (packs then leave ~3-6% of the token budget unfilled);
+    # "tokens": each rank fills its own pack to the token budget with no communication (equal
+    # tokens, unequal attention work).
     pack_balance: str = "flops"

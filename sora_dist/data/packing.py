@@ -17,10 +17,12 @@ numbers): each rank offers the modelled cost of its own token best fill; for eve
 each rank packs the costliest subset of its window within T and the token budget (`fill_cost`);
 the T that keeps the ranks busiest wins (`choose_cost`), and each rank takes its pack for it. Every
 sample is trained once in the end, so the total work is fixed and idle time is all there is to
-win. Modelled over the Wan-480p mixed set of tests/unit/test_packing.py with Wan2.1-1.3B's FLOPs
+win. The price: a rank whose window holds costly samples packs fewer tokens than the budget, so
+about 3-6% of the token budget stays unfilled (a few % more optimizer steps and gradient syncs
+per epoch, whose fixed cost the model leaves out). Modelled over the Wan-480p mixed set of tests/unit/test_packing.py with Wan2.1-1.3B's FLOPs
 (window 64, 200 steps after 200 to settle), DP wait of equal-token packs -> balanced packs: 8.5% ->
-0.7% at dp2, 21.5% -> 0.7% at dp8 (tokens per modelled second x1.07, x1.25), the same mix
-trained. Measured on a real model by tools/bench_pack.py (its docstring).
+0.7% at dp2, 21.5% -> 0.7% at dp8 (tokens per modelled second x1.07, x1.25; unfilled budget 3.5%
+and 5.9%), the same mix trained. Measured on a real model by tools/bench_pack.py (its docstring).
 
 Why an exact fill and not first-fit-decreasing. FFD (largest fitting sample first, until none
 fits) stops at a gap smaller than every waiting sample; the best subset fills it. Simulated over
@@ -32,8 +34,10 @@ samples (FFD's order); a sample no full pack takes is forced in after `window` p
 head of the window (FFD, largest first, would starve small samples instead).
 
 Determinism. The packer is a pure function of its input stream and of the window it starts
-with; its whole state is that window, in stream order. The loaders save the window's sample
-identities and re-create it on resume, so a resumed run draws exactly the same packs.
+with; its whole state is that window, in stream order (and how long its oldest sample waited).
+Balanced packs also depend on the other DP ranks' windows, which a checkpoint holds too (every
+rank's loader state of one step). The loaders save the window's sample identities and re-create
+it on resume, so a resumed run draws exactly the same packs.
 """
 from __future__ import annotations
 
@@ -163,7 +167,8 @@ class Packer:
         # Packs made while window[0] waited at the head; at `window` it goes in by force. With
         # the window, the packer's whole state (the loaders save both).
         self.head_waits = 0
-        self._costs = self._picks = self._own = None  # between begin() and finish() of a balanced pack
+        # between begin() and finish() of a balanced pack
+        self._costs = self._picks = self._own = self._cands = None
 
     def _fill(self, pull: Callable[[], Optional[dict]]) -> None:
         while len(self.window) < self.window_size:
@@ -225,7 +230,7 @@ class Packer:
     def finish(self, offers: np.ndarray) -> list[dict]:
         """Every rank's offer() (R, K) -> this rank's pack at the chosen T (`choose_cost`)."""
         k = choose_cost(offers)
-        picks, self._picks, self._costs, self._own = self._picks, None, None, None
+        picks, self._picks, self._costs, self._own, self._cands = self._picks, None, None, None, None
         if k is None:  # every window is empty
             return []
         return self._take(picks[k][1]) if self.window else []
@@ -288,7 +293,7 @@ def choose_cost(offers: np.ndarray, tie: float = 1e-3) -> Optional[int]:
     util = []
     for k in range(offers.shape[1]):
         c = offers[:, k]
-        util.append(-1.0 if (c < 0).any() or c.max() <= 0 else float(c.sum() / (len(c) * c.max())))
+        util.append(-1.0 if (c < 0).any() or c.max() <= 0 else math.fsum(c) / (len(c) * float(c.max())))
     if not util or max(util) < 0:
         return None
     best = max(util)

@@ -38,7 +38,7 @@ class SyntheticLatents:
         # Where this DP layout's stream starts in the global one (non-zero after a DP resize):
         # global sample ids and the bucket cycle continue across the change.
         self.base_samples, self.base_batches = 0, 0
-        self.packer = None
+        self.packer, self.balance = None, None
         patch = tuple(int(p) for p in (patch_size or (1, 2, 2)))
         budget, self.layout_note = resolve_packing(cfg, self.buckets, patch, "data.synthetic_buckets")
         if budget:

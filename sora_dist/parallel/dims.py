@@ -30,6 +30,7 @@ class ParallelDims:
     world_size: int
     # Built once by build_mesh(); every parallel step reads its sub-meshes from here.
     _meshes: Optional["Meshes"] = field(default=None, init=False, repr=False, compare=False)
+    _dp_host_group: Optional[object] = field(default=None, init=False, repr=False, compare=False)
 
     mesh_names = ("dp_replicate", "dp_shard", "pp", "cp_ring", "cp_ulysses", "tp")
 
@@ -85,6 +86,23 @@ class ParallelDims:
         size = {"dp": self.dp, "cp": self.cp}.get(name) or getattr(self, name)
         return self.meshes[name].get_local_rank() if size > 1 else 0
 
+    def dp_host_group(self):
+        """A gloo process group of this rank's DP peers (the ranks of its "dp" mesh slice, in DP
+        order), for small host-side exchanges that must not wait on the GPU stream (the packer's
+        balance, data/packing.py). On CPU meshes (gloo already) the DP mesh's own group."""
+        if self.meshes.device_type == "cpu":
+            return self.meshes["dp"].get_group()
+        if self._dp_host_group is None:
+            peers: dict[tuple, list] = {}
+            for r in range(self.world_size):
+                c = self.coords(r)
+                rest = tuple(c[n] for n in self.mesh_names if n not in ("dp_replicate", "dp_shard"))
+                peers.setdefault(rest, []).append((c["dp"], r))
+            # every rank creates every DP group, in one order (new_group is collective)
+            ranks = [[r for _, r in sorted(v)] for _, v in sorted(peers.items())]
+            self._dp_host_group, _ = dist.new_subgroups_by_enumeration(ranks, backend="gloo")
+        return self._dp_host_group
+
     def coords(self, rank: int) -> dict[str, int]:
         """This rank's coordinate on each mesh dim (same arithmetic as the mesh layout)."""
         out = {}
@@ -111,15 +129,16 @@ class Meshes:
         return self._flat[name] if name in self._flat else self.world[name]
 
 
-def row_exchange(mesh, device: torch.device) -> Callable[[np.ndarray], np.ndarray]:
-    """All-gather of a short float64 vector over a 1-D mesh's ranks, in rank order: (n,) -> (R, n)
-    (the same n on every rank). The packer's balance exchange (data/packing.py PackBalance) on the
-    DP mesh; on the backend's device (NCCL: the rank's GPU), a few numbers per call."""
-    group, R = mesh.get_group(), mesh.size()
+def row_exchange(group) -> Callable[[np.ndarray], np.ndarray]:
+    """All-gather of a short float64 vector over a CPU (gloo) group's ranks, in group-rank order:
+    (n,) -> (R, n) (the same n on every rank). The packer's balance exchange (data/packing.py
+    PackBalance) on ParallelDims.dp_host_group(): a few numbers per call, on the host, so it
+    never waits for the GPU's queued work (an NCCL gather would copy back through the stream)."""
+    R = dist.get_world_size(group)
 
     def exchange(row: np.ndarray) -> np.ndarray:
-        t = torch.as_tensor(np.ascontiguousarray(row, dtype=np.float64).reshape(-1)).to(device)
-        out = torch.empty(R * t.numel(), dtype=torch.float64, device=device)
+        t = torch.from_numpy(np.ascontiguousarray(row, dtype=np.float64).reshape(-1))
+        out = torch.empty(R * t.numel(), dtype=torch.float64)
         dist.all_gather_into_tensor(out, t, group=group)
-        return out.view(R, -1).cpu().numpy()
+        return out.view(R, -1).numpy()
     return exchange

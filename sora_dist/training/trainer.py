@@ -100,7 +100,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.ema = EMA(self.model, t.ema_decay) if t.ema_decay > 0 else None
         # Packs balanced by modelled cost agree over the DP ranks (data.pack_balance=flops).
-        exchange = row_exchange(self.pdims.meshes["dp"], self.device) if self.dp_size > 1 else None
+        exchange = row_exchange(self.pdims.dp_host_group()) if self.dp_size > 1 else None
         self.loader = build_loader(cfg.data, cfg.model, self.dp_rank, self.dp_size, exchange)
         self.state = TrainState()
         self.checkpoint = CheckpointManager(ckpt_dir, self.model,
@@ -140,18 +140,24 @@ class Trainer:
                 pass
 
     # ---- one step ----------------------------------------------------------------------------
-    def _reduce_step_stats(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> tuple[float, float, bool]:
-        """One all-reduce and one host sync per step: (mean loss over DP, grad norm, stop?).
-        Every rank of a DP group holds the same full loss and every rank the same global grad
-        norm, so sums over the world divided by its size give the DP mean and the norm. The
-        stop flag (a SIGUSR1/SIGTERM on any rank) is agreed on here: ranks may get the signal
-        at different steps, and the one that stopped alone would leave the others hanging."""
+    def _reduce_step_stats(self, loss: torch.Tensor, grad_norm: torch.Tensor, tokens: int,
+                           flops: float) -> tuple[float, float, bool, float, float]:
+        """One all-reduce and one host sync per step: (mean loss over DP, grad norm, stop?, tokens
+        and model FLOPs of all DP ranks). Every rank of a DP group holds the same full loss and
+        batch and every rank the same global grad norm, so sums over the world divided by its size
+        give the DP mean and the norm, and x dp / world the DP totals (packs balanced by cost hold
+        different token counts per rank). The stop flag (a SIGUSR1/SIGTERM on any rank) is agreed
+        on here: ranks may get the signal at different steps, and the one that stopped alone would
+        leave the others hanging."""
         stats = torch.stack([loss.detach().float().reshape(()), grad_norm.detach().float().reshape(()).to(loss.device),
-                             torch.tensor(1.0 if self._stop_signal else 0.0, device=loss.device)])
+                             torch.tensor(1.0 if self._stop_signal else 0.0, device=loss.device),
+                             torch.tensor(float(tokens), device=loss.device),
+                             torch.tensor(float(flops), device=loss.device)])
         if self.world > 1:
             dist.all_reduce(stats)
-        loss_avg, norm, stop = stats.tolist()
-        return loss_avg / self.world, norm / self.world, stop > 0
+        loss_avg, norm, stop, tok, fl = stats.tolist()
+        per_dp = self.dp_size / self.world
+        return loss_avg / self.world, norm / self.world, stop > 0, tok * per_dp, fl * per_dp
 
     def train_step(self, batch: dict) -> dict:
         cfg, step = self.cfg, self.state.step
@@ -187,7 +193,11 @@ class Trainer:
             seqs = [seq] * x0.shape[0]
         self.parallel.finalize_grads()
         grad_norm = self.parallel.clip_grad_norm_(cfg.optim.grad_clip)
-        loss_avg, grad_norm, self._stop_agreed = self._reduce_step_stats(loss, grad_norm)
+        # Tokens and model FLOPs (fwd + bwd, no recompute: the MFU numerator) of this rank's
+        # samples (attention is quadratic per sample, not per pack), summed over DP below.
+        flops = sum(self.model_args.flops_per_sample(n, text.shape[1]) for n in seqs)
+        loss_avg, grad_norm, self._stop_agreed, tokens, flops = self._reduce_step_stats(
+            loss, grad_norm, sum(seqs), flops)
         if math.isfinite(loss_avg) and math.isfinite(grad_norm):
             self.optimizer.step()
             if self.ema is not None:
@@ -204,11 +214,8 @@ class Trainer:
                 raise NonFiniteLossError(
                     f"{self.nonfinite_streak} consecutive non-finite losses at step {step}: "
                     "lower optim.lr, check the data, or raise train.max_nonfinite_streak")
-        # Tokens and model FLOPs (fwd + bwd, no recompute: the MFU numerator) over all DP ranks,
-        # estimated from this rank's samples (attention is quadratic per sample, not per pack).
-        flops = sum(self.model_args.flops_per_sample(n, text.shape[1]) for n in seqs)
-        return {"loss": loss_avg, "grad_norm": grad_norm, "lr": lr, "tokens": sum(seqs) * self.dp_size,
-                "skipped": self.state.skipped, "flops": flops * self.dp_size}
+        return {"loss": loss_avg, "grad_norm": grad_norm, "lr": lr, "tokens": tokens,
+                "skipped": self.state.skipped, "flops": flops}
 
     # ---- the loop ----------------------------------------------------------------------------
     def train(self, stop_at: Optional[int] = None) -> list[float]:

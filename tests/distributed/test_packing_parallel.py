@@ -221,3 +221,29 @@ def test_packed_pipeline_matches_one_process(arch, name):
         assert len(r["errs"]) == r["n"]  # every parameter's gradient came from some stage
         bad = {n: e for n, e in r["errs"].items() if not e <= 1e-5}
         assert not bad, f"{arch} {name} rank {rank}: {bad}"
+
+
+# ---- the packer's balance exchange (data/packing.py PackBalance) -------------------------------
+def exchange_worker(rank, world, host_groups):
+    import numpy as np
+
+    from sora_dist.parallel.dims import row_exchange
+    cfg = JobConfig()
+    cfg.parallel.tp, cfg.parallel.dp_shard = 2, 2
+    pdims = ParallelDims.from_config(cfg.parallel, world)
+    meshes = pdims.build_mesh("cpu")
+    if host_groups:  # the path a CUDA mesh takes: gloo groups of DP peers built from coords
+        meshes.device_type = "cuda"
+    exchange = row_exchange(pdims.dp_host_group())
+    got = exchange(np.array([rank, 10.0 * rank, 0.5]))
+    return got.tolist(), pdims.local_rank("dp"), pdims.local_rank("tp")
+
+
+@pytest.mark.parametrize("host_groups", [False, True], ids=["dp_mesh_group", "gloo_groups_from_coords"])
+def test_row_exchange_gathers_the_dp_peers_rows_in_dp_order(host_groups):
+    """dp2 x tp2: each rank gets the rows of the ranks sharing its TP coordinate, in DP order."""
+    res = run_distributed(exchange_worker, 4, host_groups, all_ranks=True)
+    for rank, (got, dp, tp) in enumerate(res):
+        peers = sorted((d, r) for r, (_, d, t) in enumerate(res) if t == tp)
+        assert [d for d, _ in peers] == [0, 1] and dp in (0, 1)
+        assert got == [[r, 10.0 * r, 0.5] for _, r in peers]

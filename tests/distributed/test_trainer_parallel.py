@@ -440,6 +440,37 @@ def _pack_balance_worker(rank, world, run_dir, stop_at, steps):
         tr.close()
 
 
+def _pack_balance_keys_worker(rank, world, run_dir):
+    cfg = pack_cfg(run_dir, dp=2)
+    cfg.data.tokens_per_rank = 120
+    tr = Trainer(cfg)
+    try:
+        first = next(tr.loader)
+        logged = tr.train_step(first)  # its tokens: both ranks' (their packs differ in size)
+        return [first["keys"]] + [next(tr.loader)["keys"] for _ in range(5)], logged["tokens"], first["tokens"]
+    finally:
+        tr.close()
+
+
+def test_trainer_dp2_packs_are_the_balanced_packs_of_both_ranks(tmp_path):
+    """The trainer's exchange really gathers both DP ranks: each rank's packs equal the balanced
+    packs computed in one process from both ranks' streams (and differ from token-only packs)."""
+    from sora_dist.config.model import DiTArgs
+    from sora_dist.data.packing import pack_ranks, sample_flops
+    from sora_dist.data.synthetic import SyntheticLatents
+    got = run_distributed(_pack_balance_keys_worker, 2, str(tmp_path / "keys"), all_ranks=True)
+    cfg = pack_cfg(tmp_path / "ref", dp=2)
+    cfg.data.tokens_per_rank = 120
+
+    def packs(cost):
+        lds = [SyntheticLatents(cfg.data, cfg.model.in_channels, cfg.model.text_dim, r, 2) for r in range(2)]
+        steps = [pack_ranks([ld.packer for ld in lds], [ld._pull for ld in lds], cost) for _ in range(6)]
+        return [[[it["key"] for it in st[r]] for st in steps] for r in range(2)]
+    want = packs(sample_flops(DiTArgs.from_config(cfg.model), cfg.data.text_len))
+    assert [keys for keys, _, _ in got] == want and want != packs(None)
+    assert got[0][1] == got[1][1] == got[0][2] + got[1][2] and got[0][2] != got[1][2]
+
+
 def test_trainer_dp2_flops_balanced_packs_resume_exactly(tmp_path):
     """DP2 with data.pack_balance=flops (the default): the ranks agree on each step's cost through
     the gloo all-gather; a run stopped at step 3 and resumed continues the same loss sequence
