@@ -65,3 +65,8 @@ class DataConfig:
     # "tokens": each rank fills its own pack to the token budget with no communication (equal
     # tokens, unequal attention work).
     pack_balance: str = "flops"
+    # The balance's cost model: the time of one attention FLOP in linear-layer FLOPs. null: from
+    # the precisions (1 in bf16, 0.5 with model.fp8_attention, 2 with FP8 linears only, as the
+    # planner models kernels); or measured on the cluster's GPUs (tools/bench_pack.py fits it on
+    # the machine it runs on: 0.3-0.4 on this repo's 2-core CPU, whose attention is cheap).
+    pack_attention_cost: Optional[float] = None

@@ -160,6 +160,9 @@ def validate(cfg, world_size: Optional[int] = None) -> None:
         _check(d.pack_window >= 1, f"data.pack_window={d.pack_window} must be >= 1 (e.g. 64)")
         _check(d.pack_balance in ("flops", "tokens"), f"data.pack_balance={d.pack_balance!r}: use flops "
                "(DP ranks agree on the step's modelled cost) or tokens (each rank fills its own budget)")
+        _check(d.pack_attention_cost is None or d.pack_attention_cost > 0,
+               f"data.pack_attention_cost={d.pack_attention_cost} must be > 0 (the time of an attention "
+               "FLOP in linear FLOPs, e.g. 1.0), or null for the precisions' default")
     if d.source == "shards":
         _check(bool(d.shards), "data.source=shards needs data.shards=<folder written by sora-encode>")
         _check_none(shards_problems(d.shards))

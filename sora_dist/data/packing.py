@@ -118,12 +118,22 @@ class PackBalance:
     cost: Callable[[int], float]
 
 
-def sample_flops(model_args, text_len: int) -> Callable[[int], float]:
+def sample_flops(model_args, text_len: int, attention_cost: float = 1.0) -> Callable[[int], float]:
     """cost(n) of PackBalance: forward + backward FLOPs of one sample of n video tokens and
-    text_len caption tokens (DiTArgs.flops_per_sample: linear layers ~n, attention ~n^2)."""
+    text_len caption tokens (DiTArgs.forward_flops x 3: linear layers ~n, attention ~n^2), its
+    attention FLOPs weighted by attention_cost, the time of an attention FLOP in linear FLOPs."""
     def cost(n: int) -> float:
-        return float(model_args.flops_per_sample(int(n), int(text_len)))
+        f = model_args.forward_flops(int(n), int(text_len))
+        return 3.0 * (f.linear + attention_cost * f.attention)
     return cost
+
+
+def default_attention_cost(model_cfg) -> float:
+    """data.pack_attention_cost when unset: the planner's hardware model (planning/layouts.py),
+    where a kernel's time is its FLOPs over its precision's peak and FP8 doubles the peak: 1 in
+    bf16, 0.5 with FP8 attention (model.fp8_attention), 2 with FP8 linears only."""
+    linear = 2.0 if getattr(model_cfg, "fp8_linears", "none") not in (None, "none") else 1.0
+    return linear / (2.0 if getattr(model_cfg, "fp8_attention", False) else 1.0)
 
 
 BALANCE_NOTE = "; the DP ranks agree each step on one modelled step cost (data.pack_balance=flops)"
@@ -135,7 +145,9 @@ def pack_balance(data_cfg, model_cfg, exchange, text_len: int) -> Optional[PackB
     if exchange is None or model_cfg is None or getattr(data_cfg, "pack_balance", "flops") != "flops":
         return None
     from sora_dist.config.model import DiTArgs  # torch-free; the loaders' model_cfg is a ModelConfig
-    return PackBalance(exchange, sample_flops(DiTArgs.from_config(model_cfg), text_len))
+    w = getattr(data_cfg, "pack_attention_cost", None)
+    w = default_attention_cost(model_cfg) if w is None else float(w)
+    return PackBalance(exchange, sample_flops(DiTArgs.from_config(model_cfg), text_len, w))
 
 
 class Packer:

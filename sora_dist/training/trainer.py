@@ -21,7 +21,7 @@ from sora_dist.data import build_loader
 from sora_dist.diffusion import build_diffusion
 from sora_dist.fsutil import atomic_write_text
 from sora_dist.models import build_model
-from sora_dist.models.packing import cp_balanced_order, pack_latents, pack_targets, token_counts
+from sora_dist.models.packing import cp_balanced_order, pack_latents, pack_targets, token_counts, uniform_batch
 from sora_dist.models.dit import count_params
 from sora_dist.models.fp8 import apply_fp8
 from sora_dist.models.wan_weights import load_diffusers_weights
@@ -167,11 +167,16 @@ class Trainer:
         seed_step(cfg.train.seed, step, self.dp_rank, self.parallel.rng_trackers)  # dropout streams
         text = batch["text"].to(self.device, non_blocking=True)
         mask = batch["text_mask"].to(self.device, non_blocking=True)
+        same = None
         if batch.get("packed"):
             # One sequence of whole samples of any sizes (data.packing; models/packing.py).
             patch = self.model_args.patch_size
             x0s = [x.to(self.device, non_blocking=True) for x in batch["latent"]]
             xs, t_model, drop, targets = self.diffusion.packed_training_inputs(x0s, gen)
+            # One latent size (say one long clip alone): a batch, run as one (same draws, same
+            # loss); pipeline stages take packs as packs (their microbatches split the samples).
+            same = uniform_batch(xs, targets) if self.pdims.pp == 1 else None
+        if batch.get("packed") and same is None:
             if self.pdims.cp > 1 and cfg.parallel.cp_mode != "ulysses":
                 # Ring CP computes each rank's own queries: order the samples so every contiguous
                 # CP chunk carries about the same attention work (randomness was drawn first, in
@@ -186,11 +191,14 @@ class Trainer:
                                                   grids=grids.to(self.device))
             seqs = token_counts(grids)
         else:
-            x0 = batch["latent"].to(self.device, non_blocking=True)
-            x_t, t_model, drop, target = self.diffusion.training_inputs(x0, gen)
+            if batch.get("packed"):
+                x_t, target = same
+            else:  # a bucket batch
+                x0 = batch["latent"].to(self.device, non_blocking=True)
+                x_t, t_model, drop, target = self.diffusion.training_inputs(x0, gen)
             loss = self.parallel.forward_backward(x_t, t_model, text, mask, drop, target)
-            seq = math.prod(math.ceil(n / p) for n, p in zip(x0.shape[-3:], cfg.model.patch_size))
-            seqs = [seq] * x0.shape[0]
+            seq = math.prod(math.ceil(n / p) for n, p in zip(x_t.shape[-3:], cfg.model.patch_size))
+            seqs = [seq] * x_t.shape[0]
         self.parallel.finalize_grads()
         grad_norm = self.parallel.clip_grad_norm_(cfg.optim.grad_clip)
         # Tokens and model FLOPs (fwd + bwd, no recompute: the MFU numerator) of this rank's

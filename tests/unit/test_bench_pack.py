@@ -9,7 +9,7 @@ import sys
 TOOL = pathlib.Path(__file__).parents[2] / "tools" / "bench_pack.py"
 TINY = ["--hidden", "32", "--depth", "1", "--heads", "2", "--text-len", "4", "--text-dim", "8",
         "--frames", "1,2,3", "--aspects", "4x6,6x4,4x4", "--window", "16", "--steps", "8",
-        "--dp", "2,4", "--warmup", "1", "--repeats", "1"]
+        "--dp", "2,4", "--warmup", "1", "--repeats", "1", "--attention-cost", "1"]
 
 
 def test_bench_pack_prints_every_figure_and_packing_pads_and_imbalances_less(tmp_path):
@@ -52,3 +52,27 @@ def test_bench_pack_prints_every_figure_and_packing_pads_and_imbalances_less(tmp
         assert rows[(d, "packing")][8] == f"{p['padding']:.1%}"
         assert rows[(d, "bucket")][11] == f"{b['imbalance_max']:.3f}"
         assert rows[(d, "pack/tok")][12] == f"{t['flop_imbalance_max']:.3f}"
+
+
+def test_the_attention_cost_fit_recovers_a_known_cost_model():
+    """fit_attention_cost on step times made by a known model (1 ms per linear GFLOP, 0.4 of that
+    per attention GFLOP, 0.3 ms per sample, 5 ms per step): it recovers 0.4."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_pack", TOOL)
+    bp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bp)
+    from sora_dist.config.model import DiTArgs
+
+    class Known:
+        args = DiTArgs(hidden_size=64, depth=2, num_heads=4, in_channels=4, text_dim=8)
+        a = bp.parse_args(["--text-len", "4"])
+
+        def time(self, item):
+            f = [self.args.forward_flops(bp.sample_tokens(s, bp.PATCH), 4) for s in item[1]]
+            lin, att = 3 * sum(x.linear for x in f), 3 * sum(x.attention for x in f)
+            return 1e-12 * (lin + 0.4 * att) + 3e-4 * len(f) + 5e-3
+
+    shapes = [(t, h, w) for t in (1, 3, 5, 9) for h, w in ((12, 20), (16, 16), (20, 12))]
+    fit = bp.fit_attention_cost(Known(), shapes, 576, 32, 0)
+    assert abs(fit["attention_cost"] - 0.4) < 1e-6 and abs(fit["s_per_sample"] - 3e-4) < 1e-9
+    assert fit["mean_abs_residual"] < 1e-9

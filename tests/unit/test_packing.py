@@ -384,3 +384,27 @@ def test_ring_block_visibility_from_runs_equals_the_ids():
         doc = torch.cat([torch.full((b - a,), i) for a, b, i in runs])
         for r in range(R):
             assert block_visibility(runs, R, r, S) == _doc_blocks(doc, R, r, S)[2], (counts, R, S, r)
+
+
+def test_the_balance_cost_model_weighs_attention_by_the_precisions():
+    from sora_dist.config import ConfigError, JobConfig, validate
+    from sora_dist.config.model import ModelConfig
+    from sora_dist.data.packing import default_attention_cost, pack_balance
+    assert default_attention_cost(ModelConfig()) == 1.0
+    assert default_attention_cost(ModelConfig(fp8_attention=True, attention_backend="te")) == 0.5
+    assert default_attention_cost(ModelConfig(fp8_linears="torchao")) == 2.0
+    n = 21 * 30 * 52
+    assert sample_flops(WAN13, 512)(n) == pytest.approx(WAN13.flops_per_sample(n, 512), rel=1e-12)
+    f = WAN13.forward_flops(n, 512)
+    assert sample_flops(WAN13, 512, 0.5)(n) == pytest.approx(3 * (f.linear + 0.5 * f.attention), rel=1e-12)
+    mcfg = ModelConfig(in_channels=4, text_dim=8)
+    ex = (lambda row: row[None])  # noqa: E731
+    args = DiTArgs.from_config(mcfg)
+    got = pack_balance(DataConfig(pack_attention_cost=0.25), mcfg, ex, 8).cost(300)
+    assert got == pytest.approx(sample_flops(args, 8, 0.25)(300), rel=1e-12)
+    assert pack_balance(DataConfig(pack_balance="tokens"), mcfg, ex, 8) is None
+    assert pack_balance(DataConfig(), mcfg, None, 8) is None  # one DP rank: nothing to agree on
+    cfg = JobConfig()
+    cfg.data.pack_attention_cost = 0.0
+    with pytest.raises(ConfigError, match="data.pack_attention_cost=0.0 must be > 0"):
+        validate(cfg)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from sora_dist.config.model import DiTArgs
 from sora_dist.models import model_class
-from sora_dist.models.packing import pack_latents, pack_targets, packed_loss, unpack_tokens
+from sora_dist.models.packing import pack_latents, pack_targets, packed_loss, uniform_batch, unpack_tokens
 
 ARGS = {
     "dit": DiTArgs(hidden_size=32, depth=2, num_heads=4, mlp_ratio=2.0, in_channels=4, text_dim=16),
@@ -67,6 +67,34 @@ def test_packed_equals_unpacked_outputs_loss_and_grads(arch):
     bad = {n: rel(p.grad, ref_grads[n].grad) for n, p in m.named_parameters()
            if not rel(p.grad, ref_grads[n].grad) < 1e-5}
     assert not bad, bad
+
+
+@pytest.mark.parametrize("arch", ["dit", "wan"])
+def test_a_pack_of_one_size_runs_as_the_batch_it_equals(arch):
+    """uniform_batch (the trainer's shortcut for packs of one latent size): the batched path's
+    loss and gradients equal the packed path's; mixed packs are not batches."""
+    from sora_dist.diffusion.base import Objective
+    a = ARGS[arch]
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(a.in_channels, 2, 6, 4, generator=g) for _ in range(3)]
+    ys = [torch.randn(a.in_channels, 2, 6, 4, generator=g) for _ in range(3)]
+    t, text = torch.rand(3, generator=g) * 1000, torch.randn(3, 5, a.text_dim, generator=g)
+    mask, drop = torch.arange(5)[None] < torch.tensor([5, 2, 4])[:, None], torch.tensor([False, True, False])
+    packed = build(arch)
+    x, grids = pack_latents(xs, a.patch_size)
+    ref = packed_loss(packed(x, t, text, mask, drop, grids), pack_targets(ys, a.patch_size))
+    ref.backward()
+    batched = build(arch)
+    xb, yb = uniform_batch(xs, ys)
+    assert xb.shape == (3, a.in_channels, 2, 6, 4) and torch.equal(yb[1], ys[1])
+    loss = Objective.loss(batched(xb, t, text, mask, drop), yb)
+    loss.backward()
+    assert abs(loss.item() - ref.item()) <= 1e-5 * ref.item()
+    grads = dict(packed.named_parameters())
+    bad = {n: rel(p.grad, grads[n].grad) for n, p in batched.named_parameters()
+           if not rel(p.grad, grads[n].grad) < 1e-5}
+    assert not bad, bad
+    assert uniform_batch(xs + [torch.randn(a.in_channels, 1, 6, 4)], ys + [ys[0][:, :1]]) is None
 
 
 @pytest.mark.parametrize("arch", ["dit", "wan"])
