@@ -362,10 +362,10 @@ def main(argv=None) -> int:
           f"data.bucket_batch_size = floor(N / bucket tokens) (Open-Sora's equal-memory rule)")
     mix = print_mix(shape_of, read, budget, table)
     if fit:
-        print(f"cost model: data.pack_attention_cost = {w:.3f} (fit {fit['attention_cost']:.3f}), fitted here over {fit['packs']} timed random "
-              f"packs (step s = {fit['s_per_linear_gflop']:.4f}/linear GFLOP + {w:.3f}x that/attention GFLOP "
-              f"+ {fit['s_per_sample'] * 1e3:.2f} ms/sample + {fit['s_per_step'] * 1e3:.1f} ms; mean |residual| "
-              f"{fit['mean_abs_residual']:.1%} of a step)")
+        print(f"cost model: data.pack_attention_cost = {w:.3f} (fit {fit['attention_cost']:.3f}), fitted here "
+              f"over {fit['packs']} timed random packs (step s = {fit['s_per_linear_gflop']:.4f}/linear GFLOP "
+              f"+ {w:.3f}x that/attention GFLOP + {fit['s_per_sample'] * 1e3:.2f} ms/sample "
+              f"+ {fit['s_per_step'] * 1e3:.1f} ms; mean |residual| {fit['mean_abs_residual']:.1%} of a step)")
     else:
         print(f"cost model: data.pack_attention_cost = {w:g} (given)")
     print("method: each distinct batch/pack shape runs as a real fwd+bwd+clip+AdamW step here "
@@ -381,8 +381,8 @@ def main(argv=None) -> int:
         timer.step(biggest)
         timer.step(plans[dps[-1]]["bucket"][0][0])  # rank 0's first batch
 
-    results = {"mix": mix, "budget": budget, "attention_cost": w, "fit": fit, "bucket_table": {"x".join(map(str, s)): b for s, b in
-                                                               sorted(table.items())}, "dp": {}}
+    results = {"mix": mix, "budget": budget, "attention_cost": w, "fit": fit,
+               "bucket_table": {"x".join(map(str, s)): b for s, b in sorted(table.items())}, "dp": {}}
     print(f"\n{'dp':>3} {'mode':>8} {'steps':>5} {'samples':>7} {'tokens':>7} {'time s':>7} {'tok/s':>8} "
           f"{'x bucket':>8} {'padding':>8} {'dp wait':>8} {'imb mean':>8} {'imb max':>8} {'flop imb':>8} "
           f"{'T=1 tok':>7}")
@@ -404,10 +404,12 @@ def main(argv=None) -> int:
         p, b = r["packing"], r["bucket"]
         ok = lambda c: "met" if c else "NOT met"  # noqa: E731
         print(f"  dp={R}: tokens/s packing/bucket {r['speedup']:.2f}x (target >= {TARGETS['speedup']}x: "
-              f"{ok(r['speedup'] >= TARGETS['speedup'])}; pack/tok {r['speedup_tokens_balance']:.2f}x); padding {p['padding']:.1%} | {b['padding']:.1%} "
+              f"{ok(r['speedup'] >= TARGETS['speedup'])}; pack/tok {r['speedup_tokens_balance']:.2f}x); "
+              f"padding {p['padding']:.1%} | {b['padding']:.1%} "
               f"(<= {TARGETS['padding']:.0%}: {ok(p['padding'] <= TARGETS['padding'])}); imbalance mean "
               f"{p['imbalance_mean']:.3f} worst {p['imbalance_max']:.3f} | {b['imbalance_mean']:.3f} worst "
-              f"{b['imbalance_max']:.3f} (<= {TARGETS['imbalance']}: {ok(p['imbalance_max'] <= TARGETS['imbalance'])}); "
+              f"{b['imbalance_max']:.3f} (<= {TARGETS['imbalance']}: "
+              f"{ok(p['imbalance_max'] <= TARGETS['imbalance'])}); "
               f"modelled FLOPs imbalance worst {p['flop_imbalance_max']:.3f} | pack/tok "
               f"{r['pack/tok']['flop_imbalance_max']:.3f} | {b['flop_imbalance_max']:.3f}")
     if a.json:

@@ -113,7 +113,8 @@ class ShardLoader:
         budget, self.layout_note = resolve_packing(
             data_cfg, [b.split("x") for b in self.buckets], self.patch, f"the manifest of {self.folder}")
         self.packer = Packer(budget, int(data_cfg.pack_window)) if budget else None
-        self.balance = pack_balance(data_cfg, model_cfg, exchange, self.pad_text_to or int(manifest.get("text_max_length") or 0)) if budget else None
+        caption_len = self.pad_text_to or int(manifest.get("text_max_length") or 0)  # for the cost model
+        self.balance = pack_balance(data_cfg, model_cfg, exchange, caption_len) if budget else None
         if self.balance is not None:
             self.layout_note += BALANCE_NOTE
         self.dp_rank, self.dp_size = dp_rank, dp_size

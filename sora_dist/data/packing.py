@@ -19,10 +19,12 @@ the T that keeps the ranks busiest wins (`choose_cost`), and each rank takes its
 sample is trained once in the end, so the total work is fixed and idle time is all there is to
 win. The price: a rank whose window holds costly samples packs fewer tokens than the budget, so
 about 3-6% of the token budget stays unfilled (a few % more optimizer steps and gradient syncs
-per epoch, whose fixed cost the model leaves out). Modelled over the Wan-480p mixed set of tests/unit/test_packing.py with Wan2.1-1.3B's FLOPs
-(window 64, 200 steps after 200 to settle), DP wait of equal-token packs -> balanced packs: 8.5% ->
-0.7% at dp2, 21.5% -> 0.7% at dp8 (tokens per modelled second x1.07, x1.25; unfilled budget 3.5%
-and 5.9%), the same mix trained. Measured on a real model by tools/bench_pack.py (its docstring).
+per epoch, whose fixed cost the model leaves out). Modelled over the Wan-480p mixed set of
+tests/unit/test_packing.py with Wan2.1-1.3B's FLOPs (window 64, 200 steps after 200 to settle),
+DP wait of equal-token packs -> balanced packs: 8.5% -> 0.7% at dp2, 21.5% -> 0.7% at dp8
+(tokens per modelled second x1.07, x1.25; unfilled budget 3.5% and 5.9%), the same mix trained.
+Attention FLOPs are weighted by data.pack_attention_cost (their time in linear FLOPs).
+Measured on a real model by tools/bench_pack.py (its docstring).
 
 Why an exact fill and not first-fit-decreasing. FFD (largest fitting sample first, until none
 fits) stops at a gap smaller than every waiting sample; the best subset fills it. Simulated over

@@ -236,8 +236,10 @@ def test_synthetic_balanced_packs_resume_exactly_and_match_the_in_process_arithm
     keys = [[[it["key"] for it in p] for p in pack_ranks([ld.packer for ld in solo], [ld._pull for ld in solo], cost)]
             for _ in range(12)]
     assert [[k[r] for k in keys] for r in range(2)] == full
-    assert keys != [[[it["key"] for it in p] for p in pack_ranks([ld.packer for ld in s2], [ld._pull for ld in s2], None)]
-                    for s2 in [[SyntheticLatents(cfg, 4, 8, r, 2) for r in range(2)]] for _ in range(12)]
+    plain = [SyntheticLatents(cfg, 4, 8, r, 2) for r in range(2)]
+    assert keys != [[[it["key"] for it in p] for p in pack_ranks([ld.packer for ld in plain],
+                                                                [ld._pull for ld in plain], None)]
+                    for _ in range(12)]
     # stop at 5, resume from the saved states
     lds = loaders(ThreadAllGather(2))
     first = steps(lds, 5)
