@@ -61,6 +61,8 @@ batching, unfilled budget, measured DP wait, worst-step token imbalance:
     dp4 1.00x 19.2% 17.9%  1.540 | 1.10x 2.2%  9.2%  1.049 | 1.15x 2.7%  3.9%  1.049
     dp8 1.00x 19.8% 23.4%  1.557 | 1.15x 2.1% 11.6%  1.046 | 1.23x 3.1%  5.4%  1.058
 (worst-step modelled-cost imbalance at dp8: bucket 1.547, pack/tok 1.103, packing 1.025.) With
+--dp 8 --repeats 7 (less noise in each step's timed median; fit 0.658): packing 1.27x, DP wait
+2.9%, pack/tok 1.21x (8.3%), bucket 24.1%; the fitted cost varies from run to run (0.30-0.66). With
 the trainer's bf16 default data.pack_attention_cost=1 (before packs of one size ran as batches):
 0.94x / 1.07x / 1.12x / 1.19x, DP wait 7.4% at dp8. The 1.3x target is not met here, nor is
 padding <= 2% (packing leaves 2.5-3.1% of the budget where costly samples fill the step's time

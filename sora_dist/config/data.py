@@ -68,5 +68,5 @@ class DataConfig:
     # The balance's cost model: the time of one attention FLOP in linear-layer FLOPs. null: from
     # the precisions (1 in bf16, 0.5 with model.fp8_attention, 2 with FP8 linears only, as the
     # planner models kernels); or measured on the cluster's GPUs (tools/bench_pack.py fits it on
-    # the machine it runs on: 0.3-0.4 on this repo's 2-core CPU, whose attention is cheap).
+    # the machine it runs on: 0.3-0.7 on this repo's 2-core CPU, from run to run).
     pack_attention_cost: Optional[float] = None
