@@ -182,7 +182,7 @@ class Packer:
         # the window, the packer's whole state (the loaders save both).
         self.head_waits = 0
         # between begin() and finish() of a balanced pack
-        self._costs = self._picks = self._own = self._cands = None
+        self._costs = self._own = self._picks = None
 
     def _fill(self, pull: Callable[[], Optional[dict]]) -> None:
         while len(self.window) < self.window_size:
@@ -231,20 +231,19 @@ class Packer:
         """Every rank's begin() (R, 1) -> the candidate step costs T (`candidate_costs`); returns
         the cost of this rank's pack at each T (`fill_cost`), -1 where it has none: the forced
         oldest sample alone costs more than T, or no waiting sample fits in T."""
-        self._cands = candidate_costs(own_costs)
         tokens = [int(it["tokens"]) for it in self.window]
         own = (math.fsum(self._costs[i] for i in self._own), self._own)
         # fill_cost rounds costs up, so it can miss a pack costing exactly T, such as the token
         # best fill that offered T: that one competes too
         self._picks = [max(fill_cost(tokens, self._costs, self.budget, T, self.forced),
                            own if own[0] <= T * (1 + 1e-9) else (0.0, []), key=lambda p: p[0])
-                       for T in self._cands]
+                       for T in candidate_costs(own_costs)]
         return np.array([c if take or not self.window else -1.0 for c, take in self._picks], dtype=np.float64)
 
     def finish(self, offers: np.ndarray) -> list[dict]:
         """Every rank's offer() (R, K) -> this rank's pack at the chosen T (`choose_cost`)."""
         k = choose_cost(offers)
-        picks, self._picks, self._costs, self._own, self._cands = self._picks, None, None, None, None
+        picks, self._picks, self._costs, self._own = self._picks, None, None, None
         if k is None:  # every window is empty
             return []
         return self._take(picks[k][1]) if self.window else []
